@@ -1,0 +1,137 @@
+"""Recipe dataclasses: the one config system of noisealign.
+
+Every stage parses its dataclass with :func:`parse_config`, which wraps ``trl.TrlParser``:
+values come from ``--config recipe.yaml`` and are overridden by CLI flags
+(``--output_dir runs/x``). ``TrlParser`` copies YAML values in as argparse defaults without
+type conversion, so :meth:`BaseConfig.__post_init__` checks every field's type itself and
+each stage's config validates its values; both fail with the field's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+T = typing.TypeVar("T")
+
+
+def _matches(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, Sequence):
+        (item,) = typing.get_args(annotation) or (Any,)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    if isinstance(annotation, type):
+        return isinstance(value, annotation)
+    return True
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+@dataclass
+class BaseConfig:
+    """Fields shared by every stage."""
+
+    output_dir: str = field(
+        default="",
+        metadata={"help": "Folder for this run's outputs (datasets, checkpoints, logs). Required."},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Delete the outputs of a *different* recipe found in output_dir instead of "
+            "refusing to run. Outputs of the same recipe are always resumed."
+        },
+    )
+    report_to: str = field(
+        default="wandb",
+        metadata={"help": "Tracker for accelerate: 'wandb' or 'none'."},
+    )
+    wandb_project: str = field(default="noisealign", metadata={"help": "wandb project name."})
+    run_name: str | None = field(
+        default=None, metadata={"help": "Run name for the tracker; defaults to output_dir's name."}
+    )
+    seed: int = field(default=0, metadata={"help": "Global seed for anything not keyed per sample."})
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow models whose code lives on the hub. Off unless you set it."},
+    )
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not _matches(value, hints[f.name]):
+                raise ConfigError(
+                    f"recipe field '{f.name}' must be {_type_name(hints[f.name])}, got "
+                    f"{type(value).__name__} {value!r}; fix it in the YAML or on the command line"
+                )
+        if not self.output_dir:
+            raise ConfigError("recipe field 'output_dir' is required: set it in the YAML or pass --output_dir")
+        if self.report_to not in ("wandb", "none"):
+            raise ConfigError(f"recipe field 'report_to' must be 'wandb' or 'none', got {self.report_to!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of the fields, for trackers and saved recipes."""
+        return dataclasses.asdict(self)
+
+
+def _json_dict(text: str) -> dict:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("expected a JSON object")
+    return value
+
+
+def parse_config(config_cls: type[T], args: Sequence[str] | None = None) -> T:
+    """Parse ``--config recipe.yaml`` plus CLI overrides into ``config_cls``.
+
+    Raises:
+        ConfigError: unreadable YAML, unknown keys, wrong types or invalid values.
+    """
+    from trl import TrlParser
+
+    parser = TrlParser([config_cls])
+    for action in parser._actions:  # dict fields take JSON on the command line
+        if action.type is dict:
+            action.type = _json_dict
+    args = list(args) if args is not None else sys.argv[1:]
+    if "--config" in args:
+        path = args[args.index("--config") + 1] if args.index("--config") + 1 < len(args) else ""
+        if not os.path.isfile(path):
+            raise ConfigError(f"recipe file '{path}' does not exist; pass --config path/to/recipe.yaml")
+    try:
+        (config,) = parser.parse_args_and_config(args)
+    except ConfigError:
+        raise
+    except SystemExit as exc:  # argparse already printed the offending flag
+        raise ConfigError("invalid command-line arguments (see the message above); run with --help for the fields") from exc
+    except Exception as exc:  # yaml errors, unknown keys from TrlParser
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "Unknown arguments from config file" in message:
+            known = sorted(f.name for f in dataclasses.fields(config_cls))
+            message = f"{message.split('. Please')[0]}; known fields: {', '.join(known)}"
+        raise ConfigError(f"cannot read the recipe: {message}") from exc
+    return config
