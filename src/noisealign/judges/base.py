@@ -8,11 +8,15 @@ text tokens, because the reward model and the policy condition on those tokens' 
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from PIL import Image
+
+logger = logging.getLogger(__name__)
 
 Span = tuple[int, int]
 
@@ -115,3 +119,43 @@ def spans_to_token_scores(
         scores.append(sum(hits) / len(hits) if hits else 0.0)
         mask.append(bool(hits))
     return scores, mask
+
+
+def score_robustly(
+    judge: Judge,
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    concepts: Sequence[list[Concept] | None] | None = None,
+    *,
+    retries: int = 2,
+    backoff: float = 0.5,
+) -> list[tuple[Feedback | None, str]]:
+    """Score a batch; when the batch fails, score sample by sample with retries.
+
+    Returns one ``(feedback, "")`` per sample, or ``(None, error)`` for a sample that still
+    fails after ``retries`` extra attempts (with exponential ``backoff`` seconds between),
+    so one bad sample or a flaky API never stops a long collection.
+    """
+    concepts = list(concepts) if concepts is not None else [None] * len(prompts)
+    try:
+        feedback = judge.score(images, prompts, concepts)
+        if len(feedback) != len(prompts):
+            raise RuntimeError(f"judge returned {len(feedback)} results for {len(prompts)} samples")
+        return [(f, "") for f in feedback]
+    except Exception as exc:  # noqa: BLE001 - any judge failure is retried per sample
+        logger.warning("judge %s failed on a batch of %d (%s); retrying per sample", judge.name, len(prompts), exc)
+    results: list[tuple[Feedback | None, str]] = []
+    for image, prompt, concept in zip(images, prompts, concepts):
+        error = ""
+        for attempt in range(retries + 1):
+            try:
+                results.append((judge.score([image], [prompt], [concept])[0], ""))
+                break
+            except Exception as exc:  # noqa: BLE001
+                error = f"{type(exc).__name__}: {exc}"
+                if attempt < retries:
+                    time.sleep(backoff * 2**attempt)
+        else:
+            logger.warning("judge %s failed on prompt '%s': %s", judge.name, prompt[:60], error)
+            results.append((None, error))
+    return results

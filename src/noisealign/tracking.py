@@ -1,0 +1,48 @@
+"""Accelerator and tracker set-up shared by every stage.
+
+wandb writes into ``<output_dir>/wandb`` unless the user set the ``WANDB_*_DIR`` variables,
+so an offline CPU run leaves nothing outside its output folder. Config values whose name
+looks like a credential are never sent to a tracker.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+from .configs import BaseConfig
+
+_SECRET = re.compile(r"(api_?key|secret|password|token)$", re.IGNORECASE)
+
+
+def redact(values: Any) -> Any:
+    """A copy of ``values`` with credential-like keys replaced by ``"<redacted>"``."""
+    if isinstance(values, dict):
+        return {k: "<redacted>" if _SECRET.search(str(k)) else redact(v) for k, v in values.items()}
+    if isinstance(values, list):
+        return [redact(v) for v in values]
+    return values
+
+
+def make_accelerator(config: BaseConfig, stage: str, **kwargs: Any) -> Accelerator:
+    """An ``Accelerator`` logging to wandb (or nothing), with trackers initialised."""
+    log_with = None
+    if config.report_to == "wandb":
+        wandb_dir = Path(config.output_dir, "wandb").resolve()
+        wandb_dir.mkdir(parents=True, exist_ok=True)
+        for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
+            os.environ.setdefault(var, str(wandb_dir))
+        log_with = "wandb"
+    accelerator = Accelerator(log_with=log_with, project_dir=config.output_dir, **kwargs)
+    if log_with:
+        name = config.run_name or f"{stage}-{Path(config.output_dir).name}"
+        accelerator.init_trackers(
+            config.wandb_project,
+            config={"stage": stage, **redact(config.to_dict())},
+            init_kwargs={"wandb": {"name": name, "dir": os.environ["WANDB_DIR"], "job_type": stage}},
+        )
+    return accelerator
