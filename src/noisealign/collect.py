@@ -39,8 +39,8 @@ class CollectConfig(BaseConfig):
     )
     prompts: str = field(default="", metadata={"help": "Prompt file: .txt, .jsonl, .csv or a saved dataset folder. Required."})
     prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt in JSONL/CSV/dataset files."})
-    seeds: str | list[int] = field(
-        default="0:4", metadata={"help": "Seeds per prompt: 'start:stop', 'a,b,c', or a YAML list."}
+    seeds: str = field(
+        default="0:4", metadata={"help": "Seeds per prompt: 'start:stop', 'a,b,c', or a YAML list of ints."}
     )
     num_inference_steps: int = field(default=20, metadata={"help": "Denoising steps per image."})
     guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale."})
@@ -58,6 +58,8 @@ class CollectConfig(BaseConfig):
     log_images: int = field(default=16, metadata={"help": "Sample images logged to the tracker as a table."})
 
     def __post_init__(self) -> None:
+        if isinstance(self.seeds, list):  # a YAML list arrives untouched by argparse
+            self.seeds = ",".join(str(s) for s in self.seeds)
         super().__post_init__()
         for name in ("pipeline", "judge", "prompts"):
             if not getattr(self, name):
@@ -75,6 +77,9 @@ class CollectConfig(BaseConfig):
         keys = ("pipeline", "judge", "judge_kwargs", "prompt_column", "num_inference_steps", "guidance_scale",
                 "height", "width", "torch_dtype", "save_images", "save_noise")
         return {k: getattr(self, k) for k in keys}
+
+
+CONFIG_CLASS = CollectConfig  # read by `noisealign.cli` and the recipe tests
 
 
 def collect_chunk(chunk, records, pipe, judge, config, shape) -> list[dict]:

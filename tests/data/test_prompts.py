@@ -1,0 +1,65 @@
+import json
+
+import datasets
+import pytest
+
+from noisealign.data.prompts import load_prompts, parse_seeds
+from noisealign.errors import DataError
+
+
+def test_text_file_ids_are_stable_and_deduplicated(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("a red circle\n\na blue square\na red circle\n")
+    records = load_prompts(path)
+    assert [r.prompt for r in records] == ["a red circle", "a blue square"]
+    path.write_text("a blue square\na red circle\n")
+    reordered = {r.prompt: r.prompt_id for r in load_prompts(path)}
+    assert reordered == {r.prompt: r.prompt_id for r in records}
+
+
+def test_jsonl_with_concepts_and_ids(tmp_path):
+    path = tmp_path / "p.jsonl"
+    rows = [
+        {"id": "x1", "prompt": "a cat left of a dog", "concepts": [{"text": "cat", "kind": "object"}, "dog"]},
+        {"id": "x2", "prompt": "a bird"},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    first, second = load_prompts(path)
+    assert first.prompt_id == "x1" and second.concepts is None
+    assert [(c.text, c.spans) for c in first.concepts] == [("cat", [(2, 5)]), ("dog", [(16, 19)])]
+
+
+def test_csv_and_dataset_folder(tmp_path):
+    csv_path = tmp_path / "p.csv"
+    csv_path.write_text("caption,other\na red circle,1\n")
+    assert load_prompts(csv_path, column="caption")[0].prompt == "a red circle"
+    datasets.Dataset.from_dict({"prompt": ["a", "b"]}).save_to_disk(str(tmp_path / "ds"))
+    assert [r.prompt for r in load_prompts(tmp_path / "ds")] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "content, suffix, message",
+    [
+        (None, ".txt", "does not exist"),
+        ("\n\n", ".txt", "holds no prompts"),
+        ('{"text": "x"}', ".jsonl", "has no 'prompt' column"),
+        ("{not json", ".jsonl", "is not valid JSON"),
+        ('{"prompt": "a cat", "concepts": ["dog"]}', ".jsonl", "concept 'dog' does not occur"),
+        ('{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}', ".jsonl", "used by two different prompts"),
+    ],
+)
+def test_bad_prompt_files(tmp_path, content, suffix, message):
+    path = tmp_path / f"p{suffix}"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_prompts(path)
+
+
+def test_parse_seeds():
+    assert parse_seeds("2:5") == [2, 3, 4]
+    assert parse_seeds("7, 1") == [7, 1]
+    assert parse_seeds([3, 4]) == [3, 4]
+    for bad, message in [("5:2", "selects no seed"), ("1,1", "repeats"), ("a:b", "start:stop"), ("x", "comma-separated")]:
+        with pytest.raises(DataError, match=message):
+            parse_seeds(bad)
