@@ -126,7 +126,9 @@ def parse_config(config_cls: type[T], args: Sequence[str] | None = None) -> T:
         (config,) = parser.parse_args_and_config(args)
     except ConfigError:
         raise
-    except SystemExit as exc:  # argparse already printed the offending flag
+    except SystemExit as exc:  # argparse printed --help (code 0) or the offending flag
+        if exc.code == 0:
+            raise
         raise ConfigError("invalid command-line arguments (see the message above); run with --help for the fields") from exc
     except Exception as exc:  # yaml errors, unknown keys from TrlParser
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
