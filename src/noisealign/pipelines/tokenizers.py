@@ -18,7 +18,11 @@ from transformers import CLIPTokenizer
 def _byte_symbols() -> list[str]:
     # GPT-2 / CLIP byte-to-unicode table: printable bytes map to themselves, the rest
     # to code points from 256 up, so every byte has a visible symbol.
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     symbols, extra = [], 0
     for b in range(256):
         if b in printable:
@@ -29,7 +33,28 @@ def _byte_symbols() -> list[str]:
     return symbols
 
 
-def build_clip_tokenizer(words: Iterable[str], folder: str | Path, model_max_length: int = 77) -> CLIPTokenizer:
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE on one word: repeatedly merge every occurrence of the lowest-ranked pair."""
+    while len(symbols) > 1:
+        pairs = [p for p in zip(symbols, symbols[1:]) if p in ranks]
+        if not pairs:
+            break
+        first, second = min(pairs, key=ranks.__getitem__)
+        merged, i = [], 0
+        while i < len(symbols):
+            if i + 1 < len(symbols) and symbols[i] == first and symbols[i + 1] == second:
+                merged.append(first + second)
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return symbols
+
+
+def build_clip_tokenizer(
+    words: Iterable[str], folder: str | Path, model_max_length: int = 77
+) -> CLIPTokenizer:
     """Write a CLIP tokenizer whose vocabulary holds ``words`` as whole tokens; load it back.
 
     Args:
@@ -44,15 +69,17 @@ def build_clip_tokenizer(words: Iterable[str], folder: str | Path, model_max_len
     merges: list[tuple[str, str]] = []
     seen_merges: set[tuple[str, str]] = set()
     for word in dict.fromkeys(w.lower() for w in words):
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        prefix = parts[0]
-        for nxt in parts[1:]:
-            pair = (prefix, nxt)
-            prefix = prefix + nxt
+        # BPE applies earlier merges first, so another word's merges (("h", "o") from "horse")
+        # can split this word's chain ("photo" -> "p", "ho", "to</w>"); join whatever pieces
+        # are left with merges appended after all earlier ones, until the word is one token.
+        pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], {m: i for i, m in enumerate(merges)})
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
             if pair not in seen_merges:
                 seen_merges.add(pair)
                 merges.append(pair)
-                vocab_list.append(prefix)
+                vocab_list.append(pair[0] + pair[1])
+            pieces = [pair[0] + pair[1]] + pieces[2:]
     vocab_list = list(dict.fromkeys(vocab_list)) + ["<|startoftext|>", "<|endoftext|>"]
     vocab = {tok: i for i, tok in enumerate(vocab_list)}
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
@@ -74,5 +101,12 @@ def build_clip_tokenizer(words: Iterable[str], folder: str | Path, model_max_len
     )
     tokenizer = CLIPTokenizer.from_pretrained(folder)
     if len(tokenizer) != len(vocab):
-        raise RuntimeError(f"tokenizer in {folder} loaded {len(tokenizer)} tokens, expected {len(vocab)}")
+        raise RuntimeError(
+            f"tokenizer in {folder} loaded {len(tokenizer)} tokens, expected {len(vocab)}"
+        )
+    split = [w for w in dict.fromkeys(w.lower() for w in words) if len(tokenizer.tokenize(w)) != 1]
+    if split:
+        raise RuntimeError(
+            f"tokenizer in {folder} splits words that should be single tokens: {split[:5]}"
+        )
     return tokenizer

@@ -1,0 +1,195 @@
+"""What differs between pipeline families: how prompts are encoded and how the UNet is conditioned.
+
+Everything else in :mod:`noisealign.pipelines` is family-agnostic and looks its adapter up in
+:data:`ADAPTERS`, a plain dict keyed by pipeline class. Supporting SD3 or FLUX later means
+writing one more adapter (their transformers take pooled embeds and no time ids), not
+touching the callers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from ..errors import PipelineError
+
+
+class PipelineAdapter(Protocol):
+    """Family-specific operations on a loaded pipeline.
+
+    ``load_kwargs``: extra keyword arguments for ``DiffusionPipeline.from_pretrained``.
+    Embeddings are ``(B, L, D)``, pooled embeddings ``(B, P)`` or ``None`` when the family has none.
+    """
+
+    load_kwargs: dict[str, Any]
+
+    def encode(self, pipe: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(embeds, pooled)`` exactly as ``pipe(prompt)`` computes them."""
+        ...
+
+    def encode_negative(self, pipe: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(embeds, pooled)`` with batch 1 that ``pipe(prompt)`` uses when no negative prompt is given."""
+        ...
+
+    def call_kwargs(
+        self,
+        embeds: torch.Tensor,
+        pooled: torch.Tensor | None,
+        neg: torch.Tensor,
+        neg_pooled: torch.Tensor | None,
+    ) -> dict[str, Any]:
+        """Keyword arguments of ``pipe(...)`` that pass pre-computed embeddings."""
+        ...
+
+    def unet_kwargs(
+        self, pipe: Any, pooled: torch.Tensor | None, height: int, width: int
+    ) -> dict[str, Any]:
+        """Extra UNet keyword arguments for a batch whose pooled embeddings are ``pooled``; pixel size."""
+        ...
+
+    def text_encoders(self, pipe: Any) -> list[torch.nn.Module]:
+        """The text encoders whose hidden states are concatenated into the embeddings."""
+        ...
+
+    def pooled_dim(self, pipe: Any) -> int | None:
+        """``P`` of the pooled embeddings, or ``None``."""
+        ...
+
+
+class StableDiffusionAdapter:
+    """SD 1.x / 2.x: one CLIP text encoder, last hidden state, no pooled embedding."""
+
+    # The safety checker would replace "NSFW" images by black ones and needs a CLIP vision model.
+    load_kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+
+    def encode(self, pipe: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        embeds, _ = pipe.encode_prompt(
+            prompts,
+            pipe._execution_device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+        )
+        return embeds, None
+
+    def encode_negative(self, pipe: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        _, neg = pipe.encode_prompt(
+            [""], pipe._execution_device, num_images_per_prompt=1, do_classifier_free_guidance=True
+        )
+        return neg, None
+
+    def call_kwargs(
+        self,
+        embeds: torch.Tensor,
+        pooled: torch.Tensor | None,
+        neg: torch.Tensor,
+        neg_pooled: torch.Tensor | None,
+    ) -> dict[str, Any]:
+        return {"prompt_embeds": embeds, "negative_prompt_embeds": neg}
+
+    def unet_kwargs(
+        self, pipe: Any, pooled: torch.Tensor | None, height: int, width: int
+    ) -> dict[str, Any]:
+        return {}
+
+    def text_encoders(self, pipe: Any) -> list[torch.nn.Module]:
+        return [pipe.text_encoder]
+
+    def pooled_dim(self, pipe: Any) -> int | None:
+        return None
+
+
+class StableDiffusionXLAdapter:
+    """SDXL: two CLIP encoders (penultimate layers concatenated), pooled projection and size ids."""
+
+    load_kwargs: dict[str, Any] = {}
+
+    def encode(self, pipe: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompts,
+            device=pipe._execution_device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+        )
+        return embeds, pooled
+
+    def encode_negative(self, pipe: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # zeros when the pipeline's force_zeros_for_empty_prompt is set (SDXL base), as pipe() does
+        _, neg, _, neg_pooled = pipe.encode_prompt(
+            [""],
+            device=pipe._execution_device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=True,
+        )
+        return neg, neg_pooled
+
+    def call_kwargs(
+        self,
+        embeds: torch.Tensor,
+        pooled: torch.Tensor | None,
+        neg: torch.Tensor,
+        neg_pooled: torch.Tensor | None,
+    ) -> dict[str, Any]:
+        return {
+            "prompt_embeds": embeds,
+            "negative_prompt_embeds": neg,
+            "pooled_prompt_embeds": pooled,
+            "negative_pooled_prompt_embeds": neg_pooled,
+        }
+
+    def unet_kwargs(
+        self, pipe: Any, pooled: torch.Tensor | None, height: int, width: int
+    ) -> dict[str, Any]:
+        if pooled is None:
+            raise ValueError(
+                "SDXL needs pooled text embeddings; encode the prompts with encode_prompts"
+            )
+        # original size, crop top-left, target size: the defaults pipe() uses for a plain call
+        time_ids = torch.tensor(
+            [[height, width, 0, 0, height, width]], dtype=pooled.dtype, device=pooled.device
+        )
+        return {
+            "added_cond_kwargs": {
+                "text_embeds": pooled,
+                "time_ids": time_ids.expand(pooled.shape[0], -1),
+            }
+        }
+
+    def text_encoders(self, pipe: Any) -> list[torch.nn.Module]:
+        return [e for e in (pipe.text_encoder, pipe.text_encoder_2) if e is not None]
+
+    def pooled_dim(self, pipe: Any) -> int | None:
+        return int(pipe.text_encoder_2.config.projection_dim)
+
+
+# pipeline class -> adapter; the only place that knows which families are supported.
+ADAPTERS: dict[type, PipelineAdapter] = {
+    StableDiffusionPipeline: StableDiffusionAdapter(),
+    StableDiffusionXLPipeline: StableDiffusionXLAdapter(),
+}
+
+
+def supported_names() -> list[str]:
+    """Class names of the supported pipelines, for error messages."""
+    return [cls.__name__ for cls in ADAPTERS]
+
+
+def adapter_for_name(class_name: str) -> PipelineAdapter:
+    """The adapter for a ``model_index.json`` ``_class_name``; :class:`PipelineError` if unsupported."""
+    for cls, adapter in ADAPTERS.items():
+        if cls.__name__ == class_name:
+            return adapter
+    raise PipelineError(
+        f"pipeline class '{class_name}' is not supported; supported: {', '.join(supported_names())}"
+    )
+
+
+def adapter_for(pipe: DiffusionPipeline) -> PipelineAdapter:
+    """The adapter for a loaded pipeline (subclasses of a supported class are accepted)."""
+    for cls, adapter in ADAPTERS.items():
+        if isinstance(pipe, cls):
+            return adapter
+    raise PipelineError(
+        f"pipeline class '{type(pipe).__name__}' is not supported; supported: {', '.join(supported_names())}"
+    )

@@ -1,0 +1,143 @@
+"""Prompt embeddings exactly as the pipeline conditions on them, with the tokens' character offsets.
+
+The offsets are the bridge between a judge's part scores (character spans of the prompt) and
+the per-token embeddings that the reward model and the policy see.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+
+from .adapters import adapter_for
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PromptEmbeddings:
+    """A batch of encoded prompts.
+
+    Attributes:
+        embeds: ``(B, L, D)`` the per-token embeddings the pipeline conditions on.
+        pooled: ``(B, P)`` pooled text embeddings (SDXL's ``text_embeds``), ``None`` for SD.
+        mask: ``(B, L)`` bool attention mask of the pipeline's first tokenizer.
+        tokens: B lists of L token strings.
+        offsets: B lists of L ``(start, end)`` character offsets into the prompt; ``(0, 0)`` for
+            special and padding tokens.
+        truncated: per prompt, whether it was longer than the text encoder's limit.
+    """
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None
+    mask: torch.Tensor
+    tokens: list[list[str]]
+    offsets: list[list[tuple[int, int]]]
+    truncated: list[bool]
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    def select(self, indices: Sequence[int]) -> PromptEmbeddings:
+        """The rows ``indices`` (in that order, repeats allowed)."""
+        idx = list(indices)
+        index = torch.tensor(idx, dtype=torch.long)
+        return PromptEmbeddings(
+            embeds=self.embeds[index.to(self.embeds.device)],
+            pooled=None if self.pooled is None else self.pooled[index.to(self.pooled.device)],
+            mask=self.mask[index.to(self.mask.device)],
+            tokens=[self.tokens[i] for i in idx],
+            offsets=[self.offsets[i] for i in idx],
+            truncated=[self.truncated[i] for i in idx],
+        )
+
+    def to(
+        self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> PromptEmbeddings:
+        """Move the float tensors to ``device`` / ``dtype``; the bool mask only changes device."""
+        return replace(
+            self,
+            embeds=self.embeds.to(device=device, dtype=dtype),
+            pooled=None if self.pooled is None else self.pooled.to(device=device, dtype=dtype),
+            mask=self.mask.to(device=device),
+        )
+
+
+def _tokenize(pipe: Any, prompts: list[str]) -> tuple[Any, list[bool]]:
+    """First tokenizer's max-length encoding with offsets, and which prompts overflow it."""
+    tokenizer = pipe.tokenizer
+    limit = tokenizer.model_max_length
+    batch = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=limit,
+        truncation=True,
+        return_offsets_mapping=True,
+        return_tensors="pt",
+    )
+    counts = [len(ids) for ids in tokenizer(prompts, truncation=False).input_ids]
+    truncated = [n > limit for n in counts]
+    for prompt, n, cut in zip(prompts, counts, truncated):
+        if cut:
+            logger.warning(
+                "prompt '%s' has %d tokens but the text encoder takes %d; it is truncated",
+                prompt[:60],
+                n,
+                limit,
+            )
+    return batch, truncated
+
+
+def encode_prompts(pipe: DiffusionPipeline, prompts: Sequence[str]) -> PromptEmbeddings:
+    """Encode ``prompts`` with the pipeline's own ``encode_prompt`` (no CFG).
+
+    The embeddings are bit-identical to those ``pipe(prompt)`` conditions on; tokens and
+    offsets come from the first tokenizer, padded to its max length like the embeddings.
+
+    Example:
+        >>> emb = encode_prompts(pipe, ["a red circle"])  # doctest: +SKIP
+        >>> emb.embeds.shape  # (1, 77, D)  # doctest: +SKIP
+    """
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("encode_prompts needs at least one prompt")
+    adapter = adapter_for(pipe)
+    batch, truncated = _tokenize(pipe, prompts)
+    with torch.no_grad():
+        embeds, pooled = adapter.encode(pipe, prompts)
+    offsets = [[(int(s), int(e)) for s, e in row.tolist()] for row in batch["offset_mapping"]]
+    return PromptEmbeddings(
+        embeds=embeds,
+        pooled=pooled,
+        mask=batch["attention_mask"].bool(),
+        tokens=[pipe.tokenizer.convert_ids_to_tokens(row.tolist()) for row in batch["input_ids"]],
+        offsets=offsets,
+        truncated=truncated,
+    )
+
+
+# pipe -> {(device, dtype): (embeds, pooled)}; weak so a dropped pipeline frees its cache
+_NEGATIVE_CACHE: weakref.WeakKeyDictionary[
+    Any, dict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor | None]]
+]
+_NEGATIVE_CACHE = weakref.WeakKeyDictionary()
+
+
+def negative_embeddings(pipe: DiffusionPipeline) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(embeds (1, L, D), pooled (1, P) | None)`` that ``pipe(prompt)`` uses as its unconditional branch.
+
+    The empty prompt's encoding (SD) or zeros (SDXL with ``force_zeros_for_empty_prompt``);
+    cached per pipeline, device and dtype because collect calls this for every batch.
+    """
+    key = (str(pipe._execution_device), pipe.unet.dtype)
+    per_pipe = _NEGATIVE_CACHE.setdefault(pipe, {})
+    if key not in per_pipe:
+        with torch.no_grad():
+            per_pipe[key] = adapter_for(pipe).encode_negative(pipe)
+    return per_pipe[key]

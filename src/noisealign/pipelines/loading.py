@@ -1,0 +1,110 @@
+"""Load a supported diffusers pipeline from a local folder or a hub id, ready for deterministic sampling."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import diffusers
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline
+from packaging.version import Version
+
+from ..errors import PipelineError
+from .adapters import adapter_for, adapter_for_name
+
+logger = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+# diffusers 0.42 renamed from_pretrained's ``torch_dtype`` to ``dtype`` (the old name warns); pyproject allows older
+_DTYPE_KWARG = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
+
+# scheduler name -> class swapped in with ``from_config`` (keeps spacing, offset, prediction type)
+SCHEDULERS: dict[str, type] = {"ddim": DDIMScheduler}
+
+
+def resolve_dtype(torch_dtype: str | torch.dtype) -> torch.dtype:
+    """``"float16"`` / ``"fp16"`` / ``torch.float16`` -> ``torch.float16``; :class:`PipelineError` if unknown."""
+    if isinstance(torch_dtype, torch.dtype):
+        return torch_dtype
+    if torch_dtype not in DTYPES:
+        raise PipelineError(f"unknown torch_dtype '{torch_dtype}'; use one of {', '.join(DTYPES)}")
+    return DTYPES[torch_dtype]
+
+
+def _pipeline_class_name(name_or_path: str) -> str:
+    """``_class_name`` of the pipeline's ``model_index.json``, read before any weight is loaded."""
+    folder = Path(name_or_path)
+    if folder.is_dir() and not (folder / "model_index.json").is_file():
+        raise PipelineError(
+            f"'{name_or_path}' is not a diffusers pipeline folder (no model_index.json); "
+            "pass a folder written by save_pretrained or a hub id"
+        )
+    try:
+        config = DiffusionPipeline.load_config(name_or_path)
+    except Exception as exc:  # hub errors come in many types; the first line says which
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PipelineError(
+            f"cannot find pipeline '{name_or_path}': not a local folder, and the hub lookup failed "
+            f"({first_line}); pass an existing folder or a hub id that is reachable or cached"
+        ) from exc
+    class_name = config.get("_class_name")
+    if not isinstance(class_name, str):  # a [module, class] pair names a custom pipeline
+        raise PipelineError(
+            f"pipeline '{name_or_path}' is a custom pipeline ({class_name}), which is not supported"
+        )
+    return class_name
+
+
+def load_pipeline(
+    name_or_path: str,
+    *,
+    torch_dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    scheduler: str | None = "ddim",
+    trust_remote_code: bool = False,
+) -> DiffusionPipeline:
+    """Load an SD 1.x/2.x or SDXL pipeline with its progress bar and safety checker off.
+
+    Args:
+        name_or_path: a folder written by ``save_pretrained`` or a hub id.
+        torch_dtype: ``"float32"``, ``"float16"``, ``"bfloat16"`` (or short forms) or a ``torch.dtype``.
+        device: where the pipeline's modules go.
+        scheduler: ``"ddim"`` swaps in a ``DDIMScheduler`` built from the pipeline's scheduler config,
+            which makes sampling deterministic (eta = 0) and matches the inversion helpers;
+            ``None`` keeps the pipeline's own scheduler.
+        trust_remote_code: passed to ``from_pretrained``.
+
+    Raises:
+        PipelineError: missing folder / model_index.json, unsupported class, unknown dtype or scheduler.
+
+    Example:
+        >>> pipe = load_pipeline("runs/tiny_sd")  # doctest: +SKIP
+    """
+    dtype = resolve_dtype(torch_dtype)
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise PipelineError(
+            f"unknown scheduler '{scheduler}'; use one of {', '.join(SCHEDULERS)} or None"
+        )
+    adapter = adapter_for_name(_pipeline_class_name(name_or_path))
+    pipe = DiffusionPipeline.from_pretrained(
+        name_or_path,
+        **{_DTYPE_KWARG: dtype},
+        trust_remote_code=trust_remote_code,
+        **adapter.load_kwargs,
+    )
+    adapter_for(pipe)  # a custom class under a supported name would be caught here
+    if scheduler is not None and not isinstance(pipe.scheduler, SCHEDULERS[scheduler]):
+        pipe.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(device)
+    logger.info("loaded %s from %s (%s, %s)", type(pipe).__name__, name_or_path, dtype, device)
+    return pipe

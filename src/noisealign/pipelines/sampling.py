@@ -1,0 +1,244 @@
+"""Generation from given initial latents, and single DDIM / DDIM-inversion steps.
+
+The initial noise is always chosen by the caller (``noisealign.noise`` or a policy), so the
+image for a (prompt, noise) pair is a deterministic function of both: DDIM with eta = 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import DDIMInverseScheduler, DDIMScheduler, DiffusionPipeline
+from PIL import Image
+
+from ..errors import PipelineError
+from ..noise import check_finite
+from .adapters import adapter_for
+from .encoding import PromptEmbeddings, negative_embeddings
+
+
+def _default_latent_size(pipe: Any) -> tuple[int, int]:
+    size = pipe.unet.config.sample_size
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def latent_shape(
+    pipe: DiffusionPipeline, height: int | None = None, width: int | None = None
+) -> tuple[int, int, int]:
+    """``(C, h, w)`` of the initial latents for an image of ``height`` x ``width`` pixels.
+
+    ``None`` takes the UNet's default sample size (what ``pipe(prompt)`` draws).
+    """
+    scale = pipe.vae_scale_factor
+    default_h, default_w = _default_latent_size(pipe)
+    height = default_h * scale if height is None else height
+    width = default_w * scale if width is None else width
+    if height <= 0 or width <= 0 or height % scale or width % scale:
+        raise ValueError(
+            f"image size {height}x{width} must be positive multiples of the VAE scale factor {scale}"
+        )
+    return (int(pipe.unet.config.in_channels), height // scale, width // scale)
+
+
+def _check_latents(
+    pipe: Any,
+    embeds: PromptEmbeddings,
+    latents: torch.Tensor,
+    height: int | None,
+    width: int | None,
+) -> None:
+    check_finite(latents, "latents")
+    if latents.ndim != 4:
+        raise ValueError(f"latents must be (B, C, h, w), got shape {tuple(latents.shape)}")
+    scale = pipe.vae_scale_factor
+    height = latents.shape[2] * scale if height is None else height
+    width = latents.shape[3] * scale if width is None else width
+    expected = latent_shape(pipe, height, width)
+    if tuple(latents.shape[1:]) != expected:
+        raise ValueError(
+            f"latents have shape {tuple(latents.shape[1:])} per sample but the pipeline expects {expected} "
+            f"for {height}x{width} images; draw them with latent_shape(pipe, height, width)"
+        )
+    if latents.shape[0] != len(embeds):
+        raise ValueError(
+            f"got {latents.shape[0]} latents for {len(embeds)} prompt embeddings; pass one per prompt"
+        )
+
+
+def _conditioning(
+    pipe: Any, embeds: PromptEmbeddings, batch: int
+) -> tuple[PromptEmbeddings, torch.Tensor, torch.Tensor | None]:
+    """Embeddings on the pipeline's device/dtype and the negative ones expanded to ``batch``."""
+    device, dtype = pipe._execution_device, pipe.unet.dtype
+    embeds = embeds.to(device, dtype)
+    neg, neg_pooled = negative_embeddings(pipe)
+    neg = neg.to(device, dtype).expand(batch, -1, -1)
+    neg_pooled = None if neg_pooled is None else neg_pooled.to(device, dtype).expand(batch, -1)
+    return embeds, neg, neg_pooled
+
+
+def generate(
+    pipe: DiffusionPipeline,
+    embeds: PromptEmbeddings,
+    latents: torch.Tensor,
+    *,
+    num_inference_steps: int,
+    guidance_scale: float,
+    output_type: str = "pil",
+    height: int | None = None,
+    width: int | None = None,
+) -> list[Image.Image] | torch.Tensor:
+    """Images from the given initial ``latents`` ``(B, C, h, w)`` and prompt embeddings.
+
+    The image size follows from the latents; ``height`` / ``width`` (pixels), when given, are
+    checked against them. ``output_type="pt"`` returns ``(B, 3, H, W)`` floats in [0, 1] on the
+    pipeline's device. Deterministic for a DDIM scheduler (eta = 0).
+
+    Example:
+        >>> images = generate(pipe, encode_prompts(pipe, ["a red circle"]),
+        ...                   initial_noise("p0", 0, latent_shape(pipe))[None],
+        ...                   num_inference_steps=20, guidance_scale=7.5)  # doctest: +SKIP
+    """
+    if output_type not in ("pil", "pt"):
+        raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
+    _check_latents(pipe, embeds, latents, height, width)
+    adapter = adapter_for(pipe)
+    cond, neg, neg_pooled = _conditioning(pipe, embeds, latents.shape[0])
+    scale = pipe.vae_scale_factor
+    out = pipe(
+        **adapter.call_kwargs(cond.embeds, cond.pooled, neg, neg_pooled),
+        latents=latents.to(pipe._execution_device, pipe.unet.dtype),
+        height=latents.shape[2] * scale,
+        width=latents.shape[3] * scale,
+        guidance_scale=guidance_scale,
+        num_inference_steps=num_inference_steps,
+        output_type=output_type,
+    )
+    return out.images
+
+
+def _guided_noise(
+    pipe: Any,
+    latents: torch.Tensor,
+    embeds: PromptEmbeddings,
+    timestep: torch.Tensor,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """Classifier-free-guided UNet noise prediction, in float32, as ``pipe()`` computes it at one step."""
+    adapter = adapter_for(pipe)
+    cond, neg, neg_pooled = _conditioning(pipe, embeds, latents.shape[0])
+    x = latents.to(pipe._execution_device, pipe.unet.dtype)
+    scale = pipe.vae_scale_factor
+    size = (x.shape[2] * scale, x.shape[3] * scale)
+    if guidance_scale > 1:  # pipe() skips the unconditional branch at guidance <= 1
+        x = torch.cat([x, x])
+        text = torch.cat([neg, cond.embeds])
+        pooled = None if cond.pooled is None else torch.cat([neg_pooled, cond.pooled])
+    else:
+        text, pooled = cond.embeds, cond.pooled
+    with torch.no_grad():
+        eps = pipe.unet(
+            x, timestep, encoder_hidden_states=text, **adapter.unet_kwargs(pipe, pooled, *size)
+        ).sample
+    eps = eps.float()
+    if guidance_scale > 1:
+        uncond, text_eps = eps.chunk(2)
+        eps = uncond + guidance_scale * (text_eps - uncond)
+    return eps
+
+
+def _ddim(
+    pipe: Any, num_inference_steps: int, step_index: int
+) -> tuple[DDIMScheduler, torch.Tensor]:
+    """A fresh DDIM scheduler (the pipeline's own is left untouched) and its ``step_index``-th timestep."""
+    if not 0 <= step_index < num_inference_steps:
+        raise ValueError(f"step_index {step_index} is outside [0, {num_inference_steps})")
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(num_inference_steps)
+    return scheduler, scheduler.timesteps[step_index]
+
+
+def denoise_step(
+    pipe: DiffusionPipeline,
+    latents: torch.Tensor,
+    embeds: PromptEmbeddings,
+    *,
+    num_inference_steps: int,
+    guidance_scale: float,
+    step_index: int = 0,
+) -> torch.Tensor:
+    """One DDIM step (eta = 0) from the ``step_index``-th timestep of a ``num_inference_steps`` schedule.
+
+    Uses a ``DDIMScheduler`` built from the pipeline's scheduler config (whatever the pipeline's
+    own scheduler is). Returns a tensor of the input's shape, device and dtype.
+    """
+    check_finite(latents, "latents")
+    scheduler, t = _ddim(pipe, num_inference_steps, step_index)
+    eps = _guided_noise(pipe, latents, embeds, t, guidance_scale)
+    x = latents.to(eps.device, torch.float32)
+    out = scheduler.step(eps, t, x).prev_sample
+    return out.to(latents.device, latents.dtype)
+
+
+def inversion_step(
+    pipe: DiffusionPipeline,
+    latents: torch.Tensor,
+    embeds: PromptEmbeddings,
+    *,
+    num_inference_steps: int,
+    guidance_scale: float,
+    step_index: int = 0,
+) -> torch.Tensor:
+    """One DDIM-inversion step that undoes :func:`denoise_step` with the same ``step_index``.
+
+    ``latents`` sit at the timestep *after* the ``step_index``-th one of the DDIM schedule; the
+    result sits at that timestep. As in diffusers' inversion loops, the UNet is evaluated at
+    the target timestep (the one the matching denoising step used), with
+    ``DDIMInverseScheduler.from_config(pipe.scheduler.config)``.
+    """
+    check_finite(latents, "latents")
+    inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
+    try:
+        inverse.set_timesteps(num_inference_steps)
+    except ValueError as exc:
+        raise PipelineError(
+            f"DDIM inversion does not support this scheduler's timestep_spacing "
+            f"'{pipe.scheduler.config.timestep_spacing}'; use 'leading' or 'trailing'"
+        ) from exc
+    _, t = _ddim(pipe, num_inference_steps, step_index)
+    eps = _guided_noise(pipe, latents, embeds, t, guidance_scale)
+    x = latents.to(eps.device, torch.float32)
+    out = inverse.step(eps, int(t), x).prev_sample
+    return out.to(latents.device, latents.dtype)
+
+
+def re_denoise(
+    pipe: DiffusionPipeline,
+    latents: torch.Tensor,
+    embeds: PromptEmbeddings,
+    *,
+    num_inference_steps: int = 10,
+    guidance_denoise: float = 5.5,
+    guidance_invert: float = 1.0,
+) -> torch.Tensor:
+    """Golden Noise re-denoise sampling: ``x'_T = DDIM-Inversion(DDIM(x_T))`` (arXiv 2411.09502, Alg. 1).
+
+    One DDIM step from ``x_T`` at CFG ``guidance_denoise`` (the paper's omega_l), then one
+    inversion step back at ``guidance_invert`` (omega_w < omega_l); the CFG gap is what injects
+    the prompt's semantics into the noise. Defaults are the paper's SDXL settings.
+    """
+    x_prev = denoise_step(
+        pipe,
+        latents,
+        embeds,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_denoise,
+    )
+    return inversion_step(
+        pipe,
+        x_prev,
+        embeds,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_invert,
+    )
