@@ -30,6 +30,7 @@ import datasets
 from ..errors import DataError
 
 logger = logging.getLogger(__name__)
+datasets.disable_progress_bars()  # one bar per shard would drown the stage's own progress bar
 
 Key = tuple[Hashable, ...]
 
