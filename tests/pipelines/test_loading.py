@@ -52,6 +52,7 @@ def test_unsupported_class_lists_supported(tmp_path):
         load_pipeline(str(tmp_path))
 
 
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
 def test_missing_hub_id_offline():
     with pytest.raises(
         PipelineError, match="cannot find pipeline 'noisealign-test/does-not-exist'"

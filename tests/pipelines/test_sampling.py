@@ -33,7 +33,7 @@ def test_generate_matches_pipeline_call(tiny_pipe):
         tiny_pipe, encode_prompts(tiny_pipe, PROMPTS[:1]), noise, output_type="pt", **STEPS
     )
     theirs = tiny_pipe(PROMPTS[0], latents=noise, output_type="pt", **STEPS).images
-    assert ours.shape == (1, 3, 32, 32)
+    assert ours.shape == (1, 3, 32, 32) and ours.dtype == torch.float32
     assert torch.equal(ours, theirs)
 
 

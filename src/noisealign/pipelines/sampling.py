@@ -92,7 +92,7 @@ def generate(
     """Images from the given initial ``latents`` ``(B, C, h, w)`` and prompt embeddings.
 
     The image size follows from the latents; ``height`` / ``width`` (pixels), when given, are
-    checked against them. ``output_type="pt"`` returns ``(B, 3, H, W)`` floats in [0, 1] on the
+    checked against them. ``output_type="pt"`` returns ``(B, 3, H, W)`` float32 in [0, 1] on the
     pipeline's device. Deterministic for a DDIM scheduler (eta = 0).
 
     Example:
@@ -115,7 +115,8 @@ def generate(
         num_inference_steps=num_inference_steps,
         output_type=output_type,
     )
-    return out.images
+    # float32 whatever the pipeline dtype, so judges need not care about bf16/fp16 pipelines
+    return out.images.float() if output_type == "pt" else out.images
 
 
 def _guided_noise(
