@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from accelerate import PartialState
 from tqdm.auto import tqdm
 
 from noisealign.configs import BaseConfig, parse_config
@@ -126,7 +125,7 @@ def main(args: Sequence[str] | None = None):
     from noisealign.data.shards import ShardStore
     from noisealign.judges import build_judge
     from noisealign.pipelines import latent_shape, load_pipeline
-    from noisealign.tracking import make_accelerator
+    from noisealign.tracking import make_accelerator, start_tracking
 
     records = {r.prompt_id: r for r in load_prompts(config.prompts, config.prompt_column)}
     seeds = parse_seeds(config.seeds)
@@ -135,13 +134,13 @@ def main(args: Sequence[str] | None = None):
     # ---- 2. output folder, models, processes (all checks before any tracker run) ----
     judge = build_judge(config.judge, **config.judge_kwargs)
     store = ShardStore(config.output_dir, key_columns=("prompt_id", "seed"))
-    state = PartialState()
-    if state.is_main_process:
+    accelerator = make_accelerator(config)
+    if accelerator.is_main_process:
         store.prepare(config.fingerprint(), overwrite=config.overwrite_output_dir)
-    state.wait_for_everyone()
+    accelerator.wait_for_everyone()
     pipe = load_pipeline(config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code)
-    accelerator = make_accelerator(config, "collect")
     pipe.to(accelerator.device)
+    start_tracking(accelerator, config, "collect")
     shape = latent_shape(pipe, config.height, config.width)
     features = collect_features(shape, config.save_images, config.save_noise)
 

@@ -28,21 +28,26 @@ def redact(values: Any) -> Any:
     return values
 
 
-def make_accelerator(config: BaseConfig, stage: str, **kwargs: Any) -> Accelerator:
-    """An ``Accelerator`` logging to wandb (or nothing), with trackers initialised."""
-    log_with = None
+def make_accelerator(config: BaseConfig, **kwargs: Any) -> Accelerator:
+    """An ``Accelerator`` that will log to wandb (or nothing); trackers start with :func:`start_tracking`.
+
+    Create it before touching the output folder: it sets up the process group, and
+    ``PartialState()`` alone ignores ``ACCELERATE_USE_CPU`` and would see one process.
+    """
+    log_with = "wandb" if config.report_to == "wandb" else None
+    return Accelerator(log_with=log_with, project_dir=config.output_dir, **kwargs)
+
+
+def start_tracking(accelerator: Accelerator, config: BaseConfig, stage: str) -> None:
+    """Start the trackers, after the recipe and output folder passed their checks."""
     if config.report_to == "wandb":
         wandb_dir = Path(config.output_dir, "wandb").resolve()
         wandb_dir.mkdir(parents=True, exist_ok=True)
         for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
             os.environ.setdefault(var, str(wandb_dir))
-        log_with = "wandb"
-    accelerator = Accelerator(log_with=log_with, project_dir=config.output_dir, **kwargs)
-    if log_with:
         name = config.run_name or f"{stage}-{Path(config.output_dir).name}"
         accelerator.init_trackers(
             config.wandb_project,
             config={"stage": stage, **redact(config.to_dict())},
             init_kwargs={"wandb": {"name": name, "dir": os.environ["WANDB_DIR"], "job_type": stage}},
         )
-    return accelerator
