@@ -43,24 +43,58 @@ def prompt_file(tmp_path):
 
 
 def args(pipeline, prompts, out, *extra):
-    return ["--pipeline", pipeline, "--judge", "shapes", "--prompts", prompts, "--seeds", "0:3",
-            "--num_inference_steps", "2", "--batch_size", "4", "--chunk_size", "4",
-            "--report_to", "none", "--output_dir", str(out), *extra]
+    return [
+        "--pipeline",
+        pipeline,
+        "--judge",
+        "shapes",
+        "--prompts",
+        prompts,
+        "--seeds",
+        "0:3",
+        "--num_inference_steps",
+        "2",
+        "--batch_size",
+        "4",
+        "--chunk_size",
+        "4",
+        "--report_to",
+        "none",
+        "--output_dir",
+        str(out),
+        *extra,
+    ]
 
 
 def test_collect_rows_schema_and_token_alignment(tiny_pipeline, prompt_file, tmp_path):
-    dataset = collect.main(args(tiny_pipeline, prompt_file, tmp_path / "out", "--save_noise", "true"))
+    dataset = collect.main(
+        args(tiny_pipeline, prompt_file, tmp_path / "out", "--save_noise", "true")
+    )
     assert dataset.num_rows == len(PROMPTS) * 3
     on_disk = datasets.load_from_disk(str(tmp_path / "out" / "dataset"))
     assert on_disk.num_rows == dataset.num_rows
-    for column in ("prompt_id", "prompt", "seed", "judge", "overall", "token_scores", "token_mask", "concepts",
-                   "num_inference_steps", "guidance_scale", "noise", "failed"):
+    for column in (
+        "prompt_id",
+        "prompt",
+        "seed",
+        "judge",
+        "overall",
+        "token_scores",
+        "token_mask",
+        "concepts",
+        "num_inference_steps",
+        "guidance_scale",
+        "noise",
+        "failed",
+    ):
         assert column in on_disk.column_names
     row = on_disk[4]  # second prompt, seed 1
     assert (row["prompt"], row["seed"]) == (PROMPTS[1], 1)
     assert 0.0 <= row["overall"] <= 1.0 and not row["failed"]
     # the stored noise is exactly the keyed noise, so it need not be stored
-    assert torch.equal(torch.tensor(row["noise"]), initial_noise(row["prompt_id"], 1, row["latent_shape"]))
+    assert torch.equal(
+        torch.tensor(row["noise"]), initial_noise(row["prompt_id"], 1, row["latent_shape"])
+    )
     # scores sit on the pipeline's own tokens: scored words, never padding or specials
     scored = {tok for tok, m in zip(row["tokens"], row["token_mask"]) if m}
     assert {"blue</w>", "square</w>", "yellow</w>", "triangle</w>"} <= scored
@@ -93,10 +127,15 @@ class FlakyJudge:
         return self.inner.score(images, prompts, concepts)
 
 
-def test_failing_judge_marks_rows_and_run_completes(tiny_pipeline, prompt_file, tmp_path, monkeypatch, caplog):
+def test_failing_judge_marks_rows_and_run_completes(
+    tiny_pipeline, prompt_file, tmp_path, monkeypatch, caplog
+):
     caplog.set_level("INFO")
     monkeypatch.setitem(judges.JUDGES, "flaky", FlakyJudge)
-    dataset = collect.main(args(tiny_pipeline, prompt_file, tmp_path / "out") + ["--judge", "flaky", "--judge_retries", "1"])
+    dataset = collect.main(
+        args(tiny_pipeline, prompt_file, tmp_path / "out")
+        + ["--judge", "flaky", "--judge_retries", "1"]
+    )
     failed = dataset.filter(lambda r: r["failed"])
     assert failed.num_rows == 2 * 3  # two prompts mention blue, three seeds each
     assert set(failed["error"]) == {"RuntimeError: judge server said no"}
@@ -125,7 +164,10 @@ def test_other_recipe_in_output_dir_is_refused_and_kept(tiny_pipeline, prompt_fi
     with pytest.raises(DataError, match=r"different recipe \(differs in: guidance_scale\)"):
         collect.main(args(tiny_pipeline, prompt_file, out) + ["--guidance_scale", "2.0"])
     assert datasets.load_from_disk(str(out / "dataset")).to_list() == first.to_list()
-    redone = collect.main(args(tiny_pipeline, prompt_file, out) + ["--guidance_scale", "2.0", "--overwrite_output_dir", "true"])
+    redone = collect.main(
+        args(tiny_pipeline, prompt_file, out)
+        + ["--guidance_scale", "2.0", "--overwrite_output_dir", "true"]
+    )
     assert set(redone["guidance_scale"]) == {2.0}
 
 
@@ -142,7 +184,9 @@ def test_long_prompt_warns_truncation(tiny_pipeline, tmp_path, caplog, monkeypat
     monkeypatch.setitem(judges.JUDGES, "anything", AnythingJudge)
     path = tmp_path / "long.txt"
     path.write_text("a red circle " + "and a blue square " * 30 + "\n")
-    dataset = collect.main(args(tiny_pipeline, str(path), tmp_path / "out") + ["--judge", "anything", "--seeds", "0:1"])
+    dataset = collect.main(
+        args(tiny_pipeline, str(path), tmp_path / "out") + ["--judge", "anything", "--seeds", "0:1"]
+    )
     assert dataset.num_rows == 1
     assert "truncated" in caplog.text
 
@@ -160,8 +204,22 @@ def test_cli_user_error_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 def _run(cmd, env_extra=None, **kwargs):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "OMP_NUM_THREADS": "1",
+        **(env_extra or {}),
+    }
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
 
 
 def _rows(path):
@@ -187,22 +245,57 @@ def test_sigkill_and_restart_gives_every_key_once(tiny_pipeline, prompt_file, tm
     keys = [(r["prompt_id"], r["seed"]) for r in rows]
     assert len(keys) == len(set(keys)) == len(PROMPTS) * 12
     reference = tmp_path / "reference"
-    ref = _run([sys.executable, "-m", "noisealign.collect", *args(tiny_pipeline, prompt_file, reference),
-                "--seeds", "0:12", "--chunk_size", "2", "--batch_size", "2"])
+    ref = _run(
+        [
+            sys.executable,
+            "-m",
+            "noisealign.collect",
+            *args(tiny_pipeline, prompt_file, reference),
+            "--seeds",
+            "0:12",
+            "--chunk_size",
+            "2",
+            "--batch_size",
+            "2",
+        ]
+    )
     assert ref.wait(timeout=300) == 0
     assert rows == _rows(reference)
 
 
 @pytest.mark.slow
 def test_two_processes_write_the_same_rows_as_one(tiny_pipeline, prompt_file, tmp_path):
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", "29517", "src/noisealign/collect.py"]
-    two = _run(launch + args(tiny_pipeline, prompt_file, tmp_path / "two"), {"ACCELERATE_USE_CPU": "1"})
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29517",
+        "src/noisealign/collect.py",
+    ]
+    two = _run(
+        launch + args(tiny_pipeline, prompt_file, tmp_path / "two"), {"ACCELERATE_USE_CPU": "1"}
+    )
     output = two.communicate(timeout=300)[0]
     assert two.returncode == 0, output
     assert "process 1 takes" in output  # really two ranks
-    one = _run([sys.executable, "-m", "noisealign.collect", *args(tiny_pipeline, prompt_file, tmp_path / "one")])
+    one = _run(
+        [
+            sys.executable,
+            "-m",
+            "noisealign.collect",
+            *args(tiny_pipeline, prompt_file, tmp_path / "one"),
+        ]
+    )
     assert one.wait(timeout=300) == 0
     assert _rows(tmp_path / "two") == _rows(tmp_path / "one")
     recipe = json.loads((tmp_path / "two" / "recipe.json").read_text())

@@ -31,19 +31,25 @@ def test_every_shipped_recipe_parses():
 
             assert ClusterConfig.from_yaml_file(str(path)).distributed_type is not None
             continue
-        assert path.stem in STAGES, f"{path}: recipes are named after their stage ({', '.join(STAGES)})"
+        assert path.stem in STAGES, (
+            f"{path}: recipes are named after their stage ({', '.join(STAGES)})"
+        )
         module = importlib.import_module(STAGES[path.stem])
         config = parse_config(module.CONFIG_CLASS, ["--config", str(path)])
         assert config.output_dir
         header = path.read_text().splitlines()[0]
-        assert header.startswith("#"), f"{path}: the first line should be a comment with the launch command"
+        assert header.startswith("#"), (
+            f"{path}: the first line should be a comment with the launch command"
+        )
         stage_recipes += 1
     assert stage_recipes >= 3
 
 
 def test_yaml_values_and_cli_overrides(tmp_path):
     path = write(tmp_path, BASE + "judge_kwargs: {a: 1}\nseeds: [1, 2]\nguidance_scale: 3\n")
-    config = parse_config(CollectConfig, ["--config", path, "--output_dir", "o2", "--judge_kwargs", '{"b": 2}'])
+    config = parse_config(
+        CollectConfig, ["--config", path, "--output_dir", "o2", "--judge_kwargs", '{"b": 2}']
+    )
     assert config.output_dir == "o2" and config.judge_kwargs == {"b": 2}
     assert config.seeds == "1,2" and config.guidance_scale == 3
 
@@ -51,12 +57,18 @@ def test_yaml_values_and_cli_overrides(tmp_path):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        ("batch_sizee: 4\n", r"Unknown arguments from config file: \['--batch_sizee', '4'\]; known fields: .*batch_size"),
+        (
+            "batch_sizee: 4\n",
+            r"Unknown arguments from config file: \['--batch_sizee', '4'\]; known fields: .*batch_size",
+        ),
         ("batch_size: 1.5\n", "recipe field 'batch_size' must be int, got float 1.5"),
         ("save_images: 3\n", "recipe field 'save_images' must be bool, got int 3"),
         ("judge_kwargs: [1]\n", "recipe field 'judge_kwargs' must be dict"),
         ("batch_size: 0\n", "recipe field 'batch_size' must be >= 1"),
-        ("torch_dtype: float8\n", "recipe field 'torch_dtype' must be float32, float16 or bfloat16"),
+        (
+            "torch_dtype: float8\n",
+            "recipe field 'torch_dtype' must be float32, float16 or bfloat16",
+        ),
         ("report_to: tensorboardx\n", "recipe field 'report_to' must be 'wandb' or 'none'"),
     ],
 )
@@ -67,9 +79,13 @@ def test_bad_recipes_name_the_field(tmp_path, extra, message):
 
 def test_missing_required_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="'judge' is required"):
-        parse_config(CollectConfig, ["--config", write(tmp_path, "pipeline: p\nprompts: x\noutput_dir: o\n")])
+        parse_config(
+            CollectConfig, ["--config", write(tmp_path, "pipeline: p\nprompts: x\noutput_dir: o\n")]
+        )
     with pytest.raises(ConfigError, match="'output_dir' is required"):
-        parse_config(CollectConfig, ["--config", write(tmp_path, "pipeline: p\njudge: j\nprompts: x\n")])
+        parse_config(
+            CollectConfig, ["--config", write(tmp_path, "pipeline: p\njudge: j\nprompts: x\n")]
+        )
     with pytest.raises(ConfigError, match="recipe file 'nope.yaml' does not exist"):
         parse_config(CollectConfig, ["--config", "nope.yaml"])
     with pytest.raises(ConfigError, match="cannot read the recipe"):
@@ -90,6 +106,8 @@ def test_every_field_is_documented():
 
 def test_yaml_env_block_is_not_a_field(tmp_path):
     # `env:` sets environment variables (TrlParser) and must not be reported as unknown
-    config = parse_config(CollectConfig, ["--config", write(tmp_path, BASE + "env:\n  NOISEALIGN_TEST_ENV: '1'\n")])
+    config = parse_config(
+        CollectConfig, ["--config", write(tmp_path, BASE + "env:\n  NOISEALIGN_TEST_ENV: '1'\n")]
+    )
     assert config.judge == "shapes"
     assert yaml.safe_load(Path(write(tmp_path, BASE)).read_text())["judge"] == "shapes"

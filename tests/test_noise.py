@@ -28,7 +28,9 @@ def test_noise_seed_is_stable_across_versions():
     # A change here silently changes every collected dataset: it must be deliberate.
     assert noise_seed("p1", 3) == noise_seed("p1", 3)
     assert 0 <= noise_seed("p1", 3) < 2**63
-    assert initial_noise("p1", 3, (2,)).tolist() == pytest.approx(initial_noise("p1", 3, (2,)).tolist())
+    assert initial_noise("p1", 3, (2,)).tolist() == pytest.approx(
+        initial_noise("p1", 3, (2,)).tolist()
+    )
 
 
 def test_batch_noise_length_mismatch():
@@ -42,7 +44,9 @@ def test_mix_preserves_unit_variance():
         mixed = distribution_preserving_mix(a, b, gamma)
         assert mixed.std().item() == pytest.approx(1.0, abs=0.01)
     assert torch.equal(distribution_preserving_mix(a, b, 0.0), a)
-    per_sample = distribution_preserving_mix(a[None].expand(2, -1), b[None].expand(2, -1), torch.tensor([[0.0], [1.0]]))
+    per_sample = distribution_preserving_mix(
+        a[None].expand(2, -1), b[None].expand(2, -1), torch.tensor([[0.0], [1.0]])
+    )
     assert torch.allclose(per_sample[1], b)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         distribution_preserving_mix(a, b, 1.5)
@@ -54,7 +58,9 @@ def test_gaussian_stats_tell_gaussian_from_not():
     assert stats.mean.shape == (3,)
     assert stats.is_gaussian().all()
     assert (stats.ks < 2 / math.sqrt(4 * 32 * 32)).all()
-    uniform = torch.rand(2, 4096, generator=torch.Generator().manual_seed(0)) * 2 * math.sqrt(3) - math.sqrt(3)
+    uniform = torch.rand(2, 4096, generator=torch.Generator().manual_seed(0)) * 2 * math.sqrt(
+        3
+    ) - math.sqrt(3)
     u_stats = gaussian_stats(uniform)  # mean 0, std 1, but not Gaussian
     assert (u_stats.std - 1).abs().max() < 0.05
     assert not u_stats.is_gaussian().any()

@@ -24,12 +24,16 @@ STAGES: dict[str, str] = {
 
 def setup_logging(level: int = logging.INFO) -> None:
     """One readable line per record on stderr; quiets chatty third-party loggers."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=level
+    )
     for name in ("httpx", "urllib3", "PIL", "datasets", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def run_stage(main: Callable[[Sequence[str] | None], object], args: Sequence[str] | None = None) -> None:
+def run_stage(
+    main: Callable[[Sequence[str] | None], object], args: Sequence[str] | None = None
+) -> None:
     """Run a stage's ``main``; a user error becomes one line on stderr and exit status 2."""
     setup_logging()
     try:
@@ -43,7 +47,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
         known = ", ".join(STAGES)
-        message = f"usage: noisealign STAGE --config recipe.yaml [--field value ...]\nstages: {known}"
+        message = (
+            f"usage: noisealign STAGE --config recipe.yaml [--field value ...]\nstages: {known}"
+        )
         if argv and argv[0] not in ("-h", "--help"):
             sys.stderr.write(f"noisealign: unknown stage '{argv[0]}'\n{message}\n")
             sys.exit(2)

@@ -31,30 +31,58 @@ logger = logging.getLogger("noisealign.collect")
 class CollectConfig(BaseConfig):
     """Recipe of the collect stage."""
 
-    pipeline: str = field(default="", metadata={"help": "Diffusers pipeline folder or hub id. Required."})
-    judge: str = field(default="", metadata={"help": "Registered judge name (e.g. 'shapes', 'vlm', 'clip'). Required."})
-    judge_kwargs: dict = field(
-        default_factory=dict, metadata={"help": "Arguments of the judge factory (JSON on the command line)."}
+    pipeline: str = field(
+        default="", metadata={"help": "Diffusers pipeline folder or hub id. Required."}
     )
-    prompts: str = field(default="", metadata={"help": "Prompt file: .txt, .jsonl, .csv or a saved dataset folder. Required."})
-    prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt in JSONL/CSV/dataset files."})
+    judge: str = field(
+        default="",
+        metadata={"help": "Registered judge name (e.g. 'shapes', 'vlm', 'clip'). Required."},
+    )
+    judge_kwargs: dict = field(
+        default_factory=dict,
+        metadata={"help": "Arguments of the judge factory (JSON on the command line)."},
+    )
+    prompts: str = field(
+        default="",
+        metadata={"help": "Prompt file: .txt, .jsonl, .csv or a saved dataset folder. Required."},
+    )
+    prompt_column: str = field(
+        default="prompt", metadata={"help": "Column holding the prompt in JSONL/CSV/dataset files."}
+    )
     seeds: str = field(
-        default="0:4", metadata={"help": "Seeds per prompt: 'start:stop', 'a,b,c', or a YAML list of ints."}
+        default="0:4",
+        metadata={"help": "Seeds per prompt: 'start:stop', 'a,b,c', or a YAML list of ints."},
     )
     num_inference_steps: int = field(default=20, metadata={"help": "Denoising steps per image."})
     guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale."})
-    height: int | None = field(default=None, metadata={"help": "Image height in pixels; the pipeline's default when unset."})
-    width: int | None = field(default=None, metadata={"help": "Image width in pixels; the pipeline's default when unset."})
-    torch_dtype: str = field(default="float32", metadata={"help": "Pipeline dtype: float32, float16 or bfloat16."})
-    batch_size: int = field(default=8, metadata={"help": "Images generated and judged per batch, per process."})
+    height: int | None = field(
+        default=None,
+        metadata={"help": "Image height in pixels; the pipeline's default when unset."},
+    )
+    width: int | None = field(
+        default=None, metadata={"help": "Image width in pixels; the pipeline's default when unset."}
+    )
+    torch_dtype: str = field(
+        default="float32", metadata={"help": "Pipeline dtype: float32, float16 or bfloat16."}
+    )
+    batch_size: int = field(
+        default=8, metadata={"help": "Images generated and judged per batch, per process."}
+    )
     chunk_size: int = field(
         default=64,
         metadata={"help": "Keys per shard. A kill loses at most one unfinished chunk per process."},
     )
     save_images: bool = field(default=False, metadata={"help": "Store each image in the dataset."})
-    save_noise: bool = field(default=False, metadata={"help": "Store each initial noise (it is re-derivable from the seed)."})
-    judge_retries: int = field(default=2, metadata={"help": "Per-sample retries after a judge fails on a batch."})
-    log_images: int = field(default=16, metadata={"help": "Sample images logged to the tracker as a table."})
+    save_noise: bool = field(
+        default=False,
+        metadata={"help": "Store each initial noise (it is re-derivable from the seed)."},
+    )
+    judge_retries: int = field(
+        default=2, metadata={"help": "Per-sample retries after a judge fails on a batch."}
+    )
+    log_images: int = field(
+        default=16, metadata={"help": "Sample images logged to the tracker as a table."}
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.seeds, list):  # a YAML list arrives untouched by argparse
@@ -69,12 +97,25 @@ class CollectConfig(BaseConfig):
         if self.judge_retries < 0 or self.log_images < 0:
             raise ConfigError("recipe fields 'judge_retries' and 'log_images' must be >= 0")
         if self.torch_dtype not in ("float32", "float16", "bfloat16"):
-            raise ConfigError(f"recipe field 'torch_dtype' must be float32, float16 or bfloat16, got {self.torch_dtype!r}")
+            raise ConfigError(
+                f"recipe field 'torch_dtype' must be float32, float16 or bfloat16, got {self.torch_dtype!r}"
+            )
 
     def fingerprint(self) -> dict:
         """Settings that decide a row's content; a folder written with others is refused."""
-        keys = ("pipeline", "judge", "judge_kwargs", "prompt_column", "num_inference_steps", "guidance_scale",
-                "height", "width", "torch_dtype", "save_images", "save_noise")
+        keys = (
+            "pipeline",
+            "judge",
+            "judge_kwargs",
+            "prompt_column",
+            "num_inference_steps",
+            "guidance_scale",
+            "height",
+            "width",
+            "torch_dtype",
+            "save_images",
+            "save_noise",
+        )
         return {k: getattr(self, k) for k in keys}
 
 
@@ -95,15 +136,26 @@ def collect_chunk(chunk, records, pipe, judge, config, shape) -> list[dict]:
         prompts = [r.prompt for r in batch]
         latents = batch_noise([pid for pid, _ in keys], [seed for _, seed in keys], shape)
         embeds = encode_prompts(pipe, prompts)
-        images = generate(pipe, embeds, latents, num_inference_steps=config.num_inference_steps,
-                          guidance_scale=config.guidance_scale)
+        images = generate(
+            pipe,
+            embeds,
+            latents,
+            num_inference_steps=config.num_inference_steps,
+            guidance_scale=config.guidance_scale,
+        )
         concepts = [copy.deepcopy(list(r.concepts)) if r.concepts else None for r in batch]
         verdicts = score_robustly(judge, images, prompts, concepts, retries=config.judge_retries)
         for i, ((pid, seed), (feedback, error)) in enumerate(zip(keys, verdicts)):
             row = {
-                "prompt_id": pid, "prompt": prompts[i], "seed": seed, "pipeline": config.pipeline,
-                "num_inference_steps": config.num_inference_steps, "guidance_scale": config.guidance_scale,
-                "height": images[i].height, "width": images[i].width, "latent_shape": list(shape),
+                "prompt_id": pid,
+                "prompt": prompts[i],
+                "seed": seed,
+                "pipeline": config.pipeline,
+                "num_inference_steps": config.num_inference_steps,
+                "guidance_scale": config.guidance_scale,
+                "height": images[i].height,
+                "width": images[i].width,
+                "latent_shape": list(shape),
                 "judge": judge.name,
                 **feedback_columns(feedback, error, embeds.tokens[i], embeds.offsets[i]),
             }
@@ -138,7 +190,9 @@ def main(args: Sequence[str] | None = None):
     if accelerator.is_main_process:
         store.prepare(config.fingerprint(), overwrite=config.overwrite_output_dir)
     accelerator.wait_for_everyone()
-    pipe = load_pipeline(config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code)
+    pipe = load_pipeline(
+        config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code
+    )
     pipe.to(accelerator.device)
     start_tracking(accelerator, config, "collect")
     shape = latent_shape(pipe, config.height, config.width)
@@ -148,12 +202,19 @@ def main(args: Sequence[str] | None = None):
     chunks = store.plan(keys, config.chunk_size)
     accelerator.wait_for_everyone()  # nobody writes before everyone has read the done keys
     mine = chunks[accelerator.process_index :: accelerator.num_processes]
-    logger.info("%d of %d keys to collect; process %d takes %d chunks",
-                sum(map(len, chunks)), len(keys), accelerator.process_index, len(mine))
+    logger.info(
+        "%d of %d keys to collect; process %d takes %d chunks",
+        sum(map(len, chunks)),
+        len(keys),
+        accelerator.process_index,
+        len(mine),
+    )
 
     # ---- 4. generate, judge, write shard by shard ----------------------------------
     samples, failed, done = [], 0, 0
-    progress = tqdm(total=sum(map(len, mine)), desc="collect", disable=not accelerator.is_local_main_process)
+    progress = tqdm(
+        total=sum(map(len, mine)), desc="collect", disable=not accelerator.is_local_main_process
+    )
     for chunk in mine:
         started = time.perf_counter()
         rows = collect_chunk(chunk, records, pipe, judge, config, shape)
@@ -164,20 +225,33 @@ def main(args: Sequence[str] | None = None):
         failed += sum(r["failed"] for r in rows)
         done += len(rows)
         scores = [r["overall"] for r in rows if not r["failed"]]
-        accelerator.log({"collect/overall": sum(scores) / max(1, len(scores)), "collect/failed": failed,
-                         "collect/images_per_s": len(rows) / (time.perf_counter() - started)}, step=done)
+        accelerator.log(
+            {
+                "collect/overall": sum(scores) / max(1, len(scores)),
+                "collect/failed": failed,
+                "collect/images_per_s": len(rows) / (time.perf_counter() - started),
+            },
+            step=done,
+        )
         progress.update(len(rows))
     progress.close()
 
     # ---- 5. merge, report -----------------------------------------------------------
-    failed = int(accelerator.reduce(torch.tensor(failed, device=accelerator.device), reduction="sum"))
+    failed = int(
+        accelerator.reduce(torch.tensor(failed, device=accelerator.device), reduction="sum")
+    )
     accelerator.wait_for_everyone()
     dataset = None
     if accelerator.is_main_process:
         dataset = store.merge(keys)
         ok = [s for s in dataset["overall"] if s == s]
-        logger.info("dataset of %d rows at %s; mean overall %.3f; %d failed judge rows",
-                    len(dataset), store.dataset_dir, sum(ok) / max(1, len(ok)), failed)
+        logger.info(
+            "dataset of %d rows at %s; mean overall %.3f; %d failed judge rows",
+            len(dataset),
+            store.dataset_dir,
+            sum(ok) / max(1, len(ok)),
+            failed,
+        )
         _log_samples(accelerator, samples)
     accelerator.end_training()
     return dataset
@@ -192,7 +266,9 @@ def _log_samples(accelerator, samples: list[dict]) -> None:
     table = wandb.Table(columns=columns)
     for row in samples:
         concepts = ", ".join(f"{c['text']}={c['score']:.2f}" for c in row["concepts"])
-        table.add_data(wandb.Image(row["_image"]), row["prompt"], row["seed"], row["overall"], concepts)
+        table.add_data(
+            wandb.Image(row["_image"]), row["prompt"], row["seed"], row["overall"], concepts
+        )
     accelerator.log({"collect/samples": table})
 
 

@@ -73,7 +73,9 @@ class BaseConfig:
     run_name: str | None = field(
         default=None, metadata={"help": "Run name for the tracker; defaults to output_dir's name."}
     )
-    seed: int = field(default=0, metadata={"help": "Global seed for anything not keyed per sample."})
+    seed: int = field(
+        default=0, metadata={"help": "Global seed for anything not keyed per sample."}
+    )
     trust_remote_code: bool = field(
         default=False,
         metadata={"help": "Allow models whose code lives on the hub. Off unless you set it."},
@@ -89,9 +91,13 @@ class BaseConfig:
                     f"{type(value).__name__} {value!r}; fix it in the YAML or on the command line"
                 )
         if not self.output_dir:
-            raise ConfigError("recipe field 'output_dir' is required: set it in the YAML or pass --output_dir")
+            raise ConfigError(
+                "recipe field 'output_dir' is required: set it in the YAML or pass --output_dir"
+            )
         if self.report_to not in ("wandb", "none"):
-            raise ConfigError(f"recipe field 'report_to' must be 'wandb' or 'none', got {self.report_to!r}")
+            raise ConfigError(
+                f"recipe field 'report_to' must be 'wandb' or 'none', got {self.report_to!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of the fields, for trackers and saved recipes."""
@@ -121,7 +127,9 @@ def parse_config(config_cls: type[T], args: Sequence[str] | None = None) -> T:
     if "--config" in args:
         path = args[args.index("--config") + 1] if args.index("--config") + 1 < len(args) else ""
         if not os.path.isfile(path):
-            raise ConfigError(f"recipe file '{path}' does not exist; pass --config path/to/recipe.yaml")
+            raise ConfigError(
+                f"recipe file '{path}' does not exist; pass --config path/to/recipe.yaml"
+            )
     try:
         (config,) = parser.parse_args_and_config(args)
     except ConfigError:
@@ -129,7 +137,9 @@ def parse_config(config_cls: type[T], args: Sequence[str] | None = None) -> T:
     except SystemExit as exc:  # argparse printed --help (code 0) or the offending flag
         if exc.code == 0:
             raise
-        raise ConfigError("invalid command-line arguments (see the message above); run with --help for the fields") from exc
+        raise ConfigError(
+            "invalid command-line arguments (see the message above); run with --help for the fields"
+        ) from exc
     except Exception as exc:  # yaml errors, unknown keys from TrlParser
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "Unknown arguments from config file" in message:

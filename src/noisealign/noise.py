@@ -72,9 +72,13 @@ class GaussianStats:
     std: torch.Tensor
     ks: torch.Tensor
 
-    def is_gaussian(self, mean_tol: float = 0.1, std_tol: float = 0.1, ks_tol: float = 0.05) -> torch.Tensor:
+    def is_gaussian(
+        self, mean_tol: float = 0.1, std_tol: float = 0.1, ks_tol: float = 0.05
+    ) -> torch.Tensor:
         """``(B,)`` bool: per-sample mean, std and KS distance within tolerance."""
-        return (self.mean.abs() <= mean_tol) & ((self.std - 1).abs() <= std_tol) & (self.ks <= ks_tol)
+        return (
+            (self.mean.abs() <= mean_tol) & ((self.std - 1).abs() <= std_tol) & (self.ks <= ks_tol)
+        )
 
 
 def gaussian_stats(x: torch.Tensor) -> GaussianStats:

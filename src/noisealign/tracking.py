@@ -43,11 +43,19 @@ def start_tracking(accelerator: Accelerator, config: BaseConfig, stage: str) -> 
     if config.report_to == "wandb":
         wandb_dir = Path(config.output_dir, "wandb").resolve()
         wandb_dir.mkdir(parents=True, exist_ok=True)
-        for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
+        for var in (
+            "WANDB_DIR",
+            "WANDB_CACHE_DIR",
+            "WANDB_DATA_DIR",
+            "WANDB_CONFIG_DIR",
+            "WANDB_ARTIFACT_DIR",
+        ):
             os.environ.setdefault(var, str(wandb_dir))
         name = config.run_name or f"{stage}-{Path(config.output_dir).name}"
         accelerator.init_trackers(
             config.wandb_project,
             config={"stage": stage, **redact(config.to_dict())},
-            init_kwargs={"wandb": {"name": name, "dir": os.environ["WANDB_DIR"], "job_type": stage}},
+            init_kwargs={
+                "wandb": {"name": name, "dir": os.environ["WANDB_DIR"], "job_type": stage}
+            },
         )

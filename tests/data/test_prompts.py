@@ -20,7 +20,11 @@ def test_text_file_ids_are_stable_and_deduplicated(tmp_path):
 def test_jsonl_with_concepts_and_ids(tmp_path):
     path = tmp_path / "p.jsonl"
     rows = [
-        {"id": "x1", "prompt": "a cat left of a dog", "concepts": [{"text": "cat", "kind": "object"}, "dog"]},
+        {
+            "id": "x1",
+            "prompt": "a cat left of a dog",
+            "concepts": [{"text": "cat", "kind": "object"}, "dog"],
+        },
         {"id": "x2", "prompt": "a bird"},
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows))
@@ -45,7 +49,11 @@ def test_csv_and_dataset_folder(tmp_path):
         ('{"text": "x"}', ".jsonl", "has no 'prompt' column"),
         ("{not json", ".jsonl", "is not valid JSON"),
         ('{"prompt": "a cat", "concepts": ["dog"]}', ".jsonl", "concept 'dog' does not occur"),
-        ('{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}', ".jsonl", "used by two different prompts"),
+        (
+            '{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}',
+            ".jsonl",
+            "used by two different prompts",
+        ),
     ],
 )
 def test_bad_prompt_files(tmp_path, content, suffix, message):
@@ -60,6 +68,11 @@ def test_parse_seeds():
     assert parse_seeds("2:5") == [2, 3, 4]
     assert parse_seeds("7, 1") == [7, 1]
     assert parse_seeds([3, 4]) == [3, 4]
-    for bad, message in [("5:2", "selects no seed"), ("1,1", "repeats"), ("a:b", "start:stop"), ("x", "comma-separated")]:
+    for bad, message in [
+        ("5:2", "selects no seed"),
+        ("1,1", "repeats"),
+        ("a:b", "start:stop"),
+        ("x", "comma-separated"),
+    ]:
         with pytest.raises(DataError, match=message):
             parse_seeds(bad)

@@ -7,7 +7,9 @@ from datasets import Features, Value
 from noisealign.data.shards import ShardStore
 from noisealign.errors import DataError
 
-FEATURES = Features({"prompt_id": Value("string"), "seed": Value("int64"), "score": Value("float32")})
+FEATURES = Features(
+    {"prompt_id": Value("string"), "seed": Value("int64"), "score": Value("float32")}
+)
 
 
 def rows(keys):
@@ -52,7 +54,9 @@ def test_other_recipe_is_refused_then_overwritten(tmp_path):
     store = ShardStore(tmp_path, ("prompt_id", "seed"))
     store.prepare({"judge": "a", "steps": 4}, overwrite=False)
     store.write_shard(rows([("x", 0)]), FEATURES)
-    with pytest.raises(DataError, match=r"different recipe \(differs in: judge\).*--overwrite_output_dir"):
+    with pytest.raises(
+        DataError, match=r"different recipe \(differs in: judge\).*--overwrite_output_dir"
+    ):
         store.prepare({"judge": "b", "steps": 4}, overwrite=False)
     assert len(store.shards()) == 1  # nothing was touched
     assert json.loads((tmp_path / "recipe.json").read_text())["fingerprint"]["judge"] == "a"

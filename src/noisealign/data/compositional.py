@@ -16,8 +16,28 @@ import json
 import random
 from pathlib import Path
 
-OBJECTS = ("apple", "bench", "bicycle", "book", "bowl", "car", "cat", "chair", "clock", "cup", "dog",
-           "guitar", "horse", "lamp", "laptop", "umbrella", "vase", "bird", "suitcase", "teddy bear")
+OBJECTS = (
+    "apple",
+    "bench",
+    "bicycle",
+    "book",
+    "bowl",
+    "car",
+    "cat",
+    "chair",
+    "clock",
+    "cup",
+    "dog",
+    "guitar",
+    "horse",
+    "lamp",
+    "laptop",
+    "umbrella",
+    "vase",
+    "bird",
+    "suitcase",
+    "teddy bear",
+)
 COLOURS = ("red", "green", "blue", "yellow", "black", "white", "purple", "orange", "pink", "brown")
 RELATIONS = ("to the left of", "to the right of", "above", "below", "next to")
 COUNTS = {"two": 2, "three": 3, "four": 4}
@@ -50,7 +70,13 @@ def compositional_prompts(n: int, seed: int = 0) -> list[dict]:
             prompt, concepts = _object("", c1, o1)
             rel_start = len(prompt) + 1
             prompt, second = _object(prompt + f" {relation} ", c2, o2)
-            concepts += second + [{"text": prompt, "kind": "relation", "spans": [[rel_start, rel_start + len(relation)]]}]
+            concepts += second + [
+                {
+                    "text": prompt,
+                    "kind": "relation",
+                    "spans": [[rel_start, rel_start + len(relation)]],
+                }
+            ]
         elif kind < 0.7:
             word, colour, noun = rng.choice(list(COUNTS)), rng.choice(COLOURS), rng.choice(OBJECTS)
             prompt = f"{word} {colour} {_plural(noun)}"
@@ -60,7 +86,9 @@ def compositional_prompts(n: int, seed: int = 0) -> list[dict]:
             prompt, concepts = _object("", c1, o1)
             prompt, second = _object(prompt + " and ", c2, o2)
             concepts += second
-        rows.setdefault(prompt, {"prompt_id": f"comp-{len(rows):04d}", "prompt": prompt, "concepts": concepts})
+        rows.setdefault(
+            prompt, {"prompt_id": f"comp-{len(rows):04d}", "prompt": prompt, "concepts": concepts}
+        )
     out = list(rows.values())
     for i, row in enumerate(out):
         row["split"] = "eval" if i % 5 == 4 else "train"

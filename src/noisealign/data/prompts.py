@@ -52,7 +52,9 @@ def _concepts(raw: Any, prompt: str, where: str) -> tuple[Concept, ...] | None:
         if not concept.spans:
             start = prompt.lower().find(concept.text.lower())
             if start < 0:
-                raise DataError(f"{where}: concept '{concept.text}' does not occur in the prompt; give its spans explicitly")
+                raise DataError(
+                    f"{where}: concept '{concept.text}' does not occur in the prompt; give its spans explicitly"
+                )
             concept.spans = [(start, start + len(concept.text))]
         concepts.append(concept)
     return tuple(concepts)
@@ -66,9 +68,13 @@ def _rows(path: Path) -> list[dict[str, Any]]:
         try:
             dataset = datasets.load_from_disk(str(path))
         except FileNotFoundError as exc:
-            raise DataError(f"prompt folder '{path}' is not a dataset saved with save_to_disk") from exc
+            raise DataError(
+                f"prompt folder '{path}' is not a dataset saved with save_to_disk"
+            ) from exc
         if isinstance(dataset, datasets.DatasetDict):
-            raise DataError(f"prompt dataset '{path}' has several splits; point to one split's folder")
+            raise DataError(
+                f"prompt dataset '{path}' has several splits; point to one split's folder"
+            )
         return list(dataset)
     if suffix == ".jsonl":
         rows = []
@@ -77,34 +83,50 @@ def _rows(path: Path) -> list[dict[str, Any]]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{n} is not valid JSON ({exc.msg}); one JSON object per line") from exc
+                    raise DataError(
+                        f"{path}:{n} is not valid JSON ({exc.msg}); one JSON object per line"
+                    ) from exc
         return rows
     if suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as handle:
             return list(csv.DictReader(handle))
-    return [{"prompt": line.strip()} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [
+        {"prompt": line.strip()}
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]
 
 
 def load_prompts(path: str | Path, column: str = "prompt") -> list[PromptRecord]:
     """Read prompts; raises :class:`DataError` when the file is missing, empty or lacks ``column``."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"prompt file '{path}' does not exist; set 'prompts' to a .txt, .jsonl, .csv file or a saved dataset")
+        raise DataError(
+            f"prompt file '{path}' does not exist; set 'prompts' to a .txt, .jsonl, .csv file or a saved dataset"
+        )
     rows = _rows(path)
     if not rows:
-        raise DataError(f"prompt file '{path}' holds no prompts; add one prompt per line (or per JSONL/CSV row)")
+        raise DataError(
+            f"prompt file '{path}' holds no prompts; add one prompt per line (or per JSONL/CSV row)"
+        )
     if column not in rows[0]:
-        raise DataError(f"prompt file '{path}' has no '{column}' column (columns: {', '.join(rows[0])}); set 'prompt_column'")
+        raise DataError(
+            f"prompt file '{path}' has no '{column}' column (columns: {', '.join(rows[0])}); set 'prompt_column'"
+        )
     records: dict[str, PromptRecord] = {}
     for n, row in enumerate(rows, 1):
         prompt = str(row[column] or "").strip()
         if not prompt:
             raise DataError(f"{path}: row {n} has an empty prompt; remove it or fill it in")
         prompt_id = str(row.get("prompt_id", row.get("id", "")) or prompt_hash_id(prompt))
-        record = PromptRecord(prompt_id, prompt, _concepts(row.get("concepts"), prompt, f"{path}: row {n}"))
+        record = PromptRecord(
+            prompt_id, prompt, _concepts(row.get("concepts"), prompt, f"{path}: row {n}")
+        )
         if prompt_id in records:
             if records[prompt_id].prompt != prompt:
-                raise DataError(f"{path}: prompt id '{prompt_id}' is used by two different prompts; make ids unique")
+                raise DataError(
+                    f"{path}: prompt id '{prompt_id}' is used by two different prompts; make ids unique"
+                )
             logger.warning("%s: duplicate prompt '%s' skipped", path, prompt[:60])
             continue
         records[prompt_id] = record
@@ -125,7 +147,9 @@ def parse_seeds(seeds: str | list[int]) -> list[int]:
         try:
             values = [int(s) for s in seeds.split(",") if s.strip()]
         except ValueError as exc:
-            raise DataError(f"seeds '{seeds}' is not a comma-separated list of integers or 'start:stop'") from exc
+            raise DataError(
+                f"seeds '{seeds}' is not a comma-separated list of integers or 'start:stop'"
+            ) from exc
     if not values:
         raise DataError(f"seeds '{seeds}' selects no seed; use e.g. '0:8' or [0, 1, 2]")
     if len(set(values)) != len(values):

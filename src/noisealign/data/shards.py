@@ -36,7 +36,9 @@ Key = tuple[Hashable, ...]
 
 
 def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(
+        json.dumps(fingerprint, sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
 
 
 class ShardStore:
@@ -56,10 +58,13 @@ class ShardStore:
             try:
                 previous = json.loads(recipe_file.read_text())
             except json.JSONDecodeError as exc:
-                raise DataError(f"{recipe_file} is corrupt; delete it or pass --overwrite_output_dir true") from exc
+                raise DataError(
+                    f"{recipe_file} is corrupt; delete it or pass --overwrite_output_dir true"
+                ) from exc
             if previous.get("fingerprint_hash") != fingerprint_hash(fingerprint):
                 changed = sorted(
-                    k for k in set(fingerprint) | set(previous.get("fingerprint", {}))
+                    k
+                    for k in set(fingerprint) | set(previous.get("fingerprint", {}))
                     if fingerprint.get(k) != previous.get("fingerprint", {}).get(k)
                 )
                 if not overwrite:
@@ -67,11 +72,17 @@ class ShardStore:
                         f"output_dir '{self.root}' holds rows from a different recipe (differs in: "
                         f"{', '.join(changed)}); choose another output_dir or pass --overwrite_output_dir true"
                     )
-                logger.warning("overwriting rows of a different recipe in %s (differs in: %s)", self.root, ", ".join(changed))
+                logger.warning(
+                    "overwriting rows of a different recipe in %s (differs in: %s)",
+                    self.root,
+                    ", ".join(changed),
+                )
                 shutil.rmtree(self.shard_dir, ignore_errors=True)
                 shutil.rmtree(self.dataset_dir, ignore_errors=True)
         elif self.root.exists() and any(self.root.glob("shards/*")):
-            raise DataError(f"output_dir '{self.root}' has shards but no recipe.json; choose another output_dir")
+            raise DataError(
+                f"output_dir '{self.root}' has shards but no recipe.json; choose another output_dir"
+            )
         self.shard_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.shard_dir.glob(".tmp-*"):  # chunks of a killed run, never renamed
             shutil.rmtree(stale, ignore_errors=True)
@@ -118,10 +129,14 @@ class ShardStore:
         found = list(zip(*(merged[c] for c in self.key_columns)))
         position = {k: i for i, k in enumerate(found)}
         if len(position) != len(found):
-            raise DataError(f"{self.shard_dir} holds duplicate keys; delete the output folder and collect again")
+            raise DataError(
+                f"{self.shard_dir} holds duplicate keys; delete the output folder and collect again"
+            )
         missing = [k for k in keys if k not in position]
         if missing:
-            raise DataError(f"{len(missing)} keys were not collected (first: {missing[0]}); run the same command again")
+            raise DataError(
+                f"{len(missing)} keys were not collected (first: {missing[0]}); run the same command again"
+            )
         ordered = merged.select([position[k] for k in keys])
         tmp = self.root / ".tmp-dataset"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -20,7 +20,16 @@ from ..errors import JudgeError
 from .base import Concept, Feedback, Judge, spans_to_token_scores
 from .concepts import split_concepts
 
-__all__ = ["JUDGES", "Concept", "Feedback", "Judge", "available_judges", "build_judge", "spans_to_token_scores", "split_concepts"]
+__all__ = [
+    "JUDGES",
+    "Concept",
+    "Feedback",
+    "Judge",
+    "available_judges",
+    "build_judge",
+    "spans_to_token_scores",
+    "split_concepts",
+]
 
 ENTRY_POINT_GROUP = "noisealign.judges"
 
@@ -86,4 +95,6 @@ def build_judge(name: str, **kwargs: Any) -> Judge:
     try:
         return factory(**kwargs)
     except TypeError as exc:
-        raise JudgeError(f"judge '{name}' does not accept judge_kwargs {sorted(kwargs)}: {exc}") from exc
+        raise JudgeError(
+            f"judge '{name}' does not accept judge_kwargs {sorted(kwargs)}: {exc}"
+        ) from exc

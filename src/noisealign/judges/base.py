@@ -39,7 +39,12 @@ class Concept:
     score: float | None = None
 
     def to_dict(self) -> dict:
-        return {"text": self.text, "kind": self.kind, "spans": [list(s) for s in self.spans], "score": self.score}
+        return {
+            "text": self.text,
+            "kind": self.kind,
+            "spans": [list(s) for s in self.spans],
+            "score": self.score,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> Concept:
@@ -143,7 +148,12 @@ def score_robustly(
             raise RuntimeError(f"judge returned {len(feedback)} results for {len(prompts)} samples")
         return [(f, "") for f in feedback]
     except Exception as exc:  # noqa: BLE001 - any judge failure is retried per sample
-        logger.warning("judge %s failed on a batch of %d (%s); retrying per sample", judge.name, len(prompts), exc)
+        logger.warning(
+            "judge %s failed on a batch of %d (%s); retrying per sample",
+            judge.name,
+            len(prompts),
+            exc,
+        )
     results: list[tuple[Feedback | None, str]] = []
     for image, prompt, concept in zip(images, prompts, concepts):
         error = ""

@@ -18,10 +18,24 @@ from .base import Concept
 
 # Longest phrases first so "to the left of" wins over "left of".
 RELATIONS = (
-    "to the left of", "to the right of", "in front of", "on top of", "next to",
-    "left of", "right of", "above", "below", "under", "beneath", "behind", "beside", "near",
+    "to the left of",
+    "to the right of",
+    "in front of",
+    "on top of",
+    "next to",
+    "left of",
+    "right of",
+    "above",
+    "below",
+    "under",
+    "beneath",
+    "behind",
+    "beside",
+    "near",
 )
-_RELATION_RE = re.compile(r"\b(" + "|".join(re.escape(r) for r in RELATIONS) + r")\b", re.IGNORECASE)
+_RELATION_RE = re.compile(
+    r"\b(" + "|".join(re.escape(r) for r in RELATIONS) + r")\b", re.IGNORECASE
+)
 _SEPARATOR_RE = re.compile(r"\s*,\s*(?:and\s+|with\s+)?|\s+and\s+|\s+with\s+", re.IGNORECASE)
 # Framing words ("a photo of") and determiners are not part of what the image must show.
 _DETERMINER_RE = re.compile(
@@ -35,7 +49,9 @@ def _objects(prompt: str, start: int, end: int) -> list[Concept]:
     """Object concepts in ``prompt[start:end]``, split at commas / 'and' / 'with'."""
     concepts = []
     cursor = start
-    pieces = [(m.start() + start, m.end() + start) for m in _SEPARATOR_RE.finditer(prompt[start:end])]
+    pieces = [
+        (m.start() + start, m.end() + start) for m in _SEPARATOR_RE.finditer(prompt[start:end])
+    ]
     for sep_start, sep_end in [*pieces, (end, end)]:
         chunk_start, chunk_end = cursor, sep_start
         cursor = sep_end
@@ -47,9 +63,11 @@ def _objects(prompt: str, start: int, end: int) -> list[Concept]:
         determiner = _DETERMINER_RE.match(stripped)
         if determiner:
             chunk_start += determiner.end()
-            stripped = stripped[determiner.end():]
+            stripped = stripped[determiner.end() :]
         if stripped:
-            concepts.append(Concept(stripped, "object", [(chunk_start, chunk_start + len(stripped))]))
+            concepts.append(
+                Concept(stripped, "object", [(chunk_start, chunk_start + len(stripped))])
+            )
     return concepts
 
 
