@@ -173,6 +173,14 @@ def build_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
                            image_size=32, patch_size=8),
         projection_dim=16,
     )
-    CLIPModel(config).save_pretrained(folder)
+    model = CLIPModel(config)
+    # CLIP's own init maps every image and text to nearly the same direction, with negative
+    # cosines, so every clamped score would be 0. Unit-gain Gaussian weights spread the
+    # cosines around 0 (about 0.02 ± 0.1), giving scores inside (0, 1) and gradients.
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, param[0].numel() ** -0.5)
+    model.save_pretrained(folder)
     CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
