@@ -8,7 +8,11 @@ from PIL import Image
 
 from noisealign.testing.vlms import BUILDERS, build_tiny_clip, build_tiny_vlm
 
-PROMPTS = ["a red circle left of a blue square", "a cat", "two dogs and a yellow tree, a small house"]
+PROMPTS = [
+    "a red circle left of a blue square",
+    "a cat",
+    "two dogs and a yellow tree, a small house",
+]
 
 
 @pytest.fixture(scope="session")

@@ -41,7 +41,16 @@ def _reply(p_yes: float) -> dict:
         {"token": "No", "logprob": math.log(0.9 * (1 - p_yes))},
         {"token": "Maybe", "logprob": math.log(0.05)},
     ]
-    return {"choices": [{"message": {"content": "Yes"}, "logprobs": {"content": [{"token": "Yes", "logprob": top[0]["logprob"], "top_logprobs": top}]}}]}
+    return {
+        "choices": [
+            {
+                "message": {"content": "Yes"},
+                "logprobs": {
+                    "content": [{"token": "Yes", "logprob": top[0]["logprob"], "top_logprobs": top}]
+                },
+            }
+        ]
+    }
 
 
 def _handler(api: FakeAPI) -> type[BaseHTTPRequestHandler]:
@@ -147,7 +156,10 @@ def test_timeout_raises_after_retries(api, image, caplog):
     state, url = api
     state.script = ["sleep"] * 3
     judge = _judge(url, timeout=0.1, max_retries=2)
-    with caplog.at_level(logging.DEBUG), pytest.raises(JudgeError, match="failed after 3 attempts") as error:
+    with (
+        caplog.at_level(logging.DEBUG),
+        pytest.raises(JudgeError, match="failed after 3 attempts") as error,
+    ):
         judge.score([image], ["a cat"], [[]])
     assert len(state.requests) == 3
     assert SENTINEL not in str(error.value) + repr(error.value) + caplog.text
@@ -176,8 +188,11 @@ def test_missing_env_var_names_the_variable(monkeypatch):
 
 
 def test_yes_probability_from_logprobs():
-    top = [{"token": "YES.", "logprob": math.log(0.3)}, {"token": " no", "logprob": math.log(0.1)},
-           {"token": "Nope", "logprob": math.log(0.5)}]
+    top = [
+        {"token": "YES.", "logprob": math.log(0.3)},
+        {"token": " no", "logprob": math.log(0.1)},
+        {"token": "Nope", "logprob": math.log(0.5)},
+    ]
     assert yes_probability_from_logprobs(top) == pytest.approx(0.75)
     with pytest.raises(JudgeError, match="neither 'yes' nor 'no'"):
         yes_probability_from_logprobs([{"token": "Maybe", "logprob": -0.1}])

@@ -22,7 +22,12 @@ def judge(tiny_clip_folder) -> CLIPJudge:
 
 
 def _as_tensor(images) -> torch.Tensor:
-    return torch.stack([torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float() / 255 for im in images])
+    return torch.stack(
+        [
+            torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float() / 255
+            for im in images
+        ]
+    )
 
 
 def test_score_is_clipped_scaled_cosine(judge, images, prompts):
@@ -30,9 +35,13 @@ def test_score_is_clipped_scaled_cosine(judge, images, prompts):
     assert judge.name == "clip:clip" and len(feedback) == len(prompts)
     for image, prompt, fb in zip(images, prompts, feedback):
         pixels = judge.image_processor([image], return_tensors="pt")["pixel_values"]
-        tokens = judge.tokenizer([prompt, *[c.text for c in split_concepts(prompt)]], padding=True, return_tensors="pt")
+        tokens = judge.tokenizer(
+            [prompt, *[c.text for c in split_concepts(prompt)]], padding=True, return_tensors="pt"
+        )
         with torch.no_grad():
-            image_emb = F.normalize(judge.model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+            image_emb = F.normalize(
+                judge.model.get_image_features(pixel_values=pixels).pooler_output, dim=-1
+            )
             text_emb = F.normalize(judge.model.get_text_features(**tokens).pooler_output, dim=-1)
         expected = (2.5 * (text_emb @ image_emb[0])).clamp(0, 1).tolist()
         assert fb.overall == pytest.approx(expected[0], abs=1e-5)
@@ -44,7 +53,9 @@ def test_score_tensor_agrees_with_score(judge, images, prompts):
     texts = [*prompts, *WORDS]  # a random CLIP scores many texts 0: compare on many
     inside = 0
     for image in images:  # one at a time: the images differ in size
-        from_pil = torch.tensor([fb.overall for fb in judge.score([image] * len(texts), texts, [[]] * len(texts))])
+        from_pil = torch.tensor(
+            [fb.overall for fb in judge.score([image] * len(texts), texts, [[]] * len(texts))]
+        )
         from_tensor = judge.score_tensor(_as_tensor([image]).expand(len(texts), -1, -1, -1), texts)
         assert from_tensor.tolist() == pytest.approx(from_pil.tolist(), abs=PIL_VS_TENSOR_ATOL)
         inside += int(((from_pil > 0) & (from_pil < 1)).sum())
@@ -69,8 +80,12 @@ def test_batch_equals_single(judge, images, prompts):
     batched = judge.score(same_size, texts)
     tensor = judge.score_tensor(_as_tensor(same_size), texts)
     for i, (image, text) in enumerate(zip(same_size, texts)):
-        assert judge.score([image], [text])[0].overall == pytest.approx(batched[i].overall, abs=1e-5)
-        assert judge.score_tensor(_as_tensor([image]), [text]).item() == pytest.approx(tensor[i].item(), abs=1e-5)
+        assert judge.score([image], [text])[0].overall == pytest.approx(
+            batched[i].overall, abs=1e-5
+        )
+        assert judge.score_tensor(_as_tensor([image]), [text]).item() == pytest.approx(
+            tensor[i].item(), abs=1e-5
+        )
 
 
 def test_registry_and_scale(tiny_clip_folder, images, prompts):

@@ -15,7 +15,9 @@ PROMPT = "a red circle left of a blue square"
 @pytest.fixture(scope="module")
 def clip_tokenizer(tmp_path_factory):
     words = ["a", "red", "circle", "left", "of", "blue", "square", "cat", "dog"]
-    return build_clip_tokenizer(words, tmp_path_factory.mktemp("clip_tokenizer"), model_max_length=16)
+    return build_clip_tokenizer(
+        words, tmp_path_factory.mktemp("clip_tokenizer"), model_max_length=16
+    )
 
 
 def _encode(tokenizer, prompt: str):
@@ -36,7 +38,10 @@ def test_concept_scores_land_on_clip_tokens(clip_tokenizer):
     assert len(tokens) == 16 and tokens[0] == "<|startoftext|>"
     assert mask[0] is False  # start token
     assert not any(mask[9:]) and all(s == 0.0 for s in scores[9:])  # end + padding
-    assert [m for tok, m in zip(tokens, mask) if tok == "a</w>"] == [False, False]  # determiners are no concept
+    assert [m for tok, m in zip(tokens, mask) if tok == "a</w>"] == [
+        False,
+        False,
+    ]  # determiners are no concept
 
 
 def test_overlapping_parts_are_averaged(clip_tokenizer):
@@ -49,11 +54,15 @@ def test_overlapping_parts_are_averaged(clip_tokenizer):
 
 def test_caption_parts_map_one_to_one_onto_clip_words(clip_tokenizer, tiny_vlm_folders, images):
     """The VLM's tokens and CLIP's differ, the characters they cover do not."""
-    feedback = VLMJudge(str(tiny_vlm_folders["qwen2_vl"]), method="caption").score(images[:1], [PROMPT])[0]
+    feedback = VLMJudge(str(tiny_vlm_folders["qwen2_vl"]), method="caption").score(
+        images[:1], [PROMPT]
+    )[0]
     tokens, offsets = _encode(clip_tokenizer, PROMPT)
     scores, mask = spans_to_token_scores(feedback.part_scores(), offsets)
     by_span = {(s, e): p for s, e, p in feedback.parts}
-    assert sorted(by_span) == sorted((s, e) for s, e in offsets if e > s)  # same words, same characters
+    assert sorted(by_span) == sorted(
+        (s, e) for s, e in offsets if e > s
+    )  # same words, same characters
     for (start, end), score, hit in zip(offsets, scores, mask):
         assert hit == (end > start)
         if hit:
@@ -63,14 +72,31 @@ def test_caption_parts_map_one_to_one_onto_clip_words(clip_tokenizer, tiny_vlm_f
 @pytest.mark.parametrize(
     ("prompt", "expected"),
     [
-        (PROMPT, [("red circle", "object", "red circle"), ("blue square", "object", "blue square"),
-                  (PROMPT, "relation", "left of")]),
+        (
+            PROMPT,
+            [
+                ("red circle", "object", "red circle"),
+                ("blue square", "object", "blue square"),
+                (PROMPT, "relation", "left of"),
+            ],
+        ),
         ("A photo of a cat and a dog.", [("cat", "object", "cat"), ("dog", "object", "dog")]),
-        ("two dogs and a yellow tree, a small house",
-         [("two dogs", "object", "two dogs"), ("yellow tree", "object", "yellow tree"), ("small house", "object", "small house")]),
-        ("a green star to the left of the big car",
-         [("green star", "object", "green star"), ("big car", "object", "big car"),
-          ("a green star to the left of the big car", "relation", "to the left of")]),
+        (
+            "two dogs and a yellow tree, a small house",
+            [
+                ("two dogs", "object", "two dogs"),
+                ("yellow tree", "object", "yellow tree"),
+                ("small house", "object", "small house"),
+            ],
+        ),
+        (
+            "a green star to the left of the big car",
+            [
+                ("green star", "object", "green star"),
+                ("big car", "object", "big car"),
+                ("a green star to the left of the big car", "relation", "to the left of"),
+            ],
+        ),
         ("a cat above", [("cat", "object", "cat")]),
     ],
 )

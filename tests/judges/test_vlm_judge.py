@@ -8,7 +8,6 @@ import torch
 from noisealign.errors import JudgeError
 from noisealign.judges import Concept, build_judge, split_concepts
 from noisealign.judges.vlm import VLMJudge
-
 from noisealign.testing.vlms import BUILDERS
 
 VLM_ARCHS = tuple(BUILDERS)
@@ -27,7 +26,9 @@ def judges(tiny_vlm_folders) -> dict:
 
 def _raw_logits(judge: VLMJudge, image, chat: str) -> torch.Tensor:
     """Full (L, V) logits of one chat sequence, no padding, no logits_to_keep."""
-    inputs = judge.processor(images=[image] if image is not None else None, text=[chat], return_tensors="pt")
+    inputs = judge.processor(
+        images=[image] if image is not None else None, text=[chat], return_tensors="pt"
+    )
     with torch.no_grad():
         return judge.model(**inputs).logits[0].float()
 
@@ -73,7 +74,9 @@ def test_caption_parts_are_prompt_tokens_with_pmi(judges, images, prompts, arch)
     prompt = prompts[0]
     feedback = judge.score(images[:1], [prompt])[0]
     words = prompt.split()
-    assert [prompt[s:e] for s, e, _ in feedback.parts] == words  # tiny vocabulary: one token per word
+    assert [
+        prompt[s:e] for s, e, _ in feedback.parts
+    ] == words  # tiny vocabulary: one token per word
     ids = judge.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     decoded = [judge.tokenizer.decode([i]).strip() for i in ids]
     assert decoded == words
@@ -81,18 +84,31 @@ def test_caption_parts_are_prompt_tokens_with_pmi(judges, images, prompts, arch)
     # PMI of each word by hand: log p(word | image, prefix) - log p(word | prefix)
     pmis = []
     for with_image in (True, False):
-        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": judge.caption_instruction}]
+        content = ([{"type": "image"}] if with_image else []) + [
+            {"type": "text", "text": judge.caption_instruction}
+        ]
         chat = judge.processor.apply_chat_template(
-            [{"role": "user", "content": content}, {"role": "assistant", "content": [{"type": "text", "text": prompt}]}],
+            [
+                {"role": "user", "content": content},
+                {"role": "assistant", "content": [{"type": "text", "text": prompt}]},
+            ],
             tokenize=False,
         )
-        row = judge.processor(images=[images[0]] if with_image else None, text=[chat])["input_ids"][0]
-        answer = judge.tokenizer((" " if arch == "llava" else "") + prompt, add_special_tokens=False)["input_ids"]
+        row = judge.processor(images=[images[0]] if with_image else None, text=[chat])["input_ids"][
+            0
+        ]
+        answer = judge.tokenizer(
+            (" " if arch == "llava" else "") + prompt, add_special_tokens=False
+        )["input_ids"]
         start = max(i for i in range(len(row)) if row[i : i + len(answer)] == answer)
-        logprobs = torch.log_softmax(_raw_logits(judge, images[0] if with_image else None, chat), dim=-1)
+        logprobs = torch.log_softmax(
+            _raw_logits(judge, images[0] if with_image else None, chat), dim=-1
+        )
         pmis.append(torch.stack([logprobs[start + k - 1, t] for k, t in enumerate(answer)]))
     pmi = pmis[0] - pmis[1]
-    assert [score for _, _, score in feedback.parts] == pytest.approx(torch.sigmoid(pmi).tolist(), abs=1e-5)
+    assert [score for _, _, score in feedback.parts] == pytest.approx(
+        torch.sigmoid(pmi).tolist(), abs=1e-5
+    )
     assert feedback.overall == pytest.approx(torch.sigmoid(pmi.mean()).item(), abs=1e-5)
 
 
@@ -100,7 +116,11 @@ def test_caption_parts_are_prompt_tokens_with_pmi(judges, images, prompts, arch)
 def test_caption_concept_score_is_mean_of_its_tokens(judges, images, prompts, arch):
     feedback = judges[arch, "caption"].score(images[:1], prompts[:1])[0]
     for concept in feedback.concepts:
-        hits = [p for s, e, p in feedback.parts if any(min(e, ce) > max(s, cs) for cs, ce in concept.spans)]
+        hits = [
+            p
+            for s, e, p in feedback.parts
+            if any(min(e, ce) > max(s, cs) for cs, ce in concept.spans)
+        ]
         assert hits and concept.score == pytest.approx(sum(hits) / len(hits))
     relation = feedback.concepts[-1]
     assert relation.kind == "relation"
@@ -118,20 +138,32 @@ def test_batch_equals_single_and_deterministic(judges, images, prompts, arch, me
     for i in range(len(prompts)):
         single = judge.score(images[i : i + 1], prompts[i : i + 1])[0]
         assert single.overall == pytest.approx(batched[i].overall, abs=1e-4)
-        assert [c.score for c in single.concepts] == pytest.approx([c.score for c in batched[i].concepts], abs=1e-4)
+        assert [c.score for c in single.concepts] == pytest.approx(
+            [c.score for c in batched[i].concepts], abs=1e-4
+        )
         assert [p[:2] for p in single.parts] == [p[:2] for p in batched[i].parts]
-        assert [p[2] for p in single.parts] == pytest.approx([p[2] for p in batched[i].parts], abs=1e-4)
+        assert [p[2] for p in single.parts] == pytest.approx(
+            [p[2] for p in batched[i].parts], abs=1e-4
+        )
 
 
 def test_given_concepts_are_scored_and_none_entries_split(judges, images, prompts):
     judge = judges["qwen2_vl", "concepts"]
     given = [Concept("red circle", "object", [(2, 12)]), Concept("circle", "object", [(6, 12)])]
     feedback = judge.score(images[:2], prompts[:2], [given, None])
-    assert [(c.text, c.spans) for c in feedback[0].concepts] == [("red circle", [(2, 12)]), ("circle", [(6, 12)])]
+    assert [(c.text, c.spans) for c in feedback[0].concepts] == [
+        ("red circle", [(2, 12)]),
+        ("circle", [(6, 12)]),
+    ]
     assert given[0].score is None  # the caller's concepts are not mutated
-    assert feedback[0].concepts[0].score == pytest.approx(judge.yes_probability(images[:1], ["red circle"]).item())
+    assert feedback[0].concepts[0].score == pytest.approx(
+        judge.yes_probability(images[:1], ["red circle"]).item()
+    )
     assert [c.text for c in feedback[1].concepts] == ["cat"]
-    assert feedback[0].part_scores() == [(2, 12, feedback[0].concepts[0].score), (6, 12, feedback[0].concepts[1].score)]
+    assert feedback[0].part_scores() == [
+        (2, 12, feedback[0].concepts[0].score),
+        (6, 12, feedback[0].concepts[1].score),
+    ]
 
 
 def test_registry_builds_vlm_judge_and_rejects_bad_arguments(tiny_vlm_folders):

@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -97,21 +96,30 @@ class OpenAIJudge:
         self._api_key()  # fail at construction, not after the first image is generated
 
     def __repr__(self) -> str:
-        return f"OpenAIJudge(model={self.model!r}, url={self.url!r}, api_key_env={self.api_key_env!r})"
+        return (
+            f"OpenAIJudge(model={self.model!r}, url={self.url!r}, api_key_env={self.api_key_env!r})"
+        )
 
     def _api_key(self) -> str:
         key = os.environ.get(self.api_key_env)
         if not key:
-            raise JudgeError(f"the API judge needs an API key in the environment variable {self.api_key_env}, which is not set")
+            raise JudgeError(
+                f"the API judge needs an API key in the environment variable {self.api_key_env}, which is not set"
+            )
         return key
 
     def _request(self, image_url: str, text: str) -> urllib.request.Request:
         body = {
             "model": self.model,
-            "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": image_url}},
-                {"type": "text", "text": self.question.format(text=text)},
-            ]}],
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": image_url}},
+                        {"type": "text", "text": self.question.format(text=text)},
+                    ],
+                }
+            ],
             "max_tokens": 1,
             "temperature": 0,
             "logprobs": True,
@@ -120,7 +128,10 @@ class OpenAIJudge:
         return urllib.request.Request(
             self.url,
             data=json.dumps(body).encode("utf-8"),
-            headers={"Content-Type": "application/json", "Authorization": f"Bearer {self._api_key()}"},
+            headers={
+                "Content-Type": "application/json",
+                "Authorization": f"Bearer {self._api_key()}",
+            },
             method="POST",
         )
 
@@ -128,19 +139,36 @@ class OpenAIJudge:
         """POST one question, retrying transient failures with exponential backoff."""
         for attempt in range(self.max_retries + 1):
             try:
-                with urllib.request.urlopen(self._request(image_url, text), timeout=self.timeout) as response:
+                with urllib.request.urlopen(
+                    self._request(image_url, text), timeout=self.timeout
+                ) as response:
                     return json.loads(response.read())
             except urllib.error.HTTPError as exc:
                 if exc.code not in RETRY_STATUS:
-                    raise JudgeError(f"API judge {self.url} answered HTTP {exc.code}: {exc.reason}") from None
+                    raise JudgeError(
+                        f"API judge {self.url} answered HTTP {exc.code}: {exc.reason}"
+                    ) from None
                 failure = f"HTTP {exc.code}"
-            except (urllib.error.URLError, TimeoutError, socket.timeout, ConnectionError) as exc:
-                failure = type(exc).__name__ if not isinstance(exc, urllib.error.URLError) else f"URLError {exc.reason}"
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+                failure = (
+                    type(exc).__name__
+                    if not isinstance(exc, urllib.error.URLError)
+                    else f"URLError {exc.reason}"
+                )
             if attempt < self.max_retries:
                 delay = self.backoff * 2**attempt
-                logger.warning("API judge %s: %s, retry %d/%d in %.1fs", self.url, failure, attempt + 1, self.max_retries, delay)
+                logger.warning(
+                    "API judge %s: %s, retry %d/%d in %.1fs",
+                    self.url,
+                    failure,
+                    attempt + 1,
+                    self.max_retries,
+                    delay,
+                )
                 time.sleep(delay)
-        raise JudgeError(f"API judge {self.url} failed after {self.max_retries + 1} attempts: {failure}")
+        raise JudgeError(
+            f"API judge {self.url} failed after {self.max_retries + 1} attempts: {failure}"
+        )
 
     def yes_probability(self, image: Image.Image, text: str) -> float:
         """P(yes) for one image and one question text."""
@@ -161,7 +189,9 @@ class OpenAIJudge:
             resolved = sample_concepts if sample_concepts is not None else split_concepts(prompt)
             url = image_data_url(image)
             overall = self._yes(url, prompt)
-            scored = [Concept(c.text, c.kind, list(c.spans), self._yes(url, c.text)) for c in resolved]
+            scored = [
+                Concept(c.text, c.kind, list(c.spans), self._yes(url, c.text)) for c in resolved
+            ]
             feedback.append(Feedback(overall=overall, concepts=scored))
         return feedback
 
@@ -171,5 +201,7 @@ class OpenAIJudge:
         try:
             top = reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
         except (KeyError, IndexError, TypeError):
-            raise JudgeError(f"API judge {self.url} returned no answer logprobs (does the model support logprobs?)") from None
+            raise JudgeError(
+                f"API judge {self.url} returned no answer logprobs (does the model support logprobs?)"
+            ) from None
         return yes_probability_from_logprobs(top)

@@ -42,17 +42,30 @@ class CLIPJudge:
         scale: CLIPScore's weight w; cosines above ``1 / scale`` saturate at 1.
     """
 
-    def __init__(self, model: str, device: str | None = None, torch_dtype: str = "float32", scale: float = 2.5) -> None:
+    def __init__(
+        self,
+        model: str,
+        device: str | None = None,
+        torch_dtype: str = "float32",
+        scale: float = 2.5,
+    ) -> None:
         if torch_dtype not in DTYPES:
-            raise JudgeError(f"CLIPJudge torch_dtype must be one of {sorted(DTYPES)}, got '{torch_dtype}'")
+            raise JudgeError(
+                f"CLIPJudge torch_dtype must be one of {sorted(DTYPES)}, got '{torch_dtype}'"
+            )
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.scale = scale
-        self.model = CLIPModel.from_pretrained(model, dtype=DTYPES[torch_dtype]).to(self.device).eval()
+        self.model = (
+            CLIPModel.from_pretrained(model, dtype=DTYPES[torch_dtype]).to(self.device).eval()
+        )
         self.model.requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         self.image_processor = AutoImageProcessor.from_pretrained(model)
         processor = self.image_processor
-        self._resize, self._crop = processor.size.shortest_edge, (processor.crop_size.height, processor.crop_size.width)
+        self._resize, self._crop = (
+            processor.size.shortest_edge,
+            (processor.crop_size.height, processor.crop_size.width),
+        )
         self._mean = torch.tensor(processor.image_mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(processor.image_std, device=self.device).view(1, 3, 1, 1)
         self.name = f"clip:{Path(model.rstrip('/')).name}"
@@ -62,13 +75,17 @@ class CLIPJudge:
 
     def _text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
         """(N, D) unit-norm text embeddings; texts longer than CLIP's context are truncated."""
-        tokens = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(self.device)
+        tokens = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(
+            self.device
+        )
         with torch.no_grad():
             features = self.model.get_text_features(**tokens).pooler_output
         return F.normalize(features.float(), dim=-1)
 
     def _image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        features = self.model.get_image_features(pixel_values=pixel_values.to(self.model.dtype)).pooler_output
+        features = self.model.get_image_features(
+            pixel_values=pixel_values.to(self.model.dtype)
+        ).pooler_output
         return F.normalize(features.float(), dim=-1)
 
     def _clip_score(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
@@ -84,7 +101,9 @@ class CLIPJudge:
         short, long = (height, width) if height <= width else (width, height)
         new_short, new_long = self._resize, int(self._resize * long / short)
         size = (new_short, new_long) if height <= width else (new_long, new_short)
-        resized = F.interpolate(images.float(), size=size, mode="bicubic", align_corners=False, antialias=True)
+        resized = F.interpolate(
+            images.float(), size=size, mode="bicubic", align_corners=False, antialias=True
+        )
         resized = resized.clamp(0.0, 1.0)  # PIL clips bicubic overshoot to the pixel range
         top, left = (size[0] - self._crop[0]) // 2, (size[1] - self._crop[1]) // 2
         cropped = resized[..., top : top + self._crop[0], left : left + self._crop[1]]
@@ -109,15 +128,23 @@ class CLIPJudge:
             raise ValueError(f"got {len(images)} images for {len(prompts)} prompts")
         given = concepts if concepts is not None else [None] * len(prompts)
         resolved = [c if c is not None else split_concepts(p) for c, p in zip(given, prompts)]
-        pixels = self.image_processor([im.convert("RGB") for im in images], return_tensors="pt")["pixel_values"]
+        pixels = self.image_processor([im.convert("RGB") for im in images], return_tensors="pt")[
+            "pixel_values"
+        ]
         image_emb = self._image_embeddings(pixels.to(self.device))
         owners = [i for i, cs in enumerate(resolved) for _ in [None, *cs]]
         texts = [t for p, cs in zip(prompts, resolved) for t in [p, *(c.text for c in cs)]]
         scores = self._clip_score(image_emb[owners], self._text_embeddings(texts)).tolist()
         feedback, cursor = [], 0
         for sample_concepts in resolved:
-            overall, concept_scores = scores[cursor], scores[cursor + 1 : cursor + 1 + len(sample_concepts)]
+            overall, concept_scores = (
+                scores[cursor],
+                scores[cursor + 1 : cursor + 1 + len(sample_concepts)],
+            )
             cursor += 1 + len(sample_concepts)
-            scored = [Concept(c.text, c.kind, list(c.spans), s) for c, s in zip(sample_concepts, concept_scores)]
+            scored = [
+                Concept(c.text, c.kind, list(c.spans), s)
+                for c, s in zip(sample_concepts, concept_scores)
+            ]
             feedback.append(Feedback(overall=overall, concepts=scored))
         return feedback

@@ -26,12 +26,12 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
@@ -57,20 +57,10 @@ class ImageOnlyQwenVLProcessor(Qwen2VLProcessor):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
 
 
-def _qwen_processor(model: str, trust_remote_code: bool) -> ProcessorMixin:
-    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-    image_processor = AutoImageProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
-    return ImageOnlyQwenVLProcessor(image_processor, tokenizer, chat_template=tokenizer.chat_template)
-
-
-def _auto_processor(model: str, trust_remote_code: bool) -> ProcessorMixin:
-    return AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
-
-
-# Architectures whose stock processor cannot be built as is; the rest use AutoProcessor.
-PROCESSORS: dict[str, Callable[[str, bool], ProcessorMixin]] = {
-    "qwen2_vl": _qwen_processor,
-    "qwen2_5_vl": _qwen_processor,
+# Architectures whose stock processor cannot be built without torchvision; others: AutoProcessor.
+PROCESSORS: dict[str, type[ProcessorMixin]] = {
+    "qwen2_vl": ImageOnlyQwenVLProcessor,
+    "qwen2_5_vl": ImageOnlyQwenVLProcessor,
 }
 
 
@@ -125,20 +115,29 @@ class VLMJudge:
         if method not in METHODS:
             raise JudgeError(f"VLMJudge method must be one of {METHODS}, got '{method}'")
         if torch_dtype not in DTYPES:
-            raise JudgeError(f"VLMJudge torch_dtype must be one of {sorted(DTYPES)}, got '{torch_dtype}'")
+            raise JudgeError(
+                f"VLMJudge torch_dtype must be one of {sorted(DTYPES)}, got '{torch_dtype}'"
+            )
         if "{text}" not in question:
             raise JudgeError("VLMJudge question must contain '{text}'")
         self.method, self.question, self.caption_instruction = method, question, caption_instruction
         self.batch_size = batch_size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model_type = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code).model_type
-        self.processor = PROCESSORS.get(model_type, _auto_processor)(model, trust_remote_code)
+        model_type = AutoConfig.from_pretrained(
+            model, trust_remote_code=trust_remote_code
+        ).model_type
+        processor_cls = PROCESSORS.get(model_type, AutoProcessor)
+        self.processor = processor_cls.from_pretrained(model, trust_remote_code=trust_remote_code)
         self.tokenizer = self.processor.tokenizer
         # Left padding puts every sequence's last token at position -1.
         self.tokenizer.padding_side = "left"
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            model, dtype=DTYPES[torch_dtype], trust_remote_code=trust_remote_code
-        ).to(self.device).eval()
+        self.model = (
+            AutoModelForImageTextToText.from_pretrained(
+                model, dtype=DTYPES[torch_dtype], trust_remote_code=trust_remote_code
+            )
+            .to(self.device)
+            .eval()
+        )
         self.yes_ids = answer_token_ids(self.tokenizer, "yes")
         self.no_ids = answer_token_ids(self.tokenizer, "no")
         self.name = f"vlm:{Path(model.rstrip('/')).name}:{method}"
@@ -153,7 +152,9 @@ class VLMJudge:
         messages = [{"role": "user", "content": content}]
         if answer is not None:
             messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
-        return self.processor.apply_chat_template(messages, add_generation_prompt=answer is None, tokenize=False)
+        return self.processor.apply_chat_template(
+            messages, add_generation_prompt=answer is None, tokenize=False
+        )
 
     def _inputs(self, images: Sequence[Image.Image] | None, texts: list[str]):
         rgb = [image.convert("RGB") for image in images] if images is not None else None
@@ -172,22 +173,31 @@ class VLMJudge:
         return torch.sigmoid(lse_yes - lse_no).cpu()
 
     def _score_concepts(self, images, prompts, concepts) -> list[Feedback]:
-        pairs = [(i, text) for i, prompt in enumerate(prompts) for text in [prompt] + [c.text for c in concepts[i]]]
+        pairs = [
+            (i, text)
+            for i, prompt in enumerate(prompts)
+            for text in [prompt] + [c.text for c in concepts[i]]
+        ]
         probs: list[float] = []
         for start in range(0, len(pairs), self.batch_size):
             chunk = pairs[start : start + self.batch_size]
-            probs += self.yes_probability([images[i] for i, _ in chunk], [t for _, t in chunk]).tolist()
+            probs += self.yes_probability(
+                [images[i] for i, _ in chunk], [t for _, t in chunk]
+            ).tolist()
         feedback, cursor = [], 0
         for sample_concepts in concepts:
             overall, scores = probs[cursor], probs[cursor + 1 : cursor + 1 + len(sample_concepts)]
             cursor += 1 + len(sample_concepts)
-            scored = [Concept(c.text, c.kind, list(c.spans), s) for c, s in zip(sample_concepts, scores)]
-            feedback.append(Feedback(overall=overall, concepts=scored))
+            feedback.append(
+                Feedback(overall=overall, concepts=with_scores(sample_concepts, scores))
+            )
         return feedback
 
     # ---- method "caption" ---------------------------------------------------------------
 
-    def _answer_tokens(self, prompt: str, row: list[int]) -> tuple[list[int], list[tuple[int, int]], int]:
+    def _answer_tokens(
+        self, prompt: str, row: list[int]
+    ) -> tuple[list[int], list[tuple[int, int]], int]:
         """The prompt's tokens as they appear in the chat sequence ``row``, their spans and start.
 
         The prompt is tokenized alone (with offsets) and must be found verbatim in the chat
@@ -196,40 +206,64 @@ class VLMJudge:
         tokenization of ``" " + prompt`` instead; its offsets are shifted back by one.
         """
         for prefix in ("", " "):
-            encoded = self.tokenizer(prefix + prompt, add_special_tokens=False, return_offsets_mapping=True)
+            encoded = self.tokenizer(
+                prefix + prompt, add_special_tokens=False, return_offsets_mapping=True
+            )
             ids = encoded["input_ids"]
             start = _find_last(row, ids)
             if ids and start > 0:
-                spans = [(max(s - len(prefix), 0), max(e - len(prefix), 0)) for s, e in encoded["offset_mapping"]]
+                spans = [
+                    (max(s - len(prefix), 0), max(e - len(prefix), 0))
+                    for s, e in encoded["offset_mapping"]
+                ]
                 return ids, spans, start
-        raise JudgeError(f"could not find the tokens of the prompt {prompt!r} in the VLM's chat sequence")
+        raise JudgeError(
+            f"could not find the tokens of the prompt {prompt!r} in the VLM's chat sequence"
+        )
 
-    def _answer_logprobs(self, images, prompts: Sequence[str]) -> list[tuple[torch.Tensor, list[tuple[int, int]]]]:
-        """Per prompt: log p of each answer token, (T,) float32 (with the image when ``images`` is given), and spans."""
-        chats = [self._chat(self.caption_instruction, images is not None, answer=p) for p in prompts]
+    def _answer_logprobs(
+        self, images, prompts: Sequence[str]
+    ) -> list[tuple[torch.Tensor, list[tuple[int, int]]]]:
+        """Per prompt: log p of each answer token, (T,) float32, and the tokens' spans.
+
+        The user turn holds the image when ``images`` is given, else only the instruction.
+        """
+        chats = [
+            self._chat(self.caption_instruction, images is not None, answer=p) for p in prompts
+        ]
         inputs = self._inputs(images, chats)
         length = inputs["input_ids"].shape[1]
-        found = [self._answer_tokens(p, row.tolist()) for p, row in zip(prompts, inputs["input_ids"])]
+        found = [
+            self._answer_tokens(p, row.tolist()) for p, row in zip(prompts, inputs["input_ids"])
+        ]
         # Only the logits from the token before the earliest answer on are needed: with a
         # 150k vocabulary the full (B, L, V) tensor of an image sequence is gigabytes.
         keep = length - min(start for _, _, start in found) + 1
-        logprobs = torch.log_softmax(self.model(**inputs, logits_to_keep=keep).logits.float(), dim=-1)
+        logprobs = torch.log_softmax(
+            self.model(**inputs, logits_to_keep=keep).logits.float(), dim=-1
+        )
         out = []
         for row, (ids, spans, start) in enumerate(found):
-            first = start - 1 - (length - keep)  # kept logit j predicts position length - keep + j + 1
+            # kept logit j predicts sequence position length - keep + j + 1
+            first = start - 1 - (length - keep)
             targets = torch.tensor(ids, device=logprobs.device)[:, None]
-            out.append((logprobs[row, first : first + len(ids)].gather(-1, targets)[:, 0].cpu(), spans))
+            token_logprobs = logprobs[row, first : first + len(ids)].gather(-1, targets)[:, 0]
+            out.append((token_logprobs.cpu(), spans))
         return out
 
     @torch.no_grad()
-    def caption_pmi(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[tuple[torch.Tensor, list[tuple[int, int]]]]:
+    def caption_pmi(
+        self, images: Sequence[Image.Image], prompts: Sequence[str]
+    ) -> list[tuple[torch.Tensor, list[tuple[int, int]]]]:
         """Per prompt: PMI of each prompt token, (T,) float32, and the tokens' prompt spans."""
         with_image = self._answer_logprobs(images, prompts)
         without = self._answer_logprobs(None, prompts)
         pmis = []
         for (lp_img, spans), (lp_txt, spans_txt) in zip(with_image, without):
             if spans != spans_txt:
-                raise JudgeError("the prompt tokenizes differently in the chats with and without the image")
+                raise JudgeError(
+                    "the prompt tokenizes differently in the chats with and without the image"
+                )
             pmis.append((lp_img - lp_txt, spans))
         return pmis
 
@@ -261,7 +295,9 @@ class VLMJudge:
         return self._score_caption(list(images), list(prompts), resolved)
 
 
-def _caption_feedback(prompt: str, pmi: torch.Tensor, spans: list[tuple[int, int]], concepts: list[Concept]) -> Feedback:
+def _caption_feedback(
+    prompt: str, pmi: torch.Tensor, spans: list[tuple[int, int]], concepts: list[Concept]
+) -> Feedback:
     """Part scores sigmoid(PMI) on whitespace-trimmed token spans; concepts average their tokens."""
     parts = []
     for (start, end), score in zip(spans, torch.sigmoid(pmi).tolist()):
@@ -270,8 +306,15 @@ def _caption_feedback(prompt: str, pmi: torch.Tensor, spans: list[tuple[int, int
         if end > start:
             parts.append((start, end, score))
     overall = torch.sigmoid(pmi.mean()).item()
-    scored = []
+    scores = []
     for concept in concepts:
-        hits = [s for ps, pe, s in parts if any(min(pe, ce) > max(ps, cs) for cs, ce in concept.spans)]
-        scored.append(Concept(concept.text, concept.kind, list(concept.spans), sum(hits) / len(hits) if hits else overall))
-    return Feedback(overall=overall, concepts=scored, parts=parts)
+        hits = [
+            s for ps, pe, s in parts if any(min(pe, ce) > max(ps, cs) for cs, ce in concept.spans)
+        ]
+        scores.append(sum(hits) / len(hits) if hits else overall)
+    return Feedback(overall=overall, concepts=with_scores(concepts, scores), parts=parts)
+
+
+def with_scores(concepts: Sequence[Concept], scores: Sequence[float]) -> list[Concept]:
+    """Copies of ``concepts`` carrying ``scores``; the caller's concepts are left unscored."""
+    return [Concept(c.text, c.kind, list(c.spans), score) for c, score in zip(concepts, scores)]

@@ -44,8 +44,13 @@ WORDS = (
 ).split()
 
 QWEN_SPECIALS = (
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|image_pad|>", "<|video_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
 )
 LLAVA_SPECIALS = ("<pad>", "<s>", "</s>", "<image>")
 
@@ -70,7 +75,14 @@ LLAVA_CHAT_TEMPLATE = (
 # A large init scale so that random models give scores that differ between images and
 # questions (at the usual 0.02 every P(yes) is 0.50 and comparisons in tests prove nothing).
 INIT = 0.5
-TEXT = dict(initializer_range=INIT, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+TEXT = dict(
+    initializer_range=INIT,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+)
 
 
 def _tiny_tokenizer(specials: tuple[str, ...], **special_roles: str) -> PreTrainedTokenizerFast:
@@ -81,8 +93,11 @@ def _tiny_tokenizer(specials: tuple[str, ...], **special_roles: str) -> PreTrain
     # The trainer is deterministic for a fixed corpus; a vocabulary larger than needed keeps
     # merging until each word is a single token. Unknown words still encode, byte by byte.
     trainer = trainers.BpeTrainer(
-        vocab_size=5000, min_frequency=1, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=list(specials),
+        vocab_size=5000,
+        min_frequency=1,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=list(specials),
     )
     backend.train_from_iterator([*WORDS, *(" " + w for w in WORDS)], trainer=trainer)
     # padding_side in the constructor: batched yes/no questions read the last position.
@@ -97,56 +112,108 @@ def _save_qwen(folder: Path, config_cls: type, model_cls: type, vision: dict) ->
     tokenizer = _qwen_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
     text = dict(
-        TEXT, vocab_size=len(tokenizer), bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        TEXT,
+        vocab_size=len(tokenizer),
+        bos_token_id=None,
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
     )
     config = config_cls(
-        text_config=text, vision_config=vision,
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
     )
     model_cls(config).save_pretrained(folder)
     tokenizer.chat_template = QWEN_CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
     # 8-pixel patches merged 2x2: a 32x32 image becomes 4x4 patches, i.e. 4 image tokens.
-    Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32, max_pixels=32 * 32).save_pretrained(folder)
+    Qwen2VLImageProcessorPil(
+        patch_size=8, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32, max_pixels=32 * 32
+    ).save_pretrained(folder)
 
 
 def _qwen2_vl(folder: Path) -> None:
-    vision = dict(initializer_range=INIT, depth=1, embed_dim=16, hidden_size=16, num_heads=2, mlp_ratio=2, patch_size=8, spatial_merge_size=2, temporal_patch_size=2)
+    vision = dict(
+        initializer_range=INIT,
+        depth=1,
+        embed_dim=16,
+        hidden_size=16,
+        num_heads=2,
+        mlp_ratio=2,
+        patch_size=8,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
     _save_qwen(folder, Qwen2VLConfig, Qwen2VLForConditionalGeneration, vision)
 
 
 def _qwen2_5_vl(folder: Path) -> None:
     vision = dict(
-        initializer_range=INIT, depth=2, hidden_size=16, out_hidden_size=16, intermediate_size=32, num_heads=2, patch_size=8,
-        spatial_merge_size=2, temporal_patch_size=2, window_size=32, fullatt_block_indexes=[1],
+        initializer_range=INIT,
+        depth=2,
+        hidden_size=16,
+        out_hidden_size=16,
+        intermediate_size=32,
+        num_heads=2,
+        patch_size=8,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=32,
+        fullatt_block_indexes=[1],
     )
     _save_qwen(folder, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, vision)
 
 
 def _llava(folder: Path) -> None:
-    tokenizer = _tiny_tokenizer(LLAVA_SPECIALS, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tokenizer = _tiny_tokenizer(
+        LLAVA_SPECIALS, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
     image_size, patch = 16, 8
     vision = dict(
-        model_type="clip_vision_model", initializer_range=INIT, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, image_size=image_size, patch_size=patch, projection_dim=16,
+        model_type="clip_vision_model",
+        initializer_range=INIT,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch,
+        projection_dim=16,
     )
     config = LlavaConfig(
-        text_config=dict(TEXT, model_type="llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id),
-        vision_config=vision, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=(image_size // patch) ** 2, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        text_config=dict(
+            TEXT, model_type="llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id
+        ),
+        vision_config=vision,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=(image_size // patch) ** 2,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
     )
     LlavaForConditionalGeneration(config).save_pretrained(folder)
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
     # "default" drops the CLS feature, so one token fewer than patches + CLS: num_additional_image_tokens=1.
     LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=LLAVA_CHAT_TEMPLATE, patch_size=patch,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        chat_template=LLAVA_CHAT_TEMPLATE,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
     ).save_pretrained(folder)
 
 
-BUILDERS: dict[str, Callable[[Path], None]] = {"llava": _llava, "qwen2_vl": _qwen2_vl, "qwen2_5_vl": _qwen2_5_vl}
+BUILDERS: dict[str, Callable[[Path], None]] = {
+    "llava": _llava,
+    "qwen2_vl": _qwen2_vl,
+    "qwen2_5_vl": _qwen2_5_vl,
+}
 
 
 def build_tiny_vlm(arch: str, folder: str | Path, seed: int = 0) -> Path:
@@ -167,10 +234,25 @@ def build_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
     tokenizer = build_clip_tokenizer(WORDS, folder)
     special = tokenizer.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"])
     config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), bos_token_id=special[0], eos_token_id=special[1], pad_token_id=special[1], hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            bos_token_id=special[0],
+            eos_token_id=special[1],
+            pad_token_id=special[1],
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=16,
     )
     model = CLIPModel(config)
@@ -182,5 +264,7 @@ def build_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
             if param.dim() >= 2:
                 param.normal_(0.0, param[0].numel() ** -0.5)
     model.save_pretrained(folder)
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    CLIPImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+    ).save_pretrained(folder)
     return folder
