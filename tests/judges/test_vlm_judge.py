@@ -98,7 +98,7 @@ def test_caption_parts_are_prompt_tokens_with_pmi(judges, images, prompts, arch)
             0
         ]
         answer = judge.tokenizer(
-            (" " if arch == "llava" else "") + prompt, add_special_tokens=False
+            (" " if arch.startswith("llava") else "") + prompt, add_special_tokens=False
         )["input_ids"]
         start = max(i for i in range(len(row)) if row[i : i + len(answer)] == answer)
         logprobs = torch.log_softmax(

@@ -24,6 +24,8 @@ from transformers import (
     CLIPModel,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -32,6 +34,10 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.llava.processing_llava import LlavaProcessor
+from transformers.models.llava_next.image_processing_pil_llava_next import (
+    LlavaNextImageProcessorPil,
+)
+from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from ..pipelines.tokenizers import build_clip_tokenizer
@@ -168,11 +174,12 @@ def _qwen2_5_vl(folder: Path) -> None:
     _save_qwen(folder, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, vision)
 
 
-def _llava(folder: Path) -> None:
+def _save_llava(folder: Path, next_: bool) -> None:
+    """LLaVA-1.5, or LLaVA-NeXT (any-resolution tiles) when ``next_``; CLIP vision tower."""
     tokenizer = _tiny_tokenizer(
         LLAVA_SPECIALS, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )
-    image_size, patch = 16, 8
+    size, patch = 16, 8
     vision = dict(
         model_type="clip_vision_model",
         initializer_range=INIT,
@@ -180,26 +187,33 @@ def _llava(folder: Path) -> None:
         intermediate_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
-        image_size=image_size,
+        image_size=size,
         patch_size=patch,
         projection_dim=16,
     )
-    config = LlavaConfig(
+    common = dict(
         text_config=dict(
             TEXT, model_type="llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id
         ),
         vision_config=vision,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        image_seq_length=(image_size // patch) ** 2,
+        image_seq_length=(size // patch) ** 2,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
-    LlavaForConditionalGeneration(config).save_pretrained(folder)
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-    )
-    # "default" drops the CLS feature, so one token fewer than patches + CLS: num_additional_image_tokens=1.
-    LlavaProcessor(
+    image_kwargs = dict(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    if next_:
+        pinpoints = [[size, 2 * size], [2 * size, size], [2 * size, 2 * size]]
+        config = LlavaNextConfig(**common, image_grid_pinpoints=pinpoints)
+        model, processor_cls = LlavaNextForConditionalGeneration(config), LlavaNextProcessor
+        image_processor = LlavaNextImageProcessorPil(**image_kwargs, image_grid_pinpoints=pinpoints)
+    else:
+        model, processor_cls = LlavaForConditionalGeneration(LlavaConfig(**common)), LlavaProcessor
+        image_processor = CLIPImageProcessorPil(**image_kwargs)
+    model.save_pretrained(folder)
+    # "default" drops the CLS feature: one token fewer than patches + CLS, hence
+    # num_additional_image_tokens=1.
+    processor_cls(
         image_processor=image_processor,
         tokenizer=tokenizer,
         chat_template=LLAVA_CHAT_TEMPLATE,
@@ -210,14 +224,18 @@ def _llava(folder: Path) -> None:
 
 
 BUILDERS: dict[str, Callable[[Path], None]] = {
-    "llava": _llava,
+    "llava": lambda folder: _save_llava(folder, next_=False),
+    "llava_next": lambda folder: _save_llava(folder, next_=True),
     "qwen2_vl": _qwen2_vl,
     "qwen2_5_vl": _qwen2_5_vl,
 }
 
 
 def build_tiny_vlm(arch: str, folder: str | Path, seed: int = 0) -> Path:
-    """Save a ~0.2 M-parameter random VLM of ``arch`` (``llava``, ``qwen2_vl``, ``qwen2_5_vl``) to ``folder``."""
+    """Save a tiny (about 40 k parameters) random VLM of ``arch`` to ``folder``.
+
+    ``arch`` is one of :data:`BUILDERS`: ``llava``, ``llava_next``, ``qwen2_vl``, ``qwen2_5_vl``.
+    """
     if arch not in BUILDERS:
         raise ValueError(f"unknown tiny VLM arch '{arch}'; known: {', '.join(BUILDERS)}")
     folder = Path(folder)
