@@ -174,3 +174,18 @@ def test_registry_builds_vlm_judge_and_rejects_bad_arguments(tiny_vlm_folders):
         VLMJudge(str(tiny_vlm_folders["llava"]), method="logits")
     with pytest.raises(JudgeError, match="must contain"):
         VLMJudge(str(tiny_vlm_folders["llava"]), question="Is this right?")
+
+
+def test_qwen_inputs_keep_mm_token_type_ids(judges, images):
+    judge = judges["qwen2_vl", "concepts"]
+    inputs = judge._inputs(images[:1], [judge._chat("a cat", with_image=True)])
+    assert "mm_token_type_ids" in inputs and int(inputs["mm_token_type_ids"].sum()) > 0
+
+
+def test_bfloat16_is_close_to_float32(tiny_vlm_folders, judges, images, prompts):
+    half = VLMJudge(str(tiny_vlm_folders["qwen2_vl"]), torch_dtype="bfloat16")
+    assert half.model.dtype == torch.bfloat16
+    full = judges["qwen2_vl", "concepts"].score(images, prompts)
+    assert [fb.overall for fb in half.score(images, prompts)] == pytest.approx(
+        [fb.overall for fb in full], abs=0.05
+    )
