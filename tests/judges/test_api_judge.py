@@ -27,7 +27,8 @@ class FakeAPI:
     """Shared state of the fake server: scripted failures, P(yes) per question, recorded requests."""
 
     def __init__(self) -> None:
-        self.script: list[str] = []  # per request, popped first: "500", "400", "sleep"; then "ok"
+        # per request, popped first: "500", "400", "sleep", "garbage"; then "ok"
+        self.script: list[str] = []
         self.p_yes: dict[str, float] = {}
         self.requests: list[dict] = []
         self.sleep = 0.5
@@ -71,6 +72,8 @@ def _handler(api: FakeAPI) -> type[BaseHTTPRequestHandler]:
             question = body["messages"][0]["content"][1]["text"]
             text = question.split('"')[1]
             payload = json.dumps(_reply(api.p_yes.get(text, 0.5))).encode()
+            if action == "garbage":
+                payload = b"<html>502 Bad Gateway</html>"
             try:
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -196,3 +199,10 @@ def test_yes_probability_from_logprobs():
     assert yes_probability_from_logprobs(top) == pytest.approx(0.75)
     with pytest.raises(JudgeError, match="neither 'yes' nor 'no'"):
         yes_probability_from_logprobs([{"token": "Maybe", "logprob": -0.1}])
+
+
+def test_non_json_reply_is_a_judge_error(api, image):
+    state, url = api
+    state.script = ["garbage"]
+    with pytest.raises(JudgeError, match="non-JSON"):
+        _judge(url).score([image], ["a cat"], [[]])

@@ -142,7 +142,11 @@ class OpenAIJudge:
                 with urllib.request.urlopen(
                     self._request(image_url, text), timeout=self.timeout
                 ) as response:
-                    return json.loads(response.read())
+                    raw = response.read()
+                try:
+                    return json.loads(raw)
+                except json.JSONDecodeError:
+                    raise JudgeError(f"API judge {self.url} answered with non-JSON data") from None
             except urllib.error.HTTPError as exc:
                 if exc.code not in RETRY_STATUS:
                     raise JudgeError(
