@@ -300,3 +300,51 @@ def test_two_processes_write_the_same_rows_as_one(tiny_pipeline, prompt_file, tm
     assert _rows(tmp_path / "two") == _rows(tmp_path / "one")
     recipe = json.loads((tmp_path / "two" / "recipe.json").read_text())
     assert recipe["fingerprint"]["judge"] == "shapes"
+
+
+@pytest.mark.parametrize(
+    "pipeline_builder, arch, method",
+    [
+        ("build_tiny_sd_pipeline", "qwen2_5_vl", "concepts"),
+        ("build_tiny_sdxl_pipeline", "llava", "caption"),
+    ],
+)
+def test_real_recipe_code_paths_with_tiny_models(tmp_path, pipeline_builder, arch, method):
+    """recipes/sd15 (SD + Qwen2.5-VL concepts) and recipes/sdxl (SDXL + LLaVA caption) on tiny models."""
+    from noisealign.testing import pipelines as tiny_pipelines
+    from noisealign.testing.vlms import build_tiny_vlm
+
+    getattr(tiny_pipelines, pipeline_builder)(tmp_path / "pipe")
+    judge_folder = build_tiny_vlm(arch, tmp_path / "judge")
+    recipe = ROOT / "recipes" / ("sd15" if arch == "qwen2_5_vl" else "sdxl") / "collect.yaml"
+    dataset = collect.main(
+        [
+            "--config",
+            str(recipe),
+            "--pipeline",
+            str(tmp_path / "pipe"),
+            "--prompts",
+            str(ROOT / "recipes/tiny/prompts.txt"),
+            "--judge_kwargs",
+            json.dumps({"model": str(judge_folder), "method": method}),
+            "--seeds",
+            "0:2",
+            "--num_inference_steps",
+            "2",
+            "--torch_dtype",
+            "float32",
+            "--batch_size",
+            "4",
+            "--report_to",
+            "none",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert dataset.num_rows == 8 and not any(dataset["failed"])
+    assert set(dataset["judge"]) == {f"vlm:judge:{method}"}
+    row = dataset[2]  # "a blue square left of a yellow triangle", seed 0
+    assert 0 <= row["overall"] <= 1
+    scored = [tok for tok, m in zip(row["tokens"], row["token_mask"]) if m]
+    assert {"blue</w>", "square</w>", "left</w>", "of</w>"} <= set(scored)
+    assert len({round(s, 6) for s, m in zip(row["token_scores"], row["token_mask"]) if m}) > 1
