@@ -27,12 +27,25 @@ from noisealign.toy.grammar import prompt_records
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pipeline", default=str(pipeline_path()), help="pipeline folder (default: the committed toy pipeline)")
-    parser.add_argument("--prompts", type=int, default=24, help="prompts per two-object split (all 12 singles are used)")
+    parser.add_argument(
+        "--pipeline",
+        default=str(pipeline_path()),
+        help="pipeline folder (default: the committed toy pipeline)",
+    )
+    parser.add_argument(
+        "--prompts",
+        type=int,
+        default=24,
+        help="prompts per two-object split (all 12 singles are used)",
+    )
     parser.add_argument("--seeds", type=int, default=8, help="seeds per prompt (0..N-1)")
-    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale")
+    parser.add_argument(
+        "--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale"
+    )
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="DDIM steps")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)"
+    )
     return parser.parse_args(argv)
 
 
@@ -41,10 +54,17 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     pipe = StableDiffusionPipeline.from_pretrained(args.pipeline)
     seeds = list(range(args.seeds))
-    result: dict = {"pipeline": args.pipeline, "guidance": args.guidance, "steps": args.steps, "seeds": args.seeds}
+    result: dict = {
+        "pipeline": args.pipeline,
+        "guidance": args.guidance,
+        "steps": args.steps,
+        "seeds": args.seeds,
+    }
     started = time.time()
     for split, limit in (("heldout", args.prompts), ("seen", args.prompts), ("single", None)):
-        rows = generate_and_judge(pipe, prompt_records(split, limit=limit), seeds, args.guidance, args.steps)
+        rows = generate_and_judge(
+            pipe, prompt_records(split, limit=limit), seeds, args.guidance, args.steps
+        )
         result[split] = summarise(rows, args.seeds)
     images = sum(result[s]["images"] for s in ("heldout", "seen", "single"))
     result["seconds_per_image"] = (time.time() - started) / images
@@ -55,8 +75,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _summary(result: dict) -> str:
     n = result["seeds"]
-    lines = [f"toy baseline: guidance {result['guidance']}, {result['steps']} DDIM steps, {n} seeds per prompt, "
-             f"{result['seconds_per_image']:.3f} s per image (incl. judge)"]
+    lines = [
+        f"toy baseline: guidance {result['guidance']}, {result['steps']} DDIM steps, {n} seeds per prompt, "
+        f"{result['seconds_per_image']:.3f} s per image (incl. judge)"
+    ]
     header = f"{'split':<8} {'prompts':>7} {'mean':>6} {'best4':>6} {'best8':>6} {'worst' + str(n):>7} {'colour':>7} {'shape':>6} {'count':>6} {'relation':>8}"
     lines.append(header)
     for split in ("heldout", "seen", "single"):

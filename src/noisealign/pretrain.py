@@ -45,41 +45,101 @@ logger = logging.getLogger("noisealign.pretrain")
 class PretrainConfig(BaseConfig):
     """Recipe of the toy model's pretraining (see recipes/toy/pretrain.yaml)."""
 
-    model_size: str = field(default="toy", metadata={"help": "Architecture preset: 'toy' (the shipped model) or 'tiny' (tests)."})
-    pool_size: int = field(default=40000, metadata={"help": "Ground-truth scenes rendered (and encoded once) for training."})
-    p_single: float = field(default=0.2, metadata={"help": "Share of one-object scenes in the pool; the rest are two-object training compositions."})
+    model_size: str = field(
+        default="toy",
+        metadata={"help": "Architecture preset: 'toy' (the shipped model) or 'tiny' (tests)."},
+    )
+    pool_size: int = field(
+        default=40000,
+        metadata={"help": "Ground-truth scenes rendered (and encoded once) for training."},
+    )
+    p_single: float = field(
+        default=0.2,
+        metadata={
+            "help": "Share of one-object scenes in the pool; the rest are two-object training compositions."
+        },
+    )
     vae_steps: int = field(default=1500, metadata={"help": "Optimiser steps of the VAE."})
     vae_batch_size: int = field(default=64, metadata={"help": "Images per VAE step."})
-    vae_lr: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate of the VAE (warm-up, cosine decay)."})
-    vae_kl_weight: float = field(default=1e-6, metadata={"help": "Weight of the per-dimension KL term; tiny, as in SD's VAE."})
-    unet_steps: int = field(default=3200, metadata={"help": "Optimiser steps of the UNet and text encoder."})
+    vae_lr: float = field(
+        default=1e-3,
+        metadata={"help": "Peak AdamW learning rate of the VAE (warm-up, cosine decay)."},
+    )
+    vae_kl_weight: float = field(
+        default=1e-6,
+        metadata={"help": "Weight of the per-dimension KL term; tiny, as in SD's VAE."},
+    )
+    unet_steps: int = field(
+        default=3200, metadata={"help": "Optimiser steps of the UNet and text encoder."}
+    )
     unet_batch_size: int = field(default=64, metadata={"help": "Latents per UNet step."})
-    unet_lr: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate of UNet and text encoder."})
-    unet_warmup_steps: int = field(default=200, metadata={"help": "Linear warm-up steps before the cosine decay."})
-    cfg_dropout: float = field(default=0.1, metadata={"help": "Probability of training on the empty prompt (classifier-free guidance)."})
+    unet_lr: float = field(
+        default=1e-3, metadata={"help": "Peak AdamW learning rate of UNet and text encoder."}
+    )
+    unet_warmup_steps: int = field(
+        default=200, metadata={"help": "Linear warm-up steps before the cosine decay."}
+    )
+    cfg_dropout: float = field(
+        default=0.1,
+        metadata={
+            "help": "Probability of training on the empty prompt (classifier-free guidance)."
+        },
+    )
     snr_gamma: float = field(default=5.0, metadata={"help": "Clip of the min-SNR loss weight."})
-    ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of the saved UNet and text-encoder weights."})
-    eval_prompts: int = field(default=16, metadata={"help": "Held-out and seen prompts (each) of the closing check; 0 skips it."})
+    ema_decay: float = field(
+        default=0.999, metadata={"help": "EMA decay of the saved UNet and text-encoder weights."}
+    )
+    eval_prompts: int = field(
+        default=16,
+        metadata={"help": "Held-out and seen prompts (each) of the closing check; 0 skips it."},
+    )
     eval_seeds: int = field(default=4, metadata={"help": "Seeds per prompt of the closing check."})
-    pipeline_dir: str = field(default="", metadata={"help": "Where the pipeline folder goes; default OUTPUT_DIR/pipeline."})
-    num_threads: int = field(default=1, metadata={"help": "torch intra-op threads per process; 1 is fastest on a shared 2-core CPU, where 2 threads stall each other."})
-    env: dict = field(default_factory=dict, metadata={"help": "Environment variables set when not already set, e.g. {WANDB_MODE: offline}."})
+    pipeline_dir: str = field(
+        default="",
+        metadata={"help": "Where the pipeline folder goes; default OUTPUT_DIR/pipeline."},
+    )
+    num_threads: int = field(
+        default=1,
+        metadata={
+            "help": "torch intra-op threads per process; 1 is fastest on a shared 2-core CPU, where 2 threads stall each other."
+        },
+    )
+    env: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "Environment variables set when not already set, e.g. {WANDB_MODE: offline}."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.model_size not in PRESETS:
-            raise ConfigError(f"recipe field 'model_size' must be one of {sorted(PRESETS)}, got {self.model_size!r}")
-        for name in ("pool_size", "vae_steps", "vae_batch_size", "unet_steps", "unet_batch_size", "eval_seeds", "num_threads"):
+            raise ConfigError(
+                f"recipe field 'model_size' must be one of {sorted(PRESETS)}, got {self.model_size!r}"
+            )
+        for name in (
+            "pool_size",
+            "vae_steps",
+            "vae_batch_size",
+            "unet_steps",
+            "unet_batch_size",
+            "eval_seeds",
+            "num_threads",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"recipe field '{name}' must be >= 1, got {getattr(self, name)}")
         for name in ("p_single", "cfg_dropout", "ema_decay"):
             if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"recipe field '{name}' must lie in [0, 1), got {getattr(self, name)}")
+                raise ConfigError(
+                    f"recipe field '{name}' must lie in [0, 1), got {getattr(self, name)}"
+                )
         for name in ("vae_lr", "unet_lr", "snr_gamma"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"recipe field '{name}' must be > 0, got {getattr(self, name)}")
         if self.eval_prompts < 0 or self.unet_warmup_steps < 0 or self.vae_kl_weight < 0:
-            raise ConfigError("recipe fields 'eval_prompts', 'unet_warmup_steps' and 'vae_kl_weight' must be >= 0")
+            raise ConfigError(
+                "recipe fields 'eval_prompts', 'unet_warmup_steps' and 'vae_kl_weight' must be >= 0"
+            )
 
 
 def _setup_env(config: PretrainConfig) -> None:
@@ -101,10 +161,14 @@ def main(args: Sequence[str] | None = None) -> Path:
     _setup_env(config)
     torch.set_num_threads(config.num_threads)
     output_dir = Path(config.output_dir)
-    accelerator = Accelerator(log_with=None if config.report_to == "none" else "wandb", project_dir=str(output_dir))
+    accelerator = Accelerator(
+        log_with=None if config.report_to == "none" else "wandb", project_dir=str(output_dir)
+    )
     set_seed(config.seed)
     run_name = config.run_name or output_dir.name
-    accelerator.init_trackers(config.wandb_project, config=config.to_dict(), init_kwargs={"wandb": {"name": run_name}})
+    accelerator.init_trackers(
+        config.wandb_project, config=config.to_dict(), init_kwargs={"wandb": {"name": run_name}}
+    )
     timings: dict[str, float] = {}
     started = time.time()
 
@@ -119,19 +183,49 @@ def main(args: Sequence[str] | None = None) -> Path:
         logger.info("reusing the trained VAE in %s", vae_dir)
         components["vae"] = AutoencoderKL.from_pretrained(vae_dir)
     else:
-        train_vae(accelerator, components["vae"], pool, config.vae_steps, config.vae_batch_size, config.vae_lr, config.vae_kl_weight)
+        train_vae(
+            accelerator,
+            components["vae"],
+            pool,
+            config.vae_steps,
+            config.vae_batch_size,
+            config.vae_lr,
+            config.vae_kl_weight,
+        )
         if accelerator.is_main_process:
             components["vae"].save_pretrained(vae_dir)
     latents = encode_pool(components["vae"], pool)
     scale = fit_scaling_factor(components["vae"], *latents)
     timings["vae_s"] = time.time() - started - timings["pool_s"]
     recon = reconstruction_accuracy(components["vae"], pool)
-    accelerator.log({"vae/judge_accuracy": recon}, step=config.vae_steps)
-    logger.info("VAE ready: judge accuracy on reconstructions %.3f, latent scaling factor %.4f", recon, scale)
+    accelerator.log(
+        {"vae/judge_accuracy": recon}, step=config.vae_steps
+    )  # after the VAE's last step
+    logger.info(
+        "VAE ready: judge accuracy on reconstructions %.3f, latent scaling factor %.4f",
+        recon,
+        scale,
+    )
 
     # ---- 4. UNet + text encoder -------------------------------------------------------
-    run = UNetRun(config.unet_steps, config.unet_batch_size, config.unet_lr, config.unet_warmup_steps, config.cfg_dropout, config.snr_gamma, config.ema_decay)
-    train_unet(accelerator, components, latents, pool, run, seed=config.seed)
+    run = UNetRun(
+        config.unet_steps,
+        config.unet_batch_size,
+        config.unet_lr,
+        config.unet_warmup_steps,
+        config.cfg_dropout,
+        config.snr_gamma,
+        config.ema_decay,
+    )
+    train_unet(
+        accelerator,
+        components,
+        latents,
+        pool,
+        run,
+        seed=config.seed,
+        log_offset=config.vae_steps + 1,
+    )
     timings["unet_s"] = time.time() - started - timings["pool_s"] - timings["vae_s"]
 
     # ---- 5. Save the pipeline ------------------------------------------------------------
@@ -141,15 +235,22 @@ def main(args: Sequence[str] | None = None) -> Path:
         pipe.save_pretrained(pipeline_dir, safe_serialization=True)
         _write_card(pipeline_dir, config, timings)
     accelerator.wait_for_everyone()
-    logger.info("saved the pipeline to %s after %.1f min", pipeline_dir, (time.time() - started) / 60)
+    logger.info(
+        "saved the pipeline to %s after %.1f min", pipeline_dir, (time.time() - started) / 60
+    )
 
     # ---- 6. Closing check with the shapes judge ----------------------------------------
     if config.eval_prompts and accelerator.is_main_process:
         seeds = list(range(config.eval_seeds))
         for split in ("heldout", "seen"):
             records = prompt_records(split, limit=config.eval_prompts, seed=config.seed)
-            summary = summarise(generate_and_judge(pipe.to(accelerator.device), records, seeds), len(seeds))
-            accelerator.log({f"eval/{split}/{k}": v for k, v in summary.items()}, step=config.unet_steps)
+            summary = summarise(
+                generate_and_judge(pipe.to(accelerator.device), records, seeds), len(seeds)
+            )
+            accelerator.log(
+                {f"eval/{split}/{k}": v for k, v in summary.items()},
+                step=config.vae_steps + 1 + config.unet_steps,
+            )
             logger.info("eval %s: %s", split, {k: round(v, 3) for k, v in summary.items()})
     accelerator.end_training()
     return pipeline_dir
@@ -157,7 +258,9 @@ def main(args: Sequence[str] | None = None) -> Path:
 
 def _write_card(folder: Path, config: PretrainConfig, timings: dict[str, float]) -> None:
     """A model card saying how the folder was made (the baseline is added by bench/toy_baseline.py)."""
-    fields = "\n".join(f"| {k} | {v} |" for k, v in config.to_dict().items() if k not in ("env", "pipeline_dir"))
+    fields = "\n".join(
+        f"| {k} | {v} |" for k, v in config.to_dict().items() if k not in ("env", "pipeline_dir")
+    )
     times = ", ".join(f"{k[:-2]} {v / 60:.1f} min" for k, v in timings.items())
     text = (
         f"# noisealign toy pipeline ({config.model_size})\n\n"

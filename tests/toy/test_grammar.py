@@ -56,7 +56,15 @@ def test_single_object_concepts():
 
 @pytest.mark.parametrize(
     "prompt",
-    ["a purple circle", "a red hexagon", "a red circle near a blue square", "red circle", "a red circle left of a red square", "A red circle", ""],
+    [
+        "a purple circle",
+        "a red hexagon",
+        "a red circle near a blue square",
+        "red circle",
+        "a red circle left of a red square",
+        "A red circle",
+        "",
+    ],
 )
 def test_prompts_outside_the_grammar_raise(prompt):
     with pytest.raises(ValueError, match="not in the toy grammar"):

@@ -21,7 +21,11 @@ def test_judge_is_registered_and_follows_the_protocol():
 def test_exact_on_ground_truth_renders(judge, renders):
     assert len(renders) >= 1000
     feedback = judge.score([im for _, im in renders], [p for p, _ in renders])
-    failures = [(p, [(c.text, c.score) for c in f.concepts]) for (p, _), f in zip(renders, feedback) if f.overall != 1.0]
+    failures = [
+        (p, [(c.text, c.score) for c in f.concepts])
+        for (p, _), f in zip(renders, feedback)
+        if f.overall != 1.0
+    ]
     assert not failures, failures[:5]
     assert all(c.score == 1.0 for f in feedback for c in f.concepts)
 
@@ -38,7 +42,9 @@ def _wrong_variants(prompt: str) -> list[tuple[str, int]]:
         (make_prompt([(c1, other_shape), *objects[1:]], parsed.relation), 1),
     ]
     if parsed.relation is None:
-        variants.append((make_prompt([objects[0], (other_colour, s1)], "left of"), 4))  # one object too few
+        variants.append(
+            (make_prompt([objects[0], (other_colour, s1)], "left of"), 4)
+        )  # one object too few
     else:
         variants.append((make_prompt(objects, CONVERSE[parsed.relation]), 5))
         variants.append((make_prompt(objects[:1]), 2))  # one object too many
@@ -64,10 +70,16 @@ def test_zero_on_wrong_prompts_and_blames_the_right_concept(judge, renders):
 def test_blue_circle_for_red_circle_scores_shape_word_only(judge):
     image = render_prompt("a blue circle", random.Random(0))
     (feedback,) = judge.score([image], ["a red circle"])
-    assert [(c.text, c.score) for c in feedback.concepts] == [("red", 0.0), ("circle", 1.0), ("1 object", 1.0)]
+    assert [(c.text, c.score) for c in feedback.concepts] == [
+        ("red", 0.0),
+        ("circle", 1.0),
+        ("1 object", 1.0),
+    ]
     # part scores land on the words: "red" at 2-5, "circle" at 6-12
     assert (2, 5, 0.0) in feedback.part_scores() and (6, 12, 1.0) in feedback.part_scores()
-    scores, mask = spans_to_token_scores(feedback.part_scores(), [(0, 0), (0, 1), (2, 5), (6, 12), (12, 12)])
+    scores, mask = spans_to_token_scores(
+        feedback.part_scores(), [(0, 0), (0, 1), (2, 5), (6, 12), (12, 12)]
+    )
     assert scores == [0.0, 1.0, 0.0, 1.0, 0.0] and mask == [False, True, True, True, False]
 
 

@@ -51,7 +51,9 @@ def generate_and_judge(
     for start in range(0, len(keys), batch_size):
         chunk = keys[start : start + batch_size]
         prompts = [r["prompt"] for r, _ in chunk]
-        latents = batch_noise([r["prompt_id"] for r, _ in chunk], [s for _, s in chunk], LATENT_SHAPE)
+        latents = batch_noise(
+            [r["prompt_id"] for r, _ in chunk], [s for _, s in chunk], LATENT_SHAPE
+        )
         images = pipe(
             prompts,
             latents=latents.to(pipe.device, pipe.unet.dtype),

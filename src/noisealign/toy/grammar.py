@@ -129,7 +129,11 @@ def concept_dicts(prompt: str) -> list[dict]:
         concepts.append({"text": o.shape, "kind": "object", "spans": [list(o.shape_span)]})
     n = len(parsed.objects)
     concepts.append(
-        {"text": f"{n} object{'s' if n > 1 else ''}", "kind": "count", "spans": [list(o.article_span) for o in parsed.objects]}
+        {
+            "text": f"{n} object{'s' if n > 1 else ''}",
+            "kind": "count",
+            "spans": [list(o.article_span) for o in parsed.objects],
+        }
     )
     if parsed.relation is not None:
         concepts.append({"text": prompt, "kind": "relation", "spans": [list(parsed.relation_span)]})
@@ -159,7 +163,13 @@ def all_prompts(split: str = "all") -> list[str]:
     pairs = [(a, b) for a, b in itertools.product(objects, objects) if a[0] != b[0]]
     seen = [make_prompt([a, b], r) for a, b in pairs for r in RELATIONS if not is_heldout([a, b])]
     heldout = [make_prompt([a, b], r) for a, b in pairs for r in RELATIONS if is_heldout([a, b])]
-    splits = {"all": singles + seen + heldout, "single": singles, "train": singles + seen, "seen": seen, "heldout": heldout}
+    splits = {
+        "all": singles + seen + heldout,
+        "single": singles,
+        "train": singles + seen,
+        "seen": seen,
+        "heldout": heldout,
+    }
     if split not in splits:
         raise ValueError(f"unknown split {split!r}; choose one of {sorted(splits)}")
     return splits[split]

@@ -49,7 +49,12 @@ from .grammar import COLOURS, ParsedPrompt, concept_dicts, parse_prompt
 from .render import PALETTE
 
 # Hue bands in degrees, [lo, hi); red wraps around 0.
-HUE_BANDS = {"red": (-30.0, 25.0), "yellow": (25.0, 90.0), "green": (90.0, 180.0), "blue": (180.0, 290.0)}
+HUE_BANDS = {
+    "red": (-30.0, 25.0),
+    "yellow": (25.0, 90.0),
+    "green": (90.0, 180.0),
+    "blue": (180.0, 290.0),
+}
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,12 @@ def _hue_chroma(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     chroma = mx - mn
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     safe = np.where(chroma > 0, chroma, 1.0)
-    hue = np.where(mx == r, ((g - b) / safe) % 6, np.where(mx == g, (b - r) / safe + 2, (r - g) / safe + 4)) * 60.0
+    hue = (
+        np.where(
+            mx == r, ((g - b) / safe) % 6, np.where(mx == g, (b - r) / safe + 2, (r - g) / safe + 4)
+        )
+        * 60.0
+    )
     hue = np.where(hue >= 330.0, hue - 360.0, hue)  # red's band straddles 0
     return hue, chroma
 
@@ -102,14 +112,21 @@ def find_blobs(image: Image.Image, coverage: float = 0.45, min_area: int = 10) -
             area = int(mask.sum())
             if area >= min_area:
                 ys, xs = np.nonzero(mask)
-                blobs.append(Blob(colour, classify_shape(mask), float(xs.mean()), float(ys.mean()), area))
+                blobs.append(
+                    Blob(colour, classify_shape(mask), float(xs.mean()), float(ys.mean()), area)
+                )
     return blobs
 
 
 def relation_holds(first: Blob, second: Blob, relation: str) -> bool:
     """Whether ``first`` is ``relation`` ``second``, judged on the dominant axis of their offset."""
     dx, dy = second.cx - first.cx, second.cy - first.cy  # image y grows downwards
-    main, cross = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[relation]
+    main, cross = {
+        "left of": (dx, dy),
+        "right of": (-dx, dy),
+        "above": (dy, dx),
+        "below": (-dy, dx),
+    }[relation]
     return main > 0 and abs(main) > abs(cross)
 
 
@@ -124,7 +141,11 @@ def _bind(parsed: ParsedPrompt, blobs: list[Blob]) -> tuple[Blob | None, ...]:
         bound = tuple(None if c is None else blobs[c] for c in choice)
         colours = sum(b is not None and b.colour == o.colour for o, b in zip(parsed.objects, bound))
         shapes = sum(b is not None and b.shape == o.shape for o, b in zip(parsed.objects, bound))
-        related = parsed.relation is not None and None not in bound and relation_holds(bound[0], bound[1], parsed.relation)
+        related = (
+            parsed.relation is not None
+            and None not in bound
+            and relation_holds(bound[0], bound[1], parsed.relation)
+        )
         key = (colours + shapes, colours, related)
         if best_key is None or key > best_key:
             best, best_key = bound, key
@@ -170,10 +191,16 @@ class ShapesJudge:
         bound = _bind(parsed, blobs)
         scores: list[bool] = []
         for obj, blob in zip(parsed.objects, bound):
-            scores += [blob is not None and blob.colour == obj.colour, blob is not None and blob.shape == obj.shape]
+            scores += [
+                blob is not None and blob.colour == obj.colour,
+                blob is not None and blob.shape == obj.shape,
+            ]
         scores.append(len(blobs) == len(parsed.objects))
         if parsed.relation is not None:
             scores.append(None not in bound and relation_holds(bound[0], bound[1], parsed.relation))
-        result = [Concept.from_dict({**c, "score": float(s)}) for c, s in zip(concept_dicts(prompt), scores)]
+        result = [
+            Concept.from_dict({**c, "score": float(s)})
+            for c, s in zip(concept_dicts(prompt), scores)
+        ]
         overall = float(all(scores)) if self.overall == "all" else sum(scores) / len(scores)
         return Feedback(overall=overall, concepts=result)

@@ -125,7 +125,9 @@ def build_components(size: str, tokenizer_dir: str | Path, seed: int = 0) -> dic
     return {
         "vae": build_vae(preset),
         "unet": build_unet(preset),
-        "text_encoder": build_text_encoder(preset, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id),
+        "text_encoder": build_text_encoder(
+            preset, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id
+        ),
         "tokenizer": tokenizer,
         "scheduler": DDIMScheduler(**scheduler_config()),
     }
@@ -140,4 +142,10 @@ def assemble_pipeline(components: dict[str, Any]) -> StableDiffusionPipeline:
 
 def tokenize(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
     """``(B, 16)`` input ids padded exactly as ``StableDiffusionPipeline.encode_prompt`` does."""
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    return tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids

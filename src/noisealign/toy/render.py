@@ -26,7 +26,12 @@ SUPERSAMPLE = 4
 BACKGROUND = (235, 235, 235)
 # Saturated colours with well separated hues: blending with the grey background (blur,
 # anti-aliasing, a VAE's softness) lowers saturation but keeps the hue, which the judge reads.
-PALETTE = {"red": (215, 30, 30), "green": (30, 160, 50), "blue": (35, 65, 215), "yellow": (235, 200, 20)}
+PALETTE = {
+    "red": (215, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (35, 65, 215),
+    "yellow": (235, 200, 20),
+}
 MIN_SIDE, MAX_SIDE = 8.0, 11.0
 
 
@@ -43,7 +48,12 @@ class Placed:
 
 def _relation_holds(a: Placed, b: Placed, relation: str) -> bool:
     dx, dy = b.cx - a.cx, b.cy - a.cy  # image y grows downwards
-    main, cross = {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[relation]
+    main, cross = {
+        "left of": (dx, dy),
+        "right of": (-dx, dy),
+        "above": (dy, dx),
+        "below": (-dy, dx),
+    }[relation]
     return main >= (a.side + b.side) / 2 + 2 and abs(cross) <= main / 2
 
 
@@ -57,7 +67,9 @@ def place(objects: list[ObjectKey], relation: str | None, rng: random.Random) ->
             placed.append(Placed(colour, shape, rng.uniform(lo, hi), rng.uniform(lo, hi), side))
         if relation is None or _relation_holds(placed[0], placed[1], relation):
             return placed
-    raise RuntimeError(f"could not place {objects} {relation}")  # pragma: no cover - never in practice
+    raise RuntimeError(
+        f"could not place {objects} {relation}"
+    )  # pragma: no cover - never in practice
 
 
 def draw(placed: list[Placed]) -> Image.Image:

@@ -44,9 +44,15 @@ def build_pool(size: int, p_single: float, seed: int) -> Pool:
     """Render ``size`` random training scenes (held-out pairs never appear)."""
     rng = random.Random(seed)
     singles, pairs = all_prompts("single"), all_prompts("seen")
-    chosen = [rng.choice(singles) if rng.random() < p_single else rng.choice(pairs) for _ in range(size)]
-    images = np.stack([np.asarray(render_prompt(p, rng)) for p in tqdm(chosen, desc="render pool", mininterval=5)])
-    return Pool(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), [phrasings(p) for p in chosen])
+    chosen = [
+        rng.choice(singles) if rng.random() < p_single else rng.choice(pairs) for _ in range(size)
+    ]
+    images = np.stack(
+        [np.asarray(render_prompt(p, rng)) for p in tqdm(chosen, desc="render pool", mininterval=5)]
+    )
+    return Pool(
+        torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), [phrasings(p) for p in chosen]
+    )
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
@@ -75,14 +81,24 @@ class _VAEObjective(torch.nn.Module):
         return F.mse_loss(recon, x), posterior.kl().mean() / x[0].numel()
 
 
-def train_vae(accelerator: Accelerator, vae: AutoencoderKL, pool: Pool, steps: int, batch_size: int, lr: float, kl_weight: float) -> AutoencoderKL:
+def train_vae(
+    accelerator: Accelerator,
+    vae: AutoencoderKL,
+    pool: Pool,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    kl_weight: float,
+) -> AutoencoderKL:
     """Fit the autoencoder: MSE reconstruction + ``kl_weight`` * KL(q(z|x) || N(0, I)).
 
     The KL term is tiny (as in Stable Diffusion's VAE): it only keeps latents bounded; the
     latent scale is fixed afterwards by :func:`fit_scaling_factor`.
     """
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, steps, steps // 20 + 1))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_lr(s, steps, steps // 20 + 1)
+    )
     objective, optimizer, scheduler = accelerator.prepare(_VAEObjective(vae), optimizer, scheduler)
     generator = torch.Generator().manual_seed(1)
     bar = tqdm(range(steps), desc="vae", disable=not accelerator.is_main_process, mininterval=5)
@@ -97,19 +113,27 @@ def train_vae(accelerator: Accelerator, vae: AutoencoderKL, pool: Pool, steps: i
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step % 50 == 0 or step == steps - 1:
-            metrics = {"vae/mse": mse.item(), "vae/kl": kl.item(), "vae/lr": scheduler.get_last_lr()[0]}
+            metrics = {
+                "vae/mse": mse.item(),
+                "vae/kl": kl.item(),
+                "vae/lr": scheduler.get_last_lr()[0],
+            }
             accelerator.log(metrics, step=step)
             bar.set_postfix(mse=f"{mse.item():.4f}")
     return vae
 
 
 @torch.no_grad()
-def encode_pool(vae: AutoencoderKL, pool: Pool, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_pool(
+    vae: AutoencoderKL, pool: Pool, batch_size: int = 512
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior means and stds of the pool, ``(N, 4, 16, 16)`` each (sampled per UNet step)."""
     vae.eval()
     means, stds = [], []
     for start in range(0, len(pool.images), batch_size):
-        dist = vae.encode(to_model_range(pool.images[start : start + batch_size]).to(vae.device)).latent_dist
+        dist = vae.encode(
+            to_model_range(pool.images[start : start + batch_size]).to(vae.device)
+        ).latent_dist
         means.append(dist.mean.cpu())
         stds.append(dist.std.cpu())
     return torch.cat(means), torch.cat(stds)
@@ -168,7 +192,15 @@ class EMA:
                 p.copy_(s)
 
 
-def v_loss(unet, text_encoder, scheduler, latents: torch.Tensor, input_ids: torch.Tensor, snr_gamma: float, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+def v_loss(
+    unet,
+    text_encoder,
+    scheduler,
+    latents: torch.Tensor,
+    input_ids: torch.Tensor,
+    snr_gamma: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The min-SNR-weighted v-prediction loss of the module docstring, on one batch."""
     alphas = scheduler.alphas_cumprod.to(latents.device)
     t = torch.randint(0, len(alphas), (len(latents),), generator=generator).to(latents.device)
@@ -197,24 +229,60 @@ class UNetRun:
     ema_decay: float
 
 
-def train_unet(accelerator: Accelerator, components: dict, latents: tuple[torch.Tensor, torch.Tensor], pool: Pool, run: UNetRun, seed: int) -> None:
-    """Train UNet and text encoder jointly; leaves their EMA weights in ``components``."""
-    unet, text_encoder, tokenizer = components["unet"], components["text_encoder"], components["tokenizer"]
+def train_unet(
+    accelerator: Accelerator,
+    components: dict,
+    latents: tuple[torch.Tensor, torch.Tensor],
+    pool: Pool,
+    run: UNetRun,
+    seed: int,
+    log_offset: int = 0,
+) -> None:
+    """Train UNet and text encoder jointly; leaves their EMA weights in ``components``.
+
+    Metrics go to the trackers at ``log_offset + step`` (wandb drops steps that go back).
+    """
+    unet, text_encoder, tokenizer = (
+        components["unet"],
+        components["text_encoder"],
+        components["tokenizer"],
+    )
     scale = components["vae"].config.scaling_factor
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=run.lr, weight_decay=0.01)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, run.steps, run.warmup))
-    unet, text_encoder, optimizer, lr_schedule = accelerator.prepare(unet, text_encoder, optimizer, lr_schedule)
-    ema = EMA([accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)], run.ema_decay)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_lr(s, run.steps, run.warmup)
+    )
+    unet, text_encoder, optimizer, lr_schedule = accelerator.prepare(
+        unet, text_encoder, optimizer, lr_schedule
+    )
+    ema = EMA(
+        [accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)], run.ema_decay
+    )
     generator, rng = torch.Generator().manual_seed(seed), random.Random(seed)
     means, stds = latents
-    bar = tqdm(range(run.steps), desc="unet", disable=not accelerator.is_main_process, mininterval=5)
+    bar = tqdm(
+        range(run.steps), desc="unet", disable=not accelerator.is_main_process, mininterval=5
+    )
     for step in bar:
         index = torch.randint(len(means), (run.batch_size,), generator=generator)
-        z0 = (means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)) * scale
-        prompts = ["" if rng.random() < run.cfg_dropout else rng.choice(pool.prompts[i]) for i in index.tolist()]
+        z0 = (
+            means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)
+        ) * scale
+        prompts = [
+            "" if rng.random() < run.cfg_dropout else rng.choice(pool.prompts[i])
+            for i in index.tolist()
+        ]
         ids = tokenize(tokenizer, prompts).to(accelerator.device)
-        loss, metrics = v_loss(unet, text_encoder, components["scheduler"], z0.to(accelerator.device), ids, run.snr_gamma, generator)
+        loss, metrics = v_loss(
+            unet,
+            text_encoder,
+            components["scheduler"],
+            z0.to(accelerator.device),
+            ids,
+            run.snr_gamma,
+            generator,
+        )
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -222,6 +290,8 @@ def train_unet(accelerator: Accelerator, components: dict, latents: tuple[torch.
         optimizer.zero_grad(set_to_none=True)
         ema.update()
         if step % 50 == 0 or step == run.steps - 1:
-            accelerator.log({**metrics, "unet/lr": lr_schedule.get_last_lr()[0]}, step=step)
+            accelerator.log(
+                {**metrics, "unet/lr": lr_schedule.get_last_lr()[0]}, step=log_offset + step
+            )
             bar.set_postfix(loss=f"{metrics['unet/loss']:.4f}")
     ema.copy_to([components["unet"], components["text_encoder"]])
