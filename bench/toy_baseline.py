@@ -74,21 +74,25 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _summary(result: dict) -> str:
+    """A Markdown table (pasted into the model card and docs/toy_world.md)."""
     n = result["seeds"]
     lines = [
-        f"toy baseline: guidance {result['guidance']}, {result['steps']} DDIM steps, {n} seeds per prompt, "
-        f"{result['seconds_per_image']:.3f} s per image (incl. judge)"
+        f"Guidance {result['guidance']}, {result['steps']} DDIM steps, seeds 0-{n - 1} per prompt "
+        f"(noise from `batch_noise`), strict overall score; {result['seconds_per_image']:.3f} s "
+        "per image including the judge.",
+        "",
+        f"| split | prompts | mean | best-of-4 | best-of-8 | worst-of-{n} | colour | shape | count | relation |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    header = f"{'split':<8} {'prompts':>7} {'mean':>6} {'best4':>6} {'best8':>6} {'worst' + str(n):>7} {'colour':>7} {'shape':>6} {'count':>6} {'relation':>8}"
-    lines.append(header)
+    nan = float("nan")
     for split in ("heldout", "seen", "single"):
         s = result[split]
+        cells = [s["mean"], s.get("best_of_4", nan), s.get("best_of_8", nan), s[f"worst_of_{n}"]]
+        cells += [s["acc_attribute"], s["acc_object"], s["acc_count"], s.get("acc_relation", nan)]
         lines.append(
-            f"{split:<8} {s['prompts']:>7} {s['mean']:>6.3f} {s.get('best_of_4', float('nan')):>6.3f} "
-            f"{s.get('best_of_8', float('nan')):>6.3f} {s[f'worst_of_{n}']:>7.3f} {s['acc_attribute']:>7.3f} "
-            f"{s['acc_object']:>6.3f} {s['acc_count']:>6.3f} {s.get('acc_relation', float('nan')):>8.3f}"
+            f"| {split} | {s['prompts']} | " + " | ".join(f"{c:.2f}" for c in cells) + " |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines).replace("nan", "–")
 
 
 if __name__ == "__main__":
