@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 from noisealign.cli import run_stage
 from noisealign.configs import BaseConfig, parse_config
@@ -29,6 +29,7 @@ from noisealign.toy.evaluate import generate_and_judge, summarise
 from noisealign.toy.grammar import prompt_records
 from noisealign.toy.models import PRESETS, assemble_pipeline, build_components
 from noisealign.toy.train import (
+    Pool,
     UNetRun,
     build_pool,
     encode_pool,
@@ -178,34 +179,8 @@ def main(args: Sequence[str] | None = None) -> Path:
     timings["pool_s"] = time.time() - started
 
     # ---- 3. VAE (a finished VAE in output_dir/vae is reused: phase-level resume) ----------
-    vae_dir = output_dir / "vae"
-    if (vae_dir / "config.json").is_file():
-        logger.info("reusing the trained VAE in %s", vae_dir)
-        components["vae"] = AutoencoderKL.from_pretrained(vae_dir)
-    else:
-        train_vae(
-            accelerator,
-            components["vae"],
-            pool,
-            config.vae_steps,
-            config.vae_batch_size,
-            config.vae_lr,
-            config.vae_kl_weight,
-        )
-        if accelerator.is_main_process:
-            components["vae"].save_pretrained(vae_dir)
-    latents = encode_pool(components["vae"], pool)
-    scale = fit_scaling_factor(components["vae"], *latents)
+    latents = _vae_phase(config, accelerator, components, pool)
     timings["vae_s"] = time.time() - started - timings["pool_s"]
-    recon = reconstruction_accuracy(components["vae"], pool)
-    accelerator.log(
-        {"vae/judge_accuracy": recon}, step=config.vae_steps
-    )  # after the VAE's last step
-    logger.info(
-        "VAE ready: judge accuracy on reconstructions %.3f, latent scaling factor %.4f",
-        recon,
-        scale,
-    )
 
     # ---- 4. UNet + text encoder -------------------------------------------------------
     run = UNetRun(
@@ -241,23 +216,56 @@ def main(args: Sequence[str] | None = None) -> Path:
 
     # ---- 6. Closing check with the shapes judge ----------------------------------------
     if config.eval_prompts and accelerator.is_main_process:
-        seeds = list(range(config.eval_seeds))
-        for split in ("heldout", "seen"):
-            records = prompt_records(split, limit=config.eval_prompts, seed=config.seed)
-            summary = summarise(
-                generate_and_judge(pipe.to(accelerator.device), records, seeds), len(seeds)
-            )
-            accelerator.log(
-                {f"eval/{split}/{k}": v for k, v in summary.items()},
-                step=config.vae_steps + 1 + config.unet_steps,
-            )
-            logger.info("eval %s: %s", split, {k: round(v, 3) for k, v in summary.items()})
+        _closing_check(config, accelerator, pipe)
     accelerator.end_training()
     return pipeline_dir
 
 
+def _vae_phase(
+    config: PretrainConfig, accelerator: Accelerator, components: dict, pool: Pool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train (or reuse) the VAE, encode the pool once, fit the latent scale; returns the latents."""
+    vae_dir = Path(config.output_dir) / "vae"
+    if (vae_dir / "config.json").is_file():
+        logger.info("reusing the trained VAE in %s", vae_dir)
+        components["vae"] = AutoencoderKL.from_pretrained(vae_dir)
+    else:
+        train_vae(
+            accelerator,
+            components["vae"],
+            pool,
+            config.vae_steps,
+            config.vae_batch_size,
+            config.vae_lr,
+            config.vae_kl_weight,
+        )
+        if accelerator.is_main_process:
+            components["vae"].save_pretrained(vae_dir)
+    latents = encode_pool(components["vae"], pool)
+    scale = fit_scaling_factor(components["vae"], *latents)
+    # The judge reads decoded images, so this caps what the whole model can reach.
+    recon = reconstruction_accuracy(components["vae"], pool)
+    accelerator.log({"vae/judge_accuracy": recon}, step=config.vae_steps)
+    logger.info("VAE: judge accepts %.3f of reconstructions; latent scale %.4f", recon, scale)
+    return latents
+
+
+def _closing_check(
+    config: PretrainConfig, accelerator: Accelerator, pipe: StableDiffusionPipeline
+) -> None:
+    """Judge a few held-out and seen prompts with the fresh pipeline; log and print the summary."""
+    seeds = list(range(config.eval_seeds))
+    for split in ("heldout", "seen"):
+        records = prompt_records(split, limit=config.eval_prompts, seed=config.seed)
+        rows = generate_and_judge(pipe.to(accelerator.device), records, seeds)
+        summary = summarise(rows, len(seeds))
+        step = config.vae_steps + 1 + config.unet_steps
+        accelerator.log({f"eval/{split}/{k}": v for k, v in summary.items()}, step=step)
+        logger.info("eval %s: %s", split, {k: round(v, 3) for k, v in summary.items()})
+
+
 def _write_card(folder: Path, config: PretrainConfig, timings: dict[str, float]) -> None:
-    """A model card saying how the folder was made (the baseline is added by bench/toy_baseline.py)."""
+    """A model card saying how the folder was made (paste bench/toy_baseline.py's table below it)."""
     fields = "\n".join(
         f"| {k} | {v} |" for k, v in config.to_dict().items() if k not in ("env", "pipeline_dir")
     )
