@@ -18,6 +18,7 @@ logger = logging.getLogger("noisealign")
 # stage name -> module holding its ``main(args)``; imported only when chosen.
 STAGES: dict[str, str] = {
     "collect": "noisealign.collect",
+    "distill": "noisealign.distill",
     "pretrain": "noisealign.pretrain",
 }
 

@@ -1,0 +1,313 @@
+"""Distill stage: collected token-level judge feedback → a reward model r_φ(ε, e) from the noise alone.
+
+Launch (any of):
+    accelerate launch src/noisealign/distill.py --config recipes/toy/distill.yaml
+    python -m noisealign.distill --config recipes/toy/distill.yaml
+    noisealign distill --config recipes/tiny/distill.yaml --output_dir runs/distill
+
+Reads the collect stage's dataset, splits it by prompt, trains with token BCE + overall BCE/MSE
++ a pairwise ranking term between seeds of one prompt, and saves a self-describing folder
+(config.json + model.safetensors + README.md model card) into ``output_dir``. Resume with
+``--resume_from_checkpoint latest``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from noisealign.configs import BaseConfig, parse_config
+from noisealign.errors import ConfigError, DataError
+
+logger = logging.getLogger("noisealign.distill")
+
+
+@dataclass
+class DistillConfig(BaseConfig):
+    """Recipe of the distill stage."""
+
+    dataset: str = field(
+        default="",
+        metadata={
+            "help": "The collect stage's dataset folder (<collect output_dir>/dataset). Required."
+        },
+    )
+    pipeline: str = field(
+        default="",
+        metadata={
+            "help": "Pipeline the rows were collected with (folder or hub id); its frozen text encoder embeds the prompts. Required."
+        },
+    )
+    torch_dtype: str = field(
+        default="float32", metadata={"help": "Pipeline dtype: float32, float16 or bfloat16."}
+    )
+    reward_model: str = field(
+        default="transformer", metadata={"help": "Architecture: 'transformer' or 'unet_lora'."}
+    )
+    model_kwargs: dict = field(
+        default_factory=dict,
+        metadata={"help": "Size of the reward model (its config fields, e.g. hidden_dim, depth)."},
+    )
+    input_steps: int = field(
+        default=0,
+        metadata={
+            "help": "k: DDIM steps of the collect schedule run before scoring (0 = pure noise; 1-3 trade k UNet calls for accuracy)."
+        },
+    )
+    input_kind: str = field(
+        default="latent",
+        metadata={"help": "For k > 0: 'latent' (x_{T-k}) or 'x0' (predicted clean latent)."},
+    )
+    eval_fraction: float = field(
+        default=0.1, metadata={"help": "Fraction of prompts held out for evaluation."}
+    )
+    min_eval_prompts: int = field(
+        default=2, metadata={"help": "Fewest held-out prompts; fewer usable prompts is an error."}
+    )
+    prompts_per_batch: int = field(
+        default=8,
+        metadata={
+            "help": "Prompts per batch, each with all its seeds (pairs for the ranking term)."
+        },
+    )
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Batches per optimizer step."}
+    )
+    max_steps: int = field(default=1000, metadata={"help": "Optimizer steps."})
+    learning_rate: float = field(default=3e-4, metadata={"help": "AdamW peak learning rate."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    warmup_steps: int = field(
+        default=50, metadata={"help": "Linear warm-up steps before the cosine decay."}
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Gradient clipping norm; 0 turns clipping off."}
+    )
+    token_weight: float = field(default=1.0, metadata={"help": "Weight of the token BCE."})
+    overall_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the overall-score loss."}
+    )
+    overall_loss: str = field(
+        default="bce", metadata={"help": "'bce' on the logit or 'mse' on its sigmoid."}
+    )
+    rank_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the pairwise ranking term."}
+    )
+    rank_margin: float = field(
+        default=0.0, metadata={"help": "Pairs count only if the judge scores differ by more."}
+    )
+    logging_steps: int = field(
+        default=10, metadata={"help": "Log train metrics every this many steps."}
+    )
+    eval_steps: int = field(
+        default=200,
+        metadata={
+            "help": "Evaluate on held-out prompts every this many steps (0: only at the end)."
+        },
+    )
+    save_steps: int = field(
+        default=200, metadata={"help": "Checkpoint (accelerate save_state) every this many steps."}
+    )
+    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (0 keeps all)."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "'latest' or a checkpoint folder to resume from."}
+    )
+    feature_batch_size: int = field(
+        default=64,
+        metadata={"help": "Rows per batch when embedding prompts and running the k steps."},
+    )
+    push_to_hub: bool = field(
+        default=False, metadata={"help": "Push the saved folder to the hub as hub_model_id."}
+    )
+    hub_model_id: str | None = field(
+        default=None, metadata={"help": "Hub repo id for push_to_hub."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("dataset", "pipeline"):
+            if not getattr(self, name):
+                raise ConfigError(f"recipe field '{name}' is required")
+        positive = (
+            "prompts_per_batch",
+            "gradient_accumulation_steps",
+            "max_steps",
+            "logging_steps",
+            "save_steps",
+            "feature_batch_size",
+            "min_eval_prompts",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"recipe field '{name}' must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.eval_fraction < 1:
+            raise ConfigError(
+                f"recipe field 'eval_fraction' must be in (0, 1), got {self.eval_fraction}"
+            )
+        if not 0 <= self.input_steps <= 10:
+            raise ConfigError(
+                f"recipe field 'input_steps' must be in [0, 10], got {self.input_steps}"
+            )
+        choices = {
+            "input_kind": ("latent", "x0"),
+            "overall_loss": ("bce", "mse"),
+            "torch_dtype": ("float32", "float16", "bfloat16"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"recipe field '{name}' must be one of {allowed}, got {getattr(self, name)!r}"
+                )
+        if self.push_to_hub and not self.hub_model_id:
+            raise ConfigError("recipe field 'hub_model_id' is required when push_to_hub is true")
+
+
+CONFIG_CLASS = DistillConfig  # read by `noisealign.cli` and the recipe tests
+
+
+@dataclass
+class DistillResult:
+    """What :func:`main` returns: per-step train metrics and held-out metrics of model and baseline."""
+
+    history: list[dict[str, float]]
+    metrics: dict[str, float]
+    baseline: dict[str, float]
+    model_dir: str
+
+
+def check_output_dir(config: DistillConfig) -> None:
+    """Refuse to mix two runs' checkpoints unless resuming or overwriting (nothing is deleted here)."""
+    from noisealign.rewards.trainer import checkpoints
+
+    if (
+        checkpoints(config.output_dir)
+        and not config.resume_from_checkpoint
+        and not config.overwrite_output_dir
+    ):
+        raise DataError(
+            f"output_dir '{config.output_dir}' holds checkpoints of an earlier run; pass "
+            "--resume_from_checkpoint latest, --overwrite_output_dir true, or another output_dir"
+        )
+
+
+def main(args: Sequence[str] | None = None) -> DistillResult:
+    """Run the distill stage; returns the history and metrics (saved model on the main process)."""
+    # ---- 1. recipe and the accelerator (before touching the output folder) ----------
+    config = parse_config(DistillConfig, args)
+    from noisealign.data.feedback import clean_feedback, load_feedback, split_by_prompt
+    from noisealign.pipelines import latent_shape, load_pipeline, pipeline_signature
+    from noisealign.rewards import build_reward_model, stage
+    from noisealign.rewards.features import (
+        check_rows_fit_pipeline,
+        encode_prompt_table,
+        precompute_features,
+    )
+    from noisealign.rewards.trainer import resolve_checkpoint, train
+    from noisealign.tracking import make_accelerator, start_tracking
+
+    accelerator = make_accelerator(
+        config, gradient_accumulation_steps=config.gradient_accumulation_steps
+    )
+
+    # ---- 2. rows, split, pipeline checks (all before any output is written) ----------
+    rows = clean_feedback(load_feedback(config.dataset))
+    train_ids, eval_ids = split_by_prompt(
+        rows.prompt_ids, config.eval_fraction, config.min_eval_prompts, config.seed
+    )
+    check_output_dir(config)
+    resume = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
+    pipe = load_pipeline(
+        config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code
+    )
+    pipe.to(accelerator.device)
+    prompt_order = sorted(set(rows.prompt_ids))
+    first_prompt = {pid: p for pid, p in zip(rows.prompt_ids, rows.prompts)}
+    table = encode_prompt_table(
+        pipe, [first_prompt[pid] for pid in prompt_order], config.feature_batch_size
+    )
+    check_rows_fit_pipeline(rows, table, prompt_order, latent_shape(pipe)[0], config.pipeline)
+    signature = pipeline_signature(pipe)
+    model_config = stage.model_fields(config, rows, signature)
+    model = build_reward_model(config.reward_model, **model_config)
+    logger.info(
+        "%d usable rows (%d failed, %d NaN/Inf skipped); %d train / %d held-out prompts; %s with %d parameters",
+        len(rows), rows.skipped_failed, len(rows.skipped_nonfinite), len(train_ids), len(eval_ids),
+        config.reward_model, sum(p.numel() for p in model.parameters()),
+    )  # fmt: skip
+
+    # ---- 3. inputs: k-step features with the frozen UNet, prompt-only baseline ----------
+    started = time.perf_counter()
+    features = precompute_features(
+        pipe, rows, table, prompt_order, steps=config.input_steps, kind=config.input_kind,
+        batch_size=config.feature_batch_size,
+    )  # fmt: skip
+    if features is not None:
+        logger.info(
+            "k = %d features of %d rows in %.1f s",
+            config.input_steps,
+            len(rows),
+            time.perf_counter() - started,
+        )
+    del pipe  # the UNet variant copied what it needs
+    start_tracking(accelerator, config, "distill")
+    baseline = stage.baseline_metrics(rows, table, prompt_order, train_ids, eval_ids)
+    logger.info("prompt-only baseline on held-out prompts: %s", stage.rounded(baseline))
+
+    # ---- 4. data loaders, optimizer, resume ---------------------------------------------
+    parts = stage.build_parts(
+        config, rows, prompt_order, features, train_ids, eval_ids, model, accelerator.num_processes
+    )
+    # the eval loader stays unprepared: every process scores the whole (small) held-out set
+    names = ("model", "optimizer", "train_loader", "lr_scheduler")
+    parts.update(zip(names, accelerator.prepare(*(parts[n] for n in names))))
+    device_table = stage.device_table(table, accelerator.device)
+    state = {"step": 0, "batches": 0}
+    saved_config = json.loads(json.dumps(asdict(model.config)))
+    if resume is not None:
+        from noisealign.rewards.trainer import load_checkpoint
+
+        state = load_checkpoint(accelerator, resume, saved_config)
+
+    # ---- 5. train ------------------------------------------------------------------------
+    started = time.perf_counter()
+    history = train(
+        accelerator,
+        parts,
+        device_table,
+        stage.loss_settings(config),
+        stage.schedule(config),
+        state,
+        config.output_dir,
+        saved_config,
+    )
+    train_seconds = time.perf_counter() - started
+
+    # ---- 6. held-out evaluation, model folder with its card ------------------------------
+    from noisealign.rewards.trainer import evaluate
+
+    metrics = evaluate(accelerator, parts["model"], parts["eval_loader"], device_table)
+    accelerator.log(
+        {f"eval/{k}": v for k, v in metrics.items()}
+        | {f"baseline/{k}": v for k, v in baseline.items()},
+        step=state["step"],
+    )
+    logger.info(
+        "held-out metrics: %s (prompt-only baseline: %s)",
+        stage.rounded(metrics),
+        stage.rounded(baseline),
+    )
+    if accelerator.is_main_process:
+        info = stage.card_info(config, rows, signature, train_ids, eval_ids, model, train_seconds)
+        stage.save_model(accelerator.unwrap_model(parts["model"]), config, info, metrics, baseline)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return DistillResult(history, metrics, baseline, str(Path(config.output_dir)))
+
+
+if __name__ == "__main__":
+    from noisealign.cli import run_stage
+
+    run_stage(main)

@@ -1,0 +1,268 @@
+"""The distilled reward model r_φ(ε, e): a judge's token-level and overall feedback from the noise alone.
+
+Architecture (DESIGN.md section 4): a conv patch encoder turns the noise (B, C, H, W) into
+patches with fixed 2-D sine-cosine positions (so any latent size works); a learned [CLS]
+token and the projected prompt tokens then run through ``depth`` blocks in which tokens
+attend to each other (masked) and to the noise patches; a per-token head reads the tokens
+and an overall head reads [CLS]. SDXL's pooled embedding is added to [CLS].
+
+Example:
+    >>> cfg = NoiseRewardConfig(latent_channels=4, text_dim=32, hidden_dim=32, depth=1)
+    >>> model = NoiseRewardModel(cfg)
+    >>> out = model(torch.randn(2, 4, 16, 16), torch.randn(2, 8, 32))
+    >>> tuple(out.token_logits.shape), tuple(out.overall_logit.shape)
+    ((2, 8), (2,))
+"""
+
+# no ``from __future__ import annotations``: PyTorchModelHubMixin reads the ``config`` annotation
+# at class creation to rebuild the dataclass from config.json
+import math
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+from ..errors import ConfigError
+from .card import CARD_TEMPLATE
+
+INPUT_KINDS = ("latent", "x0")
+
+
+class RewardOutput(NamedTuple):
+    """``token_logits`` (B, L) and ``overall_logit`` (B,), both float32 logits of P(judge says yes)."""
+
+    token_logits: torch.Tensor
+    overall_logit: torch.Tensor
+
+
+class RewardModel(Protocol):
+    """What the distill trainer and the policies need from a reward model.
+
+    ``noise``: (B, C, H, W) float, the initial noise or its k-step features (see ``input_steps``);
+    ``embeds``: (B, L, D) per-token prompt embeddings; ``mask``: (B, L) bool, True for real
+    tokens; ``pooled``: (B, P) or None.
+    """
+
+    def __call__(
+        self,
+        noise: torch.Tensor,
+        embeds: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        pooled: torch.Tensor | None = None,
+    ) -> RewardOutput: ...
+
+
+@dataclass
+class NoiseRewardConfig:
+    """Size and inputs of :class:`NoiseRewardModel`; saved as the folder's ``config.json``."""
+
+    architecture: str = field(default="transformer", metadata={"help": "Always 'transformer'."})
+    latent_channels: int = field(default=4, metadata={"help": "C of the noise."})
+    text_dim: int = field(default=768, metadata={"help": "D of the prompt token embeddings."})
+    pooled_dim: int | None = field(
+        default=None, metadata={"help": "P of the pooled embedding (SDXL), None for SD."}
+    )
+    hidden_dim: int = field(default=128, metadata={"help": "Width of the transformer."})
+    depth: int = field(default=3, metadata={"help": "Token-to-patch transformer blocks."})
+    patch_layers: int = field(default=1, metadata={"help": "Self-attention layers over patches."})
+    num_heads: int = field(default=4, metadata={"help": "Attention heads."})
+    patch_size: int = field(default=2, metadata={"help": "Latent pixels per patch side."})
+    mlp_ratio: float = field(default=4.0, metadata={"help": "MLP width / hidden_dim."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout in attention and MLPs."})
+    input_steps: int = field(
+        default=0,
+        metadata={"help": "k: DDIM steps run on the noise before scoring (0 = the noise itself)."},
+    )
+    input_kind: str = field(
+        default="latent",
+        metadata={"help": "For k > 0: 'latent' feeds x_{T-k}, 'x0' the predicted clean latent."},
+    )
+    num_inference_steps: int = field(
+        default=0, metadata={"help": "Schedule length of the k steps (the collect recipe's)."}
+    )
+    guidance_scale: float = field(default=0.0, metadata={"help": "CFG scale of the k steps."})
+    pipeline_signature: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "noisealign.pipelines.pipeline_signature of the training pipeline."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.architecture != "transformer":
+            raise ConfigError(
+                f"reward model config has architecture '{self.architecture}', not 'transformer'; "
+                "load it with noisealign.rewards.load_reward_model"
+            )
+        for name in (
+            "latent_channels",
+            "text_dim",
+            "hidden_dim",
+            "depth",
+            "num_heads",
+            "patch_size",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"reward model field '{name}' must be >= 1")
+        if self.hidden_dim % self.num_heads or self.hidden_dim % 4:
+            raise ConfigError(
+                f"reward model field 'hidden_dim' ({self.hidden_dim}) must divide by num_heads "
+                f"({self.num_heads}) and by 4 (2-D sine-cosine positions)"
+            )
+        check_input_fields(self.input_steps, self.input_kind, self.num_inference_steps)
+
+
+def check_input_fields(steps: int, kind: str, num_inference_steps: int) -> None:
+    """Validate the k-step input fields shared by both reward model configs."""
+    if steps < 0:
+        raise ConfigError(f"reward model field 'input_steps' must be >= 0, got {steps}")
+    if kind not in INPUT_KINDS:
+        raise ConfigError(
+            f"reward model field 'input_kind' must be one of {INPUT_KINDS}, got {kind!r}"
+        )
+    if steps > 0 and num_inference_steps < steps:
+        raise ConfigError(
+            f"reward model field 'num_inference_steps' ({num_inference_steps}) must be >= input_steps ({steps})"
+        )
+
+
+def sincos_2d(height: int, width: int, dim: int, device: torch.device) -> torch.Tensor:
+    """(height*width, dim) fixed 2-D sine-cosine positions (ViT/MAE style): no size limit, no parameters."""
+    quarter = dim // 4
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(quarter, device=device) / quarter)
+    ys, xs = torch.meshgrid(
+        torch.arange(height, device=device, dtype=torch.float32),
+        torch.arange(width, device=device, dtype=torch.float32),
+        indexing="ij",
+    )
+    angles_y = ys.flatten()[:, None] * freqs[None]
+    angles_x = xs.flatten()[:, None] * freqs[None]
+    return torch.cat([angles_y.sin(), angles_y.cos(), angles_x.sin(), angles_x.cos()], dim=1)
+
+
+class TokenPatchBlock(nn.Module):
+    """Pre-norm block: token self-attention (padding masked), tokens → patches cross-attention, MLP."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float) -> None:
+        super().__init__()
+        self.norm_self = nn.LayerNorm(dim)
+        self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.norm_query = nn.LayerNorm(dim)
+        self.norm_patches = nn.LayerNorm(dim)
+        self.cross_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.norm_mlp = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim)
+        )
+
+    def forward(
+        self, tokens: torch.Tensor, patches: torch.Tensor, pad: torch.Tensor
+    ) -> torch.Tensor:
+        x = self.norm_self(tokens)
+        tokens = tokens + self.self_attn(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+        q, kv = self.norm_query(tokens), self.norm_patches(patches)
+        tokens = tokens + self.cross_attn(q, kv, kv, need_weights=False)[0]
+        return tokens + self.mlp(self.norm_mlp(tokens))
+
+
+class NoiseRewardModel(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="noisealign",
+    repo_url="https://github.com/noisealign/noisealign",
+    tags=["noisealign", "reward-model", "diffusion-noise"],
+    model_card_template=CARD_TEMPLATE,
+):
+    """r_φ(ε, e) → (token logits (B, L), overall logit (B,)); see the module docstring."""
+
+    config_class = NoiseRewardConfig
+
+    def __init__(self, config: NoiseRewardConfig) -> None:
+        super().__init__()
+        self.config = config
+        dim = config.hidden_dim
+        # a 3x3 conv sees each latent pixel's neighbours before patching: shapes are local patterns
+        self.patch_embed = nn.Sequential(
+            nn.Conv2d(config.latent_channels, dim // 2, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(dim // 2, dim, config.patch_size, stride=config.patch_size),
+        )
+        self.patch_encoder = nn.ModuleList(
+            nn.TransformerEncoderLayer(
+                dim,
+                config.num_heads,
+                int(dim * config.mlp_ratio),
+                config.dropout,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
+            for _ in range(config.patch_layers)
+        )
+        self.token_in = nn.Sequential(
+            nn.LayerNorm(config.text_dim), nn.Linear(config.text_dim, dim)
+        )
+        self.pooled_in = None if config.pooled_dim is None else nn.Linear(config.pooled_dim, dim)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.blocks = nn.ModuleList(
+            TokenPatchBlock(dim, config.num_heads, config.mlp_ratio, config.dropout)
+            for _ in range(config.depth)
+        )
+        self.token_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 1))
+        self.overall_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 1))
+
+    def encode_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) → (B, N, hidden) patches with positions; pads H, W up to the patch size."""
+        p = self.config.patch_size
+        pad_h, pad_w = (-noise.shape[2]) % p, (-noise.shape[3]) % p
+        if pad_h or pad_w:
+            noise = F.pad(noise, (0, pad_w, 0, pad_h))
+        grid = self.patch_embed(noise)
+        patches = grid.flatten(2).transpose(1, 2)
+        pos = sincos_2d(grid.shape[2], grid.shape[3], grid.shape[1], grid.device)
+        patches = patches + pos.to(patches.dtype)
+        for layer in self.patch_encoder:
+            patches = layer(patches)
+        return patches
+
+    def forward(
+        self,
+        noise: torch.Tensor,
+        embeds: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        pooled: torch.Tensor | None = None,
+    ) -> RewardOutput:
+        """Score ``noise`` (B, C, H, W) for prompts ``embeds`` (B, L, D) with ``mask`` (B, L) and ``pooled`` (B, P)."""
+        cfg = self.config
+        if noise.ndim != 4 or noise.shape[1] != cfg.latent_channels:
+            raise ValueError(
+                f"noise must be (B, {cfg.latent_channels}, H, W), got {tuple(noise.shape)}"
+            )
+        if embeds.ndim != 3 or embeds.shape[2] != cfg.text_dim:
+            raise ValueError(f"embeds must be (B, L, {cfg.text_dim}), got {tuple(embeds.shape)}")
+        if (pooled is None) != (self.pooled_in is None):
+            raise ValueError(
+                f"this reward model {'needs' if self.pooled_in is not None else 'takes no'} pooled embeddings"
+            )
+        batch, length = embeds.shape[:2]
+        if mask is None:
+            mask = torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
+        patches = self.encode_noise(noise)
+        cls = self.cls.expand(batch, -1, -1)
+        if self.pooled_in is not None:
+            cls = cls + self.pooled_in(pooled)[:, None]
+        tokens = torch.cat([cls, self.token_in(embeds)], dim=1)
+        pad = torch.cat([torch.zeros_like(mask[:, :1]), ~mask.bool()], dim=1)
+        for block in self.blocks:
+            tokens = block(tokens, patches, pad)
+        token_logits = self.token_head(tokens[:, 1:]).squeeze(-1)
+        overall_logit = self.overall_head(tokens[:, 0]).squeeze(-1)
+        return RewardOutput(token_logits.float(), overall_logit.float())
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, **kwargs: Any) -> "NoiseRewardModel":
+        from .loading import load_weights_strict
+
+        return load_weights_strict(cls, model_id=model_id, **kwargs)
