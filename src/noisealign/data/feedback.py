@@ -195,6 +195,8 @@ class PromptBatchSampler(Sampler[list[int]]):
     """Batches of ``prompts_per_batch`` whole prompt groups (all their seeds), reshuffled per epoch.
 
     The order depends only on ``(seed, epoch)``, so a resumed run replays the same batches.
+    The method is deliberately not called ``set_epoch``: accelerate's prepared loaders call
+    that with their own iteration count, which restarts at 0 after a resume.
     """
 
     def __init__(
@@ -208,7 +210,8 @@ class PromptBatchSampler(Sampler[list[int]]):
             prompts_per_batch, shuffle, seed, 0,
         )  # fmt: skip
 
-    def set_epoch(self, epoch: int) -> None:
+    def use_epoch(self, epoch: int) -> None:
+        """Shuffle the next pass as epoch ``epoch``."""
         self.epoch = epoch
 
     def __len__(self) -> int:

@@ -74,18 +74,18 @@ def load_weights_strict(
         raise DataError(
             f"reward model weights '{path}' are corrupt ({exc}); save the model again or download it again"
         ) from exc
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    mismatched = [
-        k
-        for k, v in state.items()
-        if k in model.state_dict() and model.state_dict()[k].shape != v.shape
-    ]
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [k for k in state if k in expected and expected[k].shape != state[k].shape]
     if strict and (missing or unexpected or mismatched):
         raise DataError(
-            f"reward model weights in '{model_id}' do not fit its {CONFIG_NAME} (missing {len(missing)}, "
-            f"unexpected {len(unexpected)} keys, e.g. {(missing + unexpected)[:2]}); the folder mixes "
-            "two architectures: save the model again"
+            f"reward model weights in '{model_id}' do not fit its {CONFIG_NAME} (missing "
+            f"{len(missing)}, unexpected {len(unexpected)}, mis-shaped {len(mismatched)} tensors, e.g. "
+            f"{(missing + unexpected + mismatched)[:2]}); it was saved by another architecture or "
+            "size: save the model again"
         )
+    model.load_state_dict(state, strict=strict)
     return model.eval()
 
 

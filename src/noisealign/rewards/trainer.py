@@ -212,7 +212,7 @@ def train(
     model.train()
     while state["step"] < schedule.max_steps:
         epoch, skip = divmod(state["batches"], per_epoch)
-        parts["sampler"].set_epoch(epoch)
+        parts["sampler"].use_epoch(epoch)
         loader = parts["train_loader"]
         loader = accelerator.skip_first_batches(loader, skip) if skip else loader
         for batch in loader:
