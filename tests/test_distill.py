@@ -124,3 +124,22 @@ def test_corrupt_and_foreign_checkpoints(tiny, tmp_path):
         distill.main(args(tiny, out, "--resume_from_checkpoint", str(ckpt)))
     with pytest.raises(DataError, match="checkpoint '.*nope' does not exist"):
         distill.main(args(tiny, out, "--resume_from_checkpoint", str(tmp_path / "nope")))
+
+
+def test_unet_lora_variant_by_name(tiny, tmp_path):
+    kwargs = '{"hidden_dim": 16, "depth": 1, "num_heads": 2, "lora_rank": 2}'
+    result = distill.main(
+        args(
+            tiny,
+            tmp_path / "out",
+            "--reward_model",
+            "unet_lora",
+            "--model_kwargs",
+            kwargs,
+            "--max_steps",
+            "2",
+        )
+    )
+    assert len(result.history) == 2
+    model = load_reward_model(str(tmp_path / "out"))
+    assert model.config.architecture == "unet_lora" and model.config.unet_config["in_channels"] == 4

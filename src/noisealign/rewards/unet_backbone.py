@@ -1,0 +1,255 @@
+"""The heavier reward model: the diffusion UNet's down and mid blocks at t = T with LoRA adapters.
+
+The noise goes through the pipeline's own UNet encoder (``conv_in``, time embedding at the
+first timestep, down blocks, mid block) conditioned on the prompt, exactly as the first
+denoising step sees it; LoRA adapters (peft) on its attention projections are trained, the
+rest stays frozen. Token features are read from every cross-attention layer: for token l,
+the image features averaged with the attention the image pays to l, plus the attention
+mass itself ("how much of the image looks at this word"). A small token transformer and
+two heads turn them into token and overall logits; the mid block's mean output joins [CLS].
+
+The folder stores the UNet's config, so ``from_pretrained`` rebuilds it without the pipeline.
+
+Example:
+    >>> model = build_reward_model("unet_lora", pipeline="runs/tiny_sd", latent_channels=4,
+    ...                            text_dim=32)  # doctest: +SKIP
+"""
+
+# no ``from __future__ import annotations``: PyTorchModelHubMixin reads the ``config`` annotation
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+from ..errors import ConfigError, PipelineError
+from .card import CARD_TEMPLATE
+from .model import RewardOutput, check_input_fields
+
+
+@dataclass
+class UNetRewardConfig:
+    """Fields of :class:`UNetRewardModel`; ``unet_config`` is filled from ``pipeline`` when built."""
+
+    architecture: str = field(default="unet_lora", metadata={"help": "Always 'unet_lora'."})
+    pipeline: str = field(
+        default="", metadata={"help": "Pipeline whose UNet initialises the backbone."}
+    )
+    unet_config: dict[str, Any] | None = field(
+        default=None, metadata={"help": "The UNet's config (set from the pipeline at build)."}
+    )
+    latent_channels: int = field(default=4, metadata={"help": "C of the noise."})
+    text_dim: int = field(default=768, metadata={"help": "D of the prompt token embeddings."})
+    pooled_dim: int | None = field(
+        default=None, metadata={"help": "P of the pooled embedding (SDXL)."}
+    )
+    vae_scale_factor: int = field(
+        default=8, metadata={"help": "Pixels per latent (SDXL size ids)."}
+    )
+    timestep: int = field(default=999, metadata={"help": "UNet timestep of the pure noise, T."})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank of the attention projections."})
+    lora_alpha: float = field(default=8.0, metadata={"help": "LoRA scaling numerator."})
+    lora_targets: list[str] = field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        metadata={"help": "Module names that get LoRA adapters."},
+    )
+    hidden_dim: int = field(default=128, metadata={"help": "Width of the token transformer."})
+    depth: int = field(default=2, metadata={"help": "Token transformer layers."})
+    num_heads: int = field(
+        default=4, metadata={"help": "Attention heads of the token transformer."}
+    )
+    input_steps: int = field(default=0, metadata={"help": "k: DDIM steps before scoring."})
+    input_kind: str = field(default="latent", metadata={"help": "'latent' or 'x0' for k > 0."})
+    num_inference_steps: int = field(
+        default=0, metadata={"help": "Schedule length of the k steps."}
+    )
+    guidance_scale: float = field(default=0.0, metadata={"help": "CFG scale of the k steps."})
+    pipeline_signature: dict[str, Any] | None = field(
+        default=None, metadata={"help": "pipeline_signature of the training pipeline."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.architecture != "unet_lora":
+            raise ConfigError(f"config has architecture '{self.architecture}', not 'unet_lora'")
+        if self.unet_config is None and not self.pipeline:
+            raise ConfigError(
+                "reward model field 'pipeline' is required to build the unet_lora backbone"
+            )
+        if self.lora_rank < 1 or self.hidden_dim % self.num_heads:
+            raise ConfigError(
+                "reward model fields 'lora_rank' >= 1 and hidden_dim % num_heads == 0"
+            )
+        check_input_fields(self.input_steps, self.input_kind, self.num_inference_steps)
+
+
+class CrossAttentionReader:
+    """Attention processor that computes plain attention and records per-token image features.
+
+    Adapted from diffusers' ``AttnProcessor`` (diffusers 0.42.1, models/attention_processor.py);
+    changes: no spatial/group norm or 4-D inputs (absent in SD/SDXL cross-attention), and the
+    attention probabilities are turned into (B, L, C + 1) token features appended to ``store``.
+    """
+
+    def __init__(self, store: list[torch.Tensor]) -> None:
+        self.store = store
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs: Any) -> torch.Tensor:  # fmt: skip
+        batch, pixels, channels = hidden_states.shape
+        context = (
+            attn.norm_encoder_hidden_states(encoder_hidden_states)
+            if attn.norm_cross
+            else encoder_hidden_states
+        )
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(context))
+        value = attn.head_to_batch_dim(attn.to_v(context))
+        probs = attn.get_attention_scores(query, key, None)  # (B*heads, N, L)
+        out = attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs, value))))
+        per_token = probs.view(batch, -1, pixels, probs.shape[-1]).mean(1)  # (B, N, L)
+        mass = per_token.sum(1, keepdim=True)  # (B, 1, L)
+        pooled = (per_token / mass.clamp(min=1e-6)).transpose(1, 2) @ hidden_states  # (B, L, C)
+        self.store.append(torch.cat([pooled, mass.transpose(1, 2)], dim=-1))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+class UNetEncoder(nn.Module):
+    """The UNet up to its mid block; ``forward`` mirrors ``UNet2DConditionModel.forward`` for SD/SDXL."""
+
+    def __init__(self, unet: UNet2DConditionModel) -> None:
+        super().__init__()
+        cfg = unet.config
+        if (
+            cfg.class_embed_type is not None
+            or cfg.encoder_hid_dim_type is not None
+            or cfg.time_embedding_act_fn is not None
+        ):
+            raise PipelineError(
+                "the unet_lora reward model supports SD 1.x/2.x and SDXL UNets only; use 'transformer'"
+            )
+        self.text_time = cfg.addition_embed_type == "text_time"
+        self.conv_in, self.time_proj, self.time_embedding = (
+            unet.conv_in,
+            unet.time_proj,
+            unet.time_embedding,
+        )
+        self.add_time_proj = unet.add_time_proj if self.text_time else None
+        self.add_embedding = unet.add_embedding if self.text_time else None
+        self.down_blocks, self.mid_block = unet.down_blocks, unet.mid_block
+
+    def forward(self, x, timestep: int, context, pooled, vae_scale: int) -> torch.Tensor:
+        batch = x.shape[0]
+        t = torch.full((batch,), timestep, device=x.device, dtype=torch.long)
+        emb = self.time_embedding(self.time_proj(t).to(x.dtype))
+        if self.text_time:
+            h, w = x.shape[2] * vae_scale, x.shape[3] * vae_scale
+            ids = torch.tensor([h, w, 0, 0, h, w], device=x.device, dtype=x.dtype).repeat(batch)
+            time_embeds = self.add_time_proj(ids).reshape(batch, -1)
+            emb = emb + self.add_embedding(torch.cat([pooled, time_embeds], dim=-1).to(emb.dtype))
+        sample = self.conv_in(x)
+        for block in self.down_blocks:
+            if isinstance(block, CrossAttnDownBlock2D):
+                sample, _ = block(sample, emb, encoder_hidden_states=context)
+            else:
+                sample, _ = block(sample, emb)
+        return self.mid_block(sample, emb, encoder_hidden_states=context)
+
+
+class UNetRewardModel(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="noisealign",
+    tags=["noisealign", "reward-model", "diffusion-noise", "lora"],
+    model_card_template=CARD_TEMPLATE,
+):
+    """r_φ(ε, e) on the UNet encoder with LoRA; same call and outputs as :class:`NoiseRewardModel`."""
+
+    config_class = UNetRewardConfig
+
+    def __init__(self, config: UNetRewardConfig) -> None:
+        super().__init__()
+        from peft import LoraConfig, inject_adapter_in_model
+
+        self.config = config
+        if config.unet_config is None:  # built from a recipe: pretrained weights
+            unet = UNet2DConditionModel.from_pretrained(config.pipeline, subfolder="unet")
+            config.unet_config = {
+                k: v for k, v in dict(unet.config).items() if not k.startswith("_")
+            }
+        else:  # from a saved folder: the weights follow from model.safetensors
+            unet = UNet2DConditionModel.from_config(config.unet_config)
+        self.encoder = UNetEncoder(unet)
+        lora = LoraConfig(
+            r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=config.lora_targets
+        )
+        inject_adapter_in_model(lora, self.encoder)
+        for name, param in self.encoder.named_parameters():
+            param.requires_grad = "lora_" in name
+        self._features: list[torch.Tensor] = []
+        widths = []
+        for name, module in self.encoder.named_modules():
+            if name.endswith("attn2"):
+                module.set_processor(CrossAttentionReader(self._features))
+                widths.append(module.to_q.in_features)
+        dim = config.hidden_dim
+        self.readers = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(c + 1), nn.Linear(c + 1, dim)) for c in widths
+        )
+        self.token_in = nn.Sequential(
+            nn.LayerNorm(config.text_dim), nn.Linear(config.text_dim, dim)
+        )
+        self.pooled_in = None if config.pooled_dim is None else nn.Linear(config.pooled_dim, dim)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        # the mid block's pooled output feeds [CLS], so every LoRA adapter gets a gradient
+        mid = self.encoder.mid_block.resnets[-1].conv2.out_channels
+        self.mid_in = nn.Sequential(nn.LayerNorm(mid), nn.Linear(mid, dim))
+        layer = nn.TransformerEncoderLayer(
+            dim,
+            config.num_heads,
+            4 * dim,
+            0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.tokens = nn.TransformerEncoder(layer, config.depth, enable_nested_tensor=False)
+        self.token_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 1))
+        self.overall_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 1))
+
+    def forward(self, noise: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None) -> RewardOutput:  # fmt: skip
+        """Score ``noise`` (B, C, H, W) for ``embeds`` (B, L, D), ``mask`` (B, L), ``pooled`` (B, P)."""
+        cfg = self.config
+        if (pooled is None) != (self.pooled_in is None):
+            raise ValueError(
+                f"this reward model {'needs' if self.pooled_in is not None else 'takes no'} pooled embeddings"
+            )
+        batch, length = embeds.shape[:2]
+        mask = (
+            torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
+            if mask is None
+            else mask.bool()
+        )
+        self._features.clear()
+        mid = self.encoder(noise, cfg.timestep, embeds, pooled, cfg.vae_scale_factor)
+        read = sum(r(f) for r, f in zip(self.readers, self._features)) / len(self.readers)
+        self._features.clear()
+        cls = self.cls + self.mid_in(mid.mean(dim=(2, 3)))[:, None]
+        if self.pooled_in is not None:
+            cls = cls + self.pooled_in(pooled)[:, None]
+        x = torch.cat([cls, self.token_in(embeds) + read], dim=1)
+        pad = torch.cat([torch.zeros_like(mask[:, :1]), ~mask], dim=1)
+        x = self.tokens(x, src_key_padding_mask=pad)
+        return RewardOutput(
+            self.token_head(x[:, 1:]).squeeze(-1).float(),
+            self.overall_head(x[:, 0]).squeeze(-1).float(),
+        )
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, **kwargs: Any) -> "UNetRewardModel":
+        from .loading import load_weights_strict
+
+        return load_weights_strict(cls, model_id=model_id, **kwargs)
