@@ -143,3 +143,42 @@ def test_unet_lora_variant_by_name(tiny, tmp_path):
     assert len(result.history) == 2
     model = load_reward_model(str(tmp_path / "out"))
     assert model.config.architecture == "unet_lora" and model.config.unet_config["in_channels"] == 4
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_data_parallel(tiny, tmp_path):
+    """Real 2-process DDP (gloo) through accelerate launch; both ranks agree and one folder is saved."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(Path(distill.__file__)), *args(tiny, out, "--max_steps", "2"),
+    ]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "model.safetensors").is_file()
+    states = sorted(p.name for p in (out / "checkpoints" / "checkpoint-2").glob("random_states_*"))
+    assert states == ["random_states_0.pkl", "random_states_1.pkl"]
+
+
+@pytest.mark.slow
+def test_tiny_recipes_collect_then_distill(tmp_path, monkeypatch):
+    """The shipped tiny recipes chained as in CI: toy pipeline, 4 prompts x 2 seeds, 10 steps."""
+    from noisealign import collect
+    from noisealign.toy import pipeline_path
+
+    if not (pipeline_path() / "model_index.json").is_file():
+        pytest.skip("the toy pipeline is not committed yet")
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # the recipes' paths are relative to the repository root
+    collect.main(["--config", "recipes/tiny/collect.yaml", "--output_dir", str(tmp_path / "c")])
+    result = distill.main(
+        ["--config", "recipes/tiny/distill.yaml", "--dataset", str(tmp_path / "c" / "dataset"),
+         "--output_dir", str(tmp_path / "d")]
+    )  # fmt: skip
+    assert len(result.history) == 10 and (tmp_path / "d" / "model.safetensors").is_file()

@@ -139,7 +139,7 @@ def baseline_metrics(
 
 def card_info(config, rows, signature, train_ids, eval_ids, model, train_seconds) -> dict:
     return {
-        "name": Path(config.output_dir).name if not config.hub_model_id else config.hub_model_id,
+        "name": config.hub_model_id or config.output_dir,
         "dataset": config.dataset,
         "rows": len(rows),
         "prompts": len(set(rows.prompt_ids)),
