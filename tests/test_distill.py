@@ -110,11 +110,13 @@ def test_bad_inputs_fail_clearly_and_leave_outputs_alone(tiny, tmp_path):
 def test_corrupt_and_foreign_checkpoints(tiny, tmp_path):
     out = tmp_path / "out"
     distill.main(args(tiny, out, "--max_steps", "2"))
+    before = untouched(out)
     with pytest.raises(DataError, match="holds checkpoints of an earlier run"):
         distill.main(args(tiny, out))
     other = '{"hidden_dim": 32, "depth": 1, "num_heads": 2}'
     with pytest.raises(DataError, match="from another architecture .*hidden_dim"):
         distill.main(args(tiny, out, "--resume_from_checkpoint", "latest", "--model_kwargs", other))
+    assert untouched(out) == before
     ckpt = out / "checkpoints" / "checkpoint-2"
     (ckpt / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(DataError, match="checkpoint-2' is corrupt or from another architecture"):
@@ -124,6 +126,11 @@ def test_corrupt_and_foreign_checkpoints(tiny, tmp_path):
         distill.main(args(tiny, out, "--resume_from_checkpoint", str(ckpt)))
     with pytest.raises(DataError, match="checkpoint '.*nope' does not exist"):
         distill.main(args(tiny, out, "--resume_from_checkpoint", str(tmp_path / "nope")))
+    # --overwrite_output_dir starts afresh: the earlier checkpoints go once all checks pass
+    distill.main(
+        args(tiny, out, "--overwrite_output_dir", "true", "--max_steps", "1", "--save_steps", "1")
+    )
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-1"]
 
 
 def test_unet_lora_variant_by_name(tiny, tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -205,7 +206,7 @@ def main(args: Sequence[str] | None = None) -> DistillResult:
         encode_prompt_table,
         precompute_features,
     )
-    from noisealign.rewards.trainer import resolve_checkpoint, train
+    from noisealign.rewards.trainer import evaluate, load_checkpoint, resolve_checkpoint, train
     from noisealign.tracking import make_accelerator, start_tracking
 
     accelerator = make_accelerator(
@@ -252,11 +253,10 @@ def main(args: Sequence[str] | None = None) -> DistillResult:
             time.perf_counter() - started,
         )
     del pipe  # the UNet variant copied what it needs
-    start_tracking(accelerator, config, "distill")
     baseline = stage.baseline_metrics(rows, table, prompt_order, train_ids, eval_ids)
     logger.info("prompt-only baseline on held-out prompts: %s", stage.rounded(baseline))
 
-    # ---- 4. data loaders, optimizer, resume ---------------------------------------------
+    # ---- 4. data loaders, optimizer, resume; trackers start once all checks passed ------
     parts = stage.build_parts(
         config, rows, prompt_order, features, train_ids, eval_ids, model, accelerator.num_processes
     )
@@ -264,12 +264,14 @@ def main(args: Sequence[str] | None = None) -> DistillResult:
     names = ("model", "optimizer", "train_loader", "lr_scheduler")
     parts.update(zip(names, accelerator.prepare(*(parts[n] for n in names))))
     device_table = stage.device_table(table, accelerator.device)
-    state = {"step": 0, "batches": 0}
     saved_config = json.loads(json.dumps(asdict(model.config)))
+    state = {"step": 0, "batches": 0}
     if resume is not None:
-        from noisealign.rewards.trainer import load_checkpoint
-
         state = load_checkpoint(accelerator, resume, saved_config)
+    elif config.overwrite_output_dir and accelerator.is_main_process:
+        shutil.rmtree(Path(config.output_dir, "checkpoints"), ignore_errors=True)
+    accelerator.wait_for_everyone()
+    start_tracking(accelerator, config, "distill")
 
     # ---- 5. train ------------------------------------------------------------------------
     started = time.perf_counter()
@@ -286,8 +288,6 @@ def main(args: Sequence[str] | None = None) -> DistillResult:
     train_seconds = time.perf_counter() - started
 
     # ---- 6. held-out evaluation, model folder with its card ------------------------------
-    from noisealign.rewards.trainer import evaluate
-
     metrics = evaluate(accelerator, parts["model"], parts["eval_loader"], device_table)
     accelerator.log(
         {f"eval/{k}": v for k, v in metrics.items()}
