@@ -86,17 +86,16 @@ def batch_loss(model: Any, batch: dict, table: PromptTable, losses: LossSettings
 def evaluate(accelerator: Accelerator, model: Any, loader: DataLoader, table: PromptTable) -> dict:
     """Held-out metrics (token AUC, Spearman ρ, pairwise accuracy) of the whole eval set.
 
-    Every process scores every held-out row with the unwrapped model (held-out sets are small),
-    so no gather is needed and all ranks log the same numbers.
+    Every process scores every held-out row (held-out sets are small), so no gather is needed
+    and all ranks log the same numbers; the prepared model is called the same number of times
+    on each rank, which FSDP's all-gathers need, and it autocasts like in training.
     """
-    net = accelerator.unwrap_model(model)
-    net.eval()
+    model.eval()
     parts: dict[str, list[torch.Tensor]] = {}
     for batch in loader:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         embeds, mask, pooled = table.gather(batch["prompt"])
-        with accelerator.autocast():
-            out = net(batch["inputs"], embeds, mask, pooled)
+        out = model(batch["inputs"], embeds, mask, pooled)
         values = {
             "token_logits": out.token_logits, "overall_logit": out.overall_logit,
             "token_targets": batch["token_targets"], "token_mask": batch["token_mask"],
@@ -106,7 +105,7 @@ def evaluate(accelerator: Accelerator, model: Any, loader: DataLoader, table: Pr
             parts.setdefault(key, []).append(
                 value.float().cpu() if value.is_floating_point() else value.cpu()
             )
-    net.train()
+    model.train()
     p = {k: torch.cat(v) for k, v in parts.items()}
     return reward_metrics(
         p["token_logits"], p["overall_logit"], p["token_targets"], p["token_mask"],
