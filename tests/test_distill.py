@@ -65,11 +65,21 @@ def test_distill_saves_a_self_describing_folder(tiny, tmp_path):
     assert metrics["model"]["pairs"] == result.metrics["pairs"]
 
 
-def test_resume_gives_the_same_next_losses(tiny, tmp_path):
+@pytest.mark.parametrize("accumulate", ["1", "3"])
+def test_resume_gives_the_same_next_losses(tiny, tmp_path, accumulate):
     out = tmp_path / "out"
-    full = distill.main(args(tiny, out))
+    full = distill.main(args(tiny, out, "--gradient_accumulation_steps", accumulate))
     shutil.rmtree(out / "checkpoints" / "checkpoint-4")
-    resumed = distill.main(args(tiny, out, "--resume_from_checkpoint", "latest"))
+    resumed = distill.main(
+        args(
+            tiny,
+            out,
+            "--gradient_accumulation_steps",
+            accumulate,
+            "--resume_from_checkpoint",
+            "latest",
+        )
+    )
     assert [h["step"] for h in resumed.history] == [3, 4]
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history[2:]]
 

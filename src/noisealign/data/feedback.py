@@ -116,7 +116,11 @@ def clean_feedback(dataset: datasets.Dataset) -> FeedbackRows:
     keep = np.flatnonzero(~failed & ~nonfinite)
     if len(keep) == 0:
         raise DataError("no usable rows: every row failed or holds NaN/Inf; collect again")
-    column = lambda name: [dataset[name][i] for i in keep.tolist()]  # noqa: E731
+    kept = dataset.select(keep.tolist())
+
+    def column(name: str) -> list:
+        return kept[name]
+
     return FeedbackRows(
         prompt_ids=column("prompt_id"),
         prompts=column("prompt"),
