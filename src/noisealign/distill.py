@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from noisealign.configs import BaseConfig, parse_config
-from noisealign.errors import ConfigError, DataError
+from noisealign.errors import ConfigError
 
 logger = logging.getLogger("noisealign.distill")
 
@@ -179,21 +179,6 @@ class DistillResult:
     model_dir: str
 
 
-def check_output_dir(config: DistillConfig) -> None:
-    """Refuse to mix two runs' checkpoints unless resuming or overwriting (nothing is deleted here)."""
-    from noisealign.rewards.trainer import checkpoints
-
-    if (
-        checkpoints(config.output_dir)
-        and not config.resume_from_checkpoint
-        and not config.overwrite_output_dir
-    ):
-        raise DataError(
-            f"output_dir '{config.output_dir}' holds checkpoints of an earlier run; pass "
-            "--resume_from_checkpoint latest, --overwrite_output_dir true, or another output_dir"
-        )
-
-
 def main(args: Sequence[str] | None = None) -> DistillResult:
     """Run the distill stage; returns the history and metrics (saved model on the main process)."""
     # ---- 1. recipe and the accelerator (before touching the output folder) ----------
@@ -206,7 +191,13 @@ def main(args: Sequence[str] | None = None) -> DistillResult:
         encode_prompt_table,
         precompute_features,
     )
-    from noisealign.rewards.trainer import evaluate, load_checkpoint, resolve_checkpoint, train
+    from noisealign.rewards.trainer import (
+        check_output_dir,
+        evaluate,
+        load_checkpoint,
+        resolve_checkpoint,
+        train,
+    )
     from noisealign.tracking import make_accelerator, start_tracking
 
     accelerator = make_accelerator(
@@ -218,7 +209,7 @@ def main(args: Sequence[str] | None = None) -> DistillResult:
     train_ids, eval_ids = split_by_prompt(
         rows.prompt_ids, config.eval_fraction, config.min_eval_prompts, config.seed
     )
-    check_output_dir(config)
+    check_output_dir(config.output_dir, config.resume_from_checkpoint, config.overwrite_output_dir)
     resume = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
     pipe = load_pipeline(
         config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code

@@ -121,6 +121,15 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
+def check_output_dir(output_dir: str, resume: str | None, overwrite: bool) -> None:
+    """Refuse to mix two runs' checkpoints unless resuming or overwriting (nothing is deleted here)."""
+    if checkpoints(output_dir) and not resume and not overwrite:
+        raise DataError(
+            f"output_dir '{output_dir}' holds checkpoints of an earlier run; pass "
+            "--resume_from_checkpoint latest, --overwrite_output_dir true, or another output_dir"
+        )
+
+
 def resolve_checkpoint(output_dir: str, resume: str | None) -> Path | None:
     """The folder to resume from: ``"latest"`` (None if there is none yet) or an explicit path."""
     if not resume:
