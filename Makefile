@@ -37,10 +37,10 @@ style: setup
 	$(VENV)/bin/ruff format src tests bench
 
 # The main job on the embedded default (the toy world, CPU). Until the full chain lands
-# this is the toy-world collect stage.
+# this is the tiny toy-world collect (recipes/tiny/collect.yaml).
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/accelerate launch --cpu --num_processes 1 --mixed_precision no --dynamo_backend no \
-	  src/noisealign/collect.py --config recipes/toy/collect.yaml
+	  src/noisealign/collect.py --config recipes/tiny/collect.yaml
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

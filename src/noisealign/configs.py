@@ -76,6 +76,13 @@ class BaseConfig:
     seed: int = field(
         default=0, metadata={"help": "Global seed for anything not keyed per sample."}
     )
+    num_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "torch intra-op threads per process (unset: torch's default). Use 1 on a small shared "
+            "CPU: two threads per process stall each other ~5-10x when other processes compete for the cores."
+        },
+    )
     trust_remote_code: bool = field(
         default=False,
         metadata={"help": "Allow models whose code lives on the hub. Off unless you set it."},
@@ -94,6 +101,8 @@ class BaseConfig:
             raise ConfigError(
                 "recipe field 'output_dir' is required: set it in the YAML or pass --output_dir"
             )
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ConfigError(f"recipe field 'num_threads' must be >= 1, got {self.num_threads}")
         if self.report_to not in ("wandb", "none"):
             raise ConfigError(
                 f"recipe field 'report_to' must be 'wandb' or 'none', got {self.report_to!r}"

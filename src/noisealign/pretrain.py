@@ -11,7 +11,6 @@ saves a ``StableDiffusionPipeline`` folder that loads with plain ``from_pretrain
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from noisealign.toy.train import (
     train_unet,
     train_vae,
 )
+from noisealign.tracking import make_accelerator, start_tracking
 
 logger = logging.getLogger("noisealign.pretrain")
 
@@ -99,18 +99,6 @@ class PretrainConfig(BaseConfig):
         default="",
         metadata={"help": "Where the pipeline folder goes; default OUTPUT_DIR/pipeline."},
     )
-    num_threads: int = field(
-        default=1,
-        metadata={
-            "help": "torch intra-op threads per process; 1 is fastest on a shared 2-core CPU, where 2 threads stall each other."
-        },
-    )
-    env: dict = field(
-        default_factory=dict,
-        metadata={
-            "help": "Environment variables set when not already set, e.g. {WANDB_MODE: offline}."
-        },
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -125,7 +113,6 @@ class PretrainConfig(BaseConfig):
             "unet_steps",
             "unet_batch_size",
             "eval_seeds",
-            "num_threads",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"recipe field '{name}' must be >= 1, got {getattr(self, name)}")
@@ -143,33 +130,17 @@ class PretrainConfig(BaseConfig):
             )
 
 
-def _setup_env(config: PretrainConfig) -> None:
-    """Recipe env first (the caller's environment wins), then keep wandb files in output_dir."""
-    for key, value in config.env.items():
-        os.environ.setdefault(str(key), str(value))
-    if config.report_to != "wandb":
-        return
-    wandb_dir = str(Path(config.output_dir, "wandb").resolve())
-    for key in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
-        os.environ.setdefault(key, wandb_dir)
-    Path(wandb_dir).mkdir(parents=True, exist_ok=True)
+CONFIG_CLASS = PretrainConfig  # read by the recipe tests
 
 
 def main(args: Sequence[str] | None = None) -> Path:
     """Run the stage; returns the saved pipeline folder."""
     # ---- 1. Config, accelerator, trackers ---------------------------------------------
     config = parse_config(PretrainConfig, args)
-    _setup_env(config)
-    torch.set_num_threads(config.num_threads)
     output_dir = Path(config.output_dir)
-    accelerator = Accelerator(
-        log_with=None if config.report_to == "none" else "wandb", project_dir=str(output_dir)
-    )
+    accelerator = make_accelerator(config)
     set_seed(config.seed)
-    run_name = config.run_name or output_dir.name
-    accelerator.init_trackers(
-        config.wandb_project, config=config.to_dict(), init_kwargs={"wandb": {"name": run_name}}
-    )
+    start_tracking(accelerator, config, "pretrain")
     timings: dict[str, float] = {}
     started = time.time()
 

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 
 from .configs import BaseConfig
@@ -34,6 +35,8 @@ def make_accelerator(config: BaseConfig, **kwargs: Any) -> Accelerator:
     Create it before touching the output folder: it sets up the process group, and
     ``PartialState()`` alone ignores ``ACCELERATE_USE_CPU`` and would see one process.
     """
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
     log_with = "wandb" if config.report_to == "wandb" else None
     return Accelerator(log_with=log_with, project_dir=config.output_dir, **kwargs)
 
