@@ -348,3 +348,24 @@ def test_real_recipe_code_paths_with_tiny_models(tmp_path, pipeline_builder, arc
     scored = [tok for tok, m in zip(row["tokens"], row["token_mask"]) if m]
     assert {"blue</w>", "square</w>", "left</w>", "of</w>"} <= set(scored)
     assert len({round(s, 6) for s, m in zip(row["token_scores"], row["token_mask"]) if m}) > 1
+
+
+def test_wandb_offline_run_stays_in_output_dir(tiny_pipeline, prompt_file, tmp_path, monkeypatch):
+    for var in (
+        "WANDB_DIR",
+        "WANDB_CACHE_DIR",
+        "WANDB_DATA_DIR",
+        "WANDB_CONFIG_DIR",
+        "WANDB_ARTIFACT_DIR",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "out"
+    argv = args(tiny_pipeline, prompt_file, out)
+    argv[argv.index("--report_to") + 1] = "wandb"
+    collect.main(argv + ["--log_images", "2", "--seeds", "0:1"])
+    runs = list((out / "wandb").rglob("offline-run-*"))
+    assert runs, "no offline wandb run under output_dir"
+    logged = b"".join(p.read_bytes() for p in runs[0].rglob("*.wandb"))
+    assert b"collect/samples" in logged and b"collect/images_per_s" in logged
