@@ -36,7 +36,7 @@ from PIL import Image
 
 from ..errors import JudgeError
 from .base import Concept, Feedback
-from .concepts import split_concepts
+from .concepts import resolve_concepts
 
 logger = logging.getLogger(__name__)
 
@@ -185,12 +185,10 @@ class OpenAIJudge:
         concepts: Sequence[list[Concept] | None] | None = None,
     ) -> list[Feedback]:
         """Score B images: the whole prompt's P(yes) is the overall score, each concept's its score."""
-        if len(images) != len(prompts):
-            raise ValueError(f"got {len(images)} images for {len(prompts)} prompts")
-        given = concepts if concepts is not None else [None] * len(prompts)
         feedback = []
-        for image, prompt, sample_concepts in zip(images, prompts, given):
-            resolved = sample_concepts if sample_concepts is not None else split_concepts(prompt)
+        for image, prompt, resolved in zip(
+            images, prompts, resolve_concepts(images, prompts, concepts)
+        ):
             url = image_data_url(image)
             overall = self._yes(url, prompt)
             scored = [

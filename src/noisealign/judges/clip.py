@@ -28,7 +28,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
 from ..errors import JudgeError
 from .base import Concept, Feedback
-from .concepts import split_concepts
+from .concepts import resolve_concepts
 from .vlm import DTYPES
 
 
@@ -124,10 +124,7 @@ class CLIPJudge:
         concepts: Sequence[list[Concept] | None] | None = None,
     ) -> list[Feedback]:
         """Score B images against B prompts (overall) and their concepts (parts)."""
-        if len(images) != len(prompts):
-            raise ValueError(f"got {len(images)} images for {len(prompts)} prompts")
-        given = concepts if concepts is not None else [None] * len(prompts)
-        resolved = [c if c is not None else split_concepts(p) for c, p in zip(given, prompts)]
+        resolved = resolve_concepts(images, prompts, concepts)
         pixels = self.image_processor([im.convert("RGB") for im in images], return_tensors="pt")[
             "pixel_values"
         ]

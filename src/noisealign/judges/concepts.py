@@ -13,6 +13,8 @@ Example:
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
+from typing import Any
 
 from .base import Concept
 
@@ -80,3 +82,18 @@ def split_concepts(prompt: str) -> list[Concept]:
     if len(concepts) >= 2:
         concepts.append(Concept(prompt.strip(" ."), "relation", [(match.start(), match.end())]))
     return concepts
+
+
+def resolve_concepts(
+    images: Sequence[Any], prompts: Sequence[str], concepts: Sequence[list[Concept] | None] | None
+) -> list[list[Concept]]:
+    """The concepts to check per sample: the given ones, else :func:`split_concepts`.
+
+    Every judge's ``score`` starts here, so all judges treat missing annotations alike.
+    """
+    if len(images) != len(prompts):
+        raise ValueError(f"got {len(images)} images for {len(prompts)} prompts")
+    given = concepts if concepts is not None else [None] * len(prompts)
+    if len(given) != len(prompts):
+        raise ValueError(f"got {len(given)} concept lists for {len(prompts)} prompts")
+    return [c if c is not None else split_concepts(p) for c, p in zip(given, prompts)]

@@ -37,7 +37,7 @@ from transformers.processing_utils import ProcessorMixin
 
 from ..errors import JudgeError
 from .base import Concept, Feedback
-from .concepts import split_concepts
+from .concepts import resolve_concepts
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 METHODS = ("concepts", "caption")
@@ -286,10 +286,7 @@ class VLMJudge:
         concepts: Sequence[list[Concept] | None] | None = None,
     ) -> list[Feedback]:
         """Score B images against B prompts; see the module docstring for the definitions."""
-        if len(images) != len(prompts):
-            raise ValueError(f"got {len(images)} images for {len(prompts)} prompts")
-        given = concepts if concepts is not None else [None] * len(prompts)
-        resolved = [c if c is not None else split_concepts(p) for c, p in zip(given, prompts)]
+        resolved = resolve_concepts(images, prompts, concepts)
         if self.method == "concepts":
             return self._score_concepts(list(images), list(prompts), resolved)
         return self._score_caption(list(images), list(prompts), resolved)
