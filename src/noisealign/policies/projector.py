@@ -1,0 +1,236 @@
+"""The noise projector f_θ(ε, e) → ε′: a prompt-aware initial noise in one forward pass.
+
+Architecture (DESIGN.md section 4): a conv patch encoder turns ε (B, C, H, W) into patches
+with fixed 2-D sine-cosine positions (any latent size works; sizes not divisible by the patch
+are padded and cropped back); ``depth`` pre-norm blocks in which the patches attend to each
+other and, per sample, to that prompt's own token embeddings (padding masked); SDXL's pooled
+embedding modulates the patches FiLM-style. A linear head, **zero-initialised**, writes a
+residual r, unpatchified to (B, C, H, W).
+
+Keeping ε′ Gaussian — the choice and why. ε′ is the residual sum *moment-matched to ε*:
+
+    y = ε + r,   ε′ = μ(ε) + (y − μ(y)) · s(ε) / s(y)
+
+with μ, s the per-sample mean and standard deviation over (C, H, W). So ε′ has exactly the
+per-sample mean and std of the input noise (≈ 0 and ≈ 1, as a draw from N(0, I) has), and
+at initialisation (r = 0) ε′ = ε bit for bit. A distribution-preserving mix
+√(1−γ)·ε + √γ·δ was not used: it is Gaussian only if δ is independent of ε, which a learned
+δ(ε, e) is not, and its γ = 0 start has an infinite √γ gradient. What the moment match does
+not fix — skew, tails, spatial correlation — is measured (``noisealign.noise.gaussian_stats``
+and the lag-1 autocorrelation) and penalised in training
+(:func:`noisealign.losses.preference.gaussianity_penalty`).
+
+Example:
+    >>> cfg = NoiseProjectorConfig(latent_channels=4, text_dim=32, hidden_dim=32, depth=1)
+    >>> f = NoiseProjector(cfg).eval()
+    >>> eps = torch.randn(2, 4, 16, 16)
+    >>> bool(torch.equal(f(eps, torch.randn(2, 7, 32)), eps))  # identity at initialisation
+    True
+"""
+
+# no ``from __future__ import annotations``: PyTorchModelHubMixin reads the ``config``
+# annotation at class creation to rebuild the dataclass from config.json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+from ..errors import ConfigError
+from ..rewards.model import sincos_2d
+
+MOMENT_EPS = 1e-6  # keeps s(y) away from 0 for a degenerate residual
+
+
+@dataclass
+class NoiseProjectorConfig:
+    """Size of :class:`NoiseProjector` and the pipeline it was trained for; saved as ``config.json``."""
+
+    latent_channels: int = field(default=4, metadata={"help": "C of the noise."})
+    text_dim: int = field(default=768, metadata={"help": "D of the prompt token embeddings."})
+    pooled_dim: int | None = field(
+        default=None, metadata={"help": "P of the pooled embedding (SDXL), None for SD."}
+    )
+    hidden_dim: int = field(default=128, metadata={"help": "Width of the patch transformer."})
+    depth: int = field(
+        default=2, metadata={"help": "Patch self-attention + token cross-attention blocks."}
+    )
+    num_heads: int = field(default=4, metadata={"help": "Attention heads."})
+    patch_size: int = field(
+        default=4, metadata={"help": "Latent pixels per patch side (SD1.5 64x64 → 256 patches)."}
+    )
+    mlp_ratio: float = field(default=4.0, metadata={"help": "MLP width / hidden_dim."})
+    pipeline_signature: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "noisealign.pipelines.pipeline_signature of the training pipeline."},
+    )
+    pipeline: str | None = field(
+        default=None, metadata={"help": "Folder or hub id of the pipeline it was trained with."}
+    )
+
+    def __post_init__(self) -> None:
+        for name in (
+            "latent_channels",
+            "text_dim",
+            "hidden_dim",
+            "depth",
+            "num_heads",
+            "patch_size",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(
+                    f"projector field '{name}' must be >= 1, got {getattr(self, name)}"
+                )
+        if self.hidden_dim % self.num_heads or self.hidden_dim % 4:
+            raise ConfigError(
+                f"projector field 'hidden_dim' ({self.hidden_dim}) must divide by num_heads "
+                f"({self.num_heads}) and by 4 (2-D sine-cosine positions)"
+            )
+
+
+class ProjectorBlock(nn.Module):
+    """Pre-norm block: patch self-attention, patches → own prompt's tokens cross-attention, MLP."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm_self = nn.LayerNorm(dim)
+        self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm_query = nn.LayerNorm(dim)
+        self.cross_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm_mlp = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(
+        self, patches: torch.Tensor, tokens: torch.Tensor, pad: torch.Tensor
+    ) -> torch.Tensor:
+        x = self.norm_self(patches)
+        patches = patches + self.self_attn(x, x, x, need_weights=False)[0]
+        q = self.norm_query(patches)
+        patches = (
+            patches
+            + self.cross_attn(q, tokens, tokens, key_padding_mask=pad, need_weights=False)[0]
+        )
+        return patches + self.mlp(self.norm_mlp(patches))
+
+
+def moment_match(noise: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``μ(ε) + (y − μ(y))·s(ε)/s(y)`` with y = ε + r, per sample over all but the batch dim.
+
+    Written as ε + (r − μ(r))·k + (ε − μ(ε))·(k − 1), k = s(ε)/s(y), which is the same
+    value but is exactly ε (bit for bit) when r = 0, while gradients still reach r.
+    """
+    dims = tuple(range(1, noise.ndim))
+    k = noise.std(dims, keepdim=True) / (noise + residual).std(dims, keepdim=True).clamp_min(
+        MOMENT_EPS
+    )
+    centred_r = residual - residual.mean(dims, keepdim=True)
+    centred_x = noise - noise.mean(dims, keepdim=True)
+    return noise + centred_r * k + centred_x * (k - 1)
+
+
+class NoiseProjector(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="noisealign",
+    repo_url="https://github.com/noisealign/noisealign",
+    tags=["noisealign", "noise-policy", "diffusion-noise"],
+):
+    """f_θ(ε, e) → ε′ ``(B, C, H, W)``, same dtype as ε; see the module docstring."""
+
+    config_class = NoiseProjectorConfig
+
+    def __init__(self, config: NoiseProjectorConfig) -> None:
+        super().__init__()
+        self.config = config
+        dim, p = config.hidden_dim, config.patch_size
+        self.patch_embed = nn.Sequential(
+            nn.Conv2d(config.latent_channels, dim // 2, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(dim // 2, dim, p, stride=p),
+        )
+        self.token_in = nn.Sequential(
+            nn.LayerNorm(config.text_dim), nn.Linear(config.text_dim, dim)
+        )
+        # FiLM from the pooled embedding: (1 + scale)·patches + shift, zero-initialised
+        self.pooled_film = (
+            None if config.pooled_dim is None else nn.Linear(config.pooled_dim, 2 * dim)
+        )
+        if self.pooled_film is not None:
+            nn.init.zeros_(self.pooled_film.weight)
+            nn.init.zeros_(self.pooled_film.bias)
+        self.blocks = nn.ModuleList(
+            ProjectorBlock(dim, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
+        )
+        self.norm_out = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, config.latent_channels * p * p)
+        nn.init.zeros_(self.head.weight)  # r = 0 at initialisation: f_θ is the identity
+        nn.init.zeros_(self.head.bias)
+
+    def residual(
+        self,
+        noise: torch.Tensor,
+        embeds: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        pooled: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """r(ε, e) ``(B, C, H, W)`` float32 before the moment match."""
+        p = self.config.patch_size
+        height, width = noise.shape[2:]
+        pad_h, pad_w = (-height) % p, (-width) % p
+        x = F.pad(noise, (0, pad_w, 0, pad_h)) if pad_h or pad_w else noise
+        grid = self.patch_embed(x)
+        h, w = grid.shape[2:]
+        patches = grid.flatten(2).transpose(1, 2) + sincos_2d(h, w, grid.shape[1], grid.device)
+        if self.pooled_film is not None:
+            scale, shift = self.pooled_film(pooled).chunk(2, dim=-1)
+            patches = patches * (1 + scale[:, None]) + shift[:, None]
+        tokens = self.token_in(embeds)
+        pad = ~mask.bool()
+        for block in self.blocks:
+            patches = block(patches, tokens, pad)
+        out = self.head(self.norm_out(patches))  # (B, h·w, C·p·p)
+        out = out.transpose(1, 2).reshape(noise.shape[0], -1, h, w)
+        return F.pixel_shuffle(out, p)[:, :, :height, :width]
+
+    def forward(
+        self,
+        noise: torch.Tensor,
+        embeds: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        pooled: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """ε′ for ``noise`` (B, C, H, W), prompts ``embeds`` (B, L, D), ``mask`` (B, L) bool, ``pooled`` (B, P)."""
+        cfg = self.config
+        if noise.ndim != 4 or noise.shape[1] != cfg.latent_channels:
+            raise ValueError(
+                f"noise must be (B, {cfg.latent_channels}, H, W), got {tuple(noise.shape)}"
+            )
+        if embeds.ndim != 3 or embeds.shape[2] != cfg.text_dim or embeds.shape[0] != noise.shape[0]:
+            raise ValueError(
+                f"embeds must be ({noise.shape[0]}, L, {cfg.text_dim}) for this noise, got {tuple(embeds.shape)}"
+            )
+        if (pooled is None) != (self.pooled_film is None):
+            raise ValueError(
+                f"this projector {'needs' if self.pooled_film is not None else 'takes no'} pooled "
+                "embeddings; pass PromptEmbeddings.pooled of the pipeline it was trained for"
+            )
+        if mask is None:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+        dtype = self.head.weight.dtype
+        x = noise.to(dtype)
+        r = self.residual(x, embeds.to(dtype), mask, None if pooled is None else pooled.to(dtype))
+        return moment_match(x, r).to(noise.dtype)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, **kwargs: Any) -> "NoiseProjector":
+        from ..rewards.loading import load_weights_strict
+
+        return load_weights_strict(cls, model_id=model_id, **kwargs)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Trainable parameters of ``model``."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
