@@ -20,6 +20,8 @@ STAGES: dict[str, str] = {
     "collect": "noisealign.collect",
     "distill": "noisealign.distill",
     "pretrain": "noisealign.pretrain",
+    "train_projector": "noisealign.train_projector",
+    "generate": "noisealign.generate",
 }
 
 

@@ -1,0 +1,294 @@
+"""train_projector stage: a noise projector f_θ(ε, e) trained with quasi-DPO against a distilled reward model.
+
+Launch (any of):
+    accelerate launch src/noisealign/train_projector.py --config recipes/toy/train_projector.yaml
+    python -m noisealign.train_projector --config recipes/tiny/train_projector.yaml
+    noisealign train_projector --config recipes/tiny/train_projector.yaml --output_dir runs/p
+
+Each step draws fresh noise ε for prompts of the prompt file (or the collected dataset), K
+candidates around the reference output with the distribution-preserving mix, scores them with
+r_φ, forms (winner, loser) pairs and minimises the quasi-DPO loss (docs/method.md) plus a
+Gaussianity penalty on ε′. ``loss_type: reward_gradient`` is the ablation that maximises
+r_φ(f_θ(ε, e)) directly. Saves a projector folder (config.json + model.safetensors) that
+records its pipeline; resume with ``--resume_from_checkpoint latest``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from noisealign.configs import BaseConfig, parse_config
+from noisealign.errors import ConfigError
+
+logger = logging.getLogger("noisealign.train_projector")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "reward_gradient")
+
+
+@dataclass
+class TrainProjectorConfig(BaseConfig):
+    """Recipe of the train_projector stage."""
+
+    pipeline: str = field(default="", metadata={"help": "Pipeline (folder or hub id) whose text encoder embeds the prompts and whose latents are projected. Required."})  # fmt: skip
+    torch_dtype: str = field(default="float32", metadata={"help": "Pipeline dtype: float32, float16 or bfloat16."})  # fmt: skip
+    reward_model: str = field(default="", metadata={"help": "Distilled reward model folder (distill stage output) that scores candidates. Required."})  # fmt: skip
+    prompts: str | None = field(default=None, metadata={"help": "Prompt file (txt / jsonl / csv); else the prompts of 'dataset'."})  # fmt: skip
+    dataset: str | None = field(default=None, metadata={"help": "A collect stage dataset folder whose prompts are used when 'prompts' is unset."})  # fmt: skip
+    projector_kwargs: dict = field(default_factory=dict, metadata={"help": "Size of the projector (NoiseProjectorConfig fields, e.g. hidden_dim, depth, patch_size)."})  # fmt: skip
+    init_from: str | None = field(default=None, metadata={"help": "Start from this projector folder instead of the identity."})  # fmt: skip
+    reference: str = field(default="identity", metadata={"help": "π_ref's mean: 'identity' (ε itself) or 'initial' (frozen copy of the starting projector)."})  # fmt: skip
+    loss_type: str = field(default="sigmoid", metadata={"help": "'sigmoid' (DPO), 'ipo', 'hinge' (TRL's names) or 'reward_gradient' (the ablation)."})  # fmt: skip
+    beta: float = field(default=0.1, metadata={"help": "β: strength of the implicit KL to π_ref; only β/σ² matters for sigmoid/hinge."})  # fmt: skip
+    sigma: float = field(default=0.3, metadata={"help": "σ of the surrogate policy N(f_θ, σ²I); √candidate_gamma is the natural choice."})  # fmt: skip
+    num_candidates: int = field(default=8, metadata={"help": "K candidates drawn per (ε, e)."})  # fmt: skip
+    candidate_gamma: float = field(default=0.1, metadata={"help": "γ of the mix √(1−γ)·f_ref + √γ·ξ that draws candidates (their spread)."})  # fmt: skip
+    pair_mode: str = field(default="best_worst", metadata={"help": "'best_worst' (one pair per sample) or 'all' (every pair above the margin)."})  # fmt: skip
+    reward_margin: float = field(default=0.0, metadata={"help": "Pairs count only if r_φ's logits differ by more than this."})  # fmt: skip
+    gaussianity_weight: float = field(default=1.0, metadata={"help": "λ of the Gaussianity penalty on ε′ (moments and lag-1 correlation)."})  # fmt: skip
+    batch_size: int = field(default=16, metadata={"help": "(ε, e) samples per process per step."})  # fmt: skip
+    max_steps: int = field(default=500, metadata={"help": "Optimizer steps."})  # fmt: skip
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant after warm-up)."})  # fmt: skip
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})  # fmt: skip
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})  # fmt: skip
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm; 0 turns clipping off."})  # fmt: skip
+    logging_steps: int = field(default=10, metadata={"help": "Log train metrics every this many steps."})  # fmt: skip
+    save_steps: int = field(default=100, metadata={"help": "Checkpoint (accelerate save_state) every this many steps."})  # fmt: skip
+    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (0 keeps all)."})  # fmt: skip
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder to resume from."})  # fmt: skip
+    image_steps: int = field(default=0, metadata={"help": "Every this many steps, a standard-vs-projected image grid from the real pipeline (0: never)."})  # fmt: skip
+    image_prompts: list[str] = field(default_factory=list, metadata={"help": "Fixed prompts of the image grid."})  # fmt: skip
+    image_seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds of the image grid (each prompt with each seed)."})  # fmt: skip
+    judge: str | None = field(default=None, metadata={"help": "Judge that scores the grid's images (e.g. 'shapes'); None: no scores."})  # fmt: skip
+    num_inference_steps: int = field(default=20, metadata={"help": "Sampling steps of the image grid."})  # fmt: skip
+    guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale of the image grid."})  # fmt: skip
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("pipeline", "reward_model"):
+            if not getattr(self, name):
+                raise ConfigError(f"recipe field '{name}' is required")
+        if not self.prompts and not self.dataset:
+            raise ConfigError(
+                "recipe needs 'prompts' (a prompt file) or 'dataset' (collected rows)"
+            )
+        for name in ("batch_size", "max_steps", "logging_steps", "save_steps", "num_candidates"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"recipe field '{name}' must be >= 1, got {getattr(self, name)}")
+        if self.loss_type != "reward_gradient" and self.num_candidates < 2:
+            raise ConfigError("recipe field 'num_candidates' must be >= 2 to form pairs")
+        if not 0 < self.candidate_gamma <= 1:
+            raise ConfigError(
+                f"recipe field 'candidate_gamma' must be in (0, 1], got {self.candidate_gamma}"
+            )
+        for name in ("beta", "sigma"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"recipe field '{name}' must be > 0, got {getattr(self, name)}")
+        choices = {
+            "loss_type": LOSS_TYPES,
+            "pair_mode": ("best_worst", "all"),
+            "reference": ("identity", "initial"),
+            "torch_dtype": ("float32", "float16", "bfloat16"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"recipe field '{name}' must be one of {allowed}, got {getattr(self, name)!r}")  # fmt: skip
+        if self.image_steps and not self.image_prompts:
+            raise ConfigError("recipe field 'image_prompts' is required when image_steps > 0")
+
+
+CONFIG_CLASS = TrainProjectorConfig  # read by `noisealign.cli` and the recipe tests
+
+
+@dataclass
+class TrainProjectorResult:
+    """What :func:`main` returns: per-logged-step metrics and the saved folder."""
+
+    history: list[dict[str, float]]
+    model_dir: str
+
+
+def step_loss(config, model, reference, reward_model, pipe, emb, noise, ids, seeds):
+    """Loss and metrics of one step on this process's samples (the formulas are in losses.preference)."""
+    from noisealign.losses.preference import (
+        gaussianity_penalty,
+        quasi_dpo_loss,
+        reward_gradient_loss,
+    )
+    from noisealign.policies.training import draw_candidates, make_pairs, repeat, reward_logits
+
+    projected = model(noise, emb.embeds, emb.mask, emb.pooled)
+    metrics: dict[str, float] = {}
+    if config.loss_type == "reward_gradient":
+        loss, metrics = reward_gradient_loss(reward_logits(reward_model, projected, emb, pipe))
+    else:
+        with torch.no_grad():
+            ref = noise if reference is None else reference(noise, emb.embeds, emb.mask, emb.pooled)
+            k = config.num_candidates
+            cands = draw_candidates(ref, ids, seeds, k, config.candidate_gamma)
+            scores = reward_logits(reward_model, cands.flatten(0, 1), repeat(emb, k), pipe)
+        b, win, lose = make_pairs(scores.view(-1, k), config.pair_mode, config.reward_margin)
+        if len(b):
+            loss, metrics = quasi_dpo_loss(
+                projected[b], ref[b], cands[b, win], cands[b, lose],
+                sigma=config.sigma, beta=config.beta, loss_type=config.loss_type,
+            )  # fmt: skip
+        else:  # no pair above the margin: only the penalty acts (the graph stays connected)
+            loss = projected.sum() * 0.0
+        metrics["candidates/spread"] = (scores.view(-1, k).amax(1) - scores.view(-1, k).amin(1)).mean().item()  # fmt: skip
+    penalty, gauss = gaussianity_penalty(projected)
+    loss = loss + config.gaussianity_weight * penalty
+    return loss, projected.detach(), {**metrics, **gauss}
+
+
+@torch.no_grad()
+def monitor(reward_model, pipe, emb, noise, projected) -> dict[str, float]:
+    """r_φ(ε′) vs r_φ(ε) and ε′'s Gaussian statistics (logged, not optimised)."""
+    from noisealign.policies.training import noise_metrics, reward_logits
+
+    r_projected = reward_logits(reward_model, projected, emb, pipe)
+    r_noise = reward_logits(reward_model, noise, emb, pipe)
+    return {
+        "reward/projected": r_projected.mean().item(),
+        "reward/standard": r_noise.mean().item(),
+        "reward/gain": (r_projected - r_noise).mean().item(),
+        "reward/win_rate": (r_projected > r_noise).float().mean().item(),
+        **noise_metrics(projected, "eps_prime"),
+        "eps_prime/distance": (projected - noise).flatten(1).norm(dim=1).mean().item(),
+    }
+
+
+def log_images(accelerator, config, model, pipe, judge, step: int) -> None:
+    """Standard-vs-projected grid of the fixed prompts and seeds: PNG in output_dir/images, and wandb."""
+    from noisealign.policies.training import comparison_grid
+
+    prompts = [p for p in config.image_prompts for _ in config.image_seeds]
+    seeds = [s for _ in config.image_prompts for s in config.image_seeds]
+    grid, scores = comparison_grid(
+        pipe, accelerator.unwrap_model(model).eval(), prompts, seeds, judge,
+        config.num_inference_steps, config.guidance_scale,
+    )  # fmt: skip
+    model.train()
+    folder = Path(config.output_dir, "images")
+    folder.mkdir(parents=True, exist_ok=True)
+    grid.save(folder / f"step-{step:06d}.png")
+    accelerator.log(scores, step=step)
+    if config.report_to == "wandb":
+        import wandb
+
+        tracker = accelerator.get_tracker("wandb", unwrap=True)
+        tracker.log({"images/standard_vs_projected": wandb.Image(grid)}, step=step)
+
+
+def main(args: Sequence[str] | None = None) -> TrainProjectorResult:
+    """Run the train_projector stage; returns the logged history (folder saved on the main process)."""
+    # ---- 1. recipe and the accelerator (before touching the output folder) ----------
+    config = parse_config(TrainProjectorConfig, args)
+    from tqdm.auto import tqdm
+
+    from noisealign.judges import build_judge
+    from noisealign.noise import batch_noise
+    from noisealign.pipelines import latent_shape, load_pipeline, pipeline_signature
+    from noisealign.policies import NoiseProjector, NoiseProjectorConfig, load_projector
+    from noisealign.policies.training import read_prompts, step_keys
+    from noisealign.rewards import load_reward_model
+    from noisealign.rewards.features import encode_prompt_table
+    from noisealign.rewards.trainer import (
+        check_output_dir,
+        load_checkpoint,
+        resolve_checkpoint,
+        save_checkpoint,
+    )  # fmt: skip
+    from noisealign.tracking import make_accelerator, start_tracking
+
+    accelerator = make_accelerator(config)
+
+    # ---- 2. prompts, pipeline, reward model: every check before any output -------------
+    prompt_ids, prompts = read_prompts(config.prompts, config.dataset)
+    check_output_dir(config.output_dir, config.resume_from_checkpoint, config.overwrite_output_dir)
+    resume = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
+    pipe = load_pipeline(config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code)  # fmt: skip
+    pipe.to(accelerator.device)
+    pipe.set_progress_bar_config(disable=True)
+    signature = pipeline_signature(pipe)
+    reward_model = load_reward_model(config.reward_model, expected_signature=signature)
+    reward_model.requires_grad_(False).eval().to(accelerator.device)
+    if config.loss_type == "reward_gradient" and reward_model.config.input_steps > 0:
+        raise ConfigError("loss_type 'reward_gradient' needs a reward model with input_steps 0 (no UNet in the gradient path)")  # fmt: skip
+    table = encode_prompt_table(pipe, prompts).to(accelerator.device)
+    shape = latent_shape(pipe)
+    judge = build_judge(config.judge) if config.judge else None
+
+    # ---- 3. projector, reference, optimizer; resume; trackers --------------------------
+    if config.init_from:
+        model = load_projector(config.init_from, pipe).train()
+    else:
+        fields = dict(latent_channels=shape[0], text_dim=signature["text_embed_dim"], pooled_dim=signature["pooled_dim"])  # fmt: skip
+        projector_config = NoiseProjectorConfig(**{**fields, **config.projector_kwargs}, pipeline_signature=signature, pipeline=config.pipeline)  # fmt: skip
+        torch.manual_seed(config.seed)  # same initial weights on every process
+        model = NoiseProjector(projector_config)
+    reference = None if config.reference == "identity" else copy.deepcopy(model).requires_grad_(False).eval()  # fmt: skip
+    if reference is not None:
+        reference.to(accelerator.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)  # fmt: skip
+    warmup = max(config.warmup_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    saved_config = json.loads(json.dumps(asdict(accelerator.unwrap_model(model).config)))
+    state = {"step": 0, "batches": 0}
+    if resume is not None:
+        state = load_checkpoint(accelerator, resume, saved_config)
+    start_tracking(accelerator, config, "train_projector")
+    logger.info("%d prompts; projector with %d parameters; loss %s", len(prompts), sum(p.numel() for p in model.parameters()), config.loss_type)  # fmt: skip
+
+    # ---- 4. train: fresh noise every step, keyed by (seed, step, position) -------------
+    history: list[dict[str, float]] = []
+    bar = tqdm(total=config.max_steps, initial=state["step"], disable=not accelerator.is_main_process)  # fmt: skip
+    while state["step"] < config.max_steps:
+        keys = step_keys(len(prompts), state["step"], config.batch_size, config.seed, accelerator.process_index, accelerator.num_processes)  # fmt: skip
+        ids = [prompt_ids[i] for i in keys.prompt_index]
+        emb = table.select(keys.prompt_index)
+        noise = batch_noise(ids, keys.seeds, shape).to(accelerator.device)
+        loss, projected, metrics = step_loss(config, model, reference, reward_model, pipe, emb, noise, ids, keys.seeds)  # fmt: skip
+        accelerator.backward(loss)
+        clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        state["step"] += 1
+        state["batches"] = state["step"]
+        bar.update(1)
+        if state["step"] % config.logging_steps == 0 or state["step"] == config.max_steps:
+            mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
+            logged = {"step": state["step"], "loss": mean_loss, "grad_norm": float(grad_norm), **metrics}  # fmt: skip
+            logged |= monitor(reward_model, pipe, emb, noise, projected)
+            history.append(logged)
+            accelerator.log(logged, step=state["step"])
+            bar.set_postfix(loss=f"{mean_loss:.4f}", gain=f"{logged['reward/gain']:.3f}")
+        if config.image_steps and state["step"] % config.image_steps == 0:
+            if accelerator.is_main_process:
+                log_images(accelerator, config, model, pipe, judge, state["step"])
+            accelerator.wait_for_everyone()
+        if state["step"] % config.save_steps == 0:
+            save_checkpoint(accelerator, config.output_dir, state, saved_config, config.save_total_limit)  # fmt: skip
+    bar.close()
+
+    # ---- 5. the projector folder (config records its pipeline) -------------------------
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(config.output_dir)
+        Path(config.output_dir, "train_metrics.json").write_text(json.dumps(history[-1:], indent=2))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainProjectorResult(history, str(Path(config.output_dir)))
+
+
+if __name__ == "__main__":
+    from noisealign.cli import run_stage
+
+    run_stage(main)

@@ -1,0 +1,140 @@
+"""The train_projector stage end to end on a tiny SD pipeline and a tiny random reward model."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from noisealign import train_projector
+from noisealign.errors import ConfigError, PipelineError
+from noisealign.policies import NoiseProjector, load_projector
+
+PROMPTS = ["a red circle", "a blue square", "a green triangle above a red square", "a red star"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from noisealign.pipelines import pipeline_signature
+    from noisealign.rewards import NoiseRewardConfig, NoiseRewardModel
+    from noisealign.testing.pipelines import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
+
+    root = tmp_path_factory.mktemp("projector")
+    pipe = build_tiny_sd_pipeline(root / "sd")
+    build_tiny_sdxl_pipeline(root / "sdxl")
+    torch.manual_seed(0)
+    config = NoiseRewardConfig(
+        latent_channels=4, text_dim=32, hidden_dim=16, depth=1, num_heads=2, mlp_ratio=2.0,
+        pipeline_signature=pipeline_signature(pipe),
+    )  # fmt: skip
+    NoiseRewardModel(config).save_pretrained(root / "reward")
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    return root
+
+
+def args(root, out, *extra):
+    return [
+        "--pipeline", str(root / "sd"), "--reward_model", str(root / "reward"),
+        "--prompts", str(root / "prompts.txt"), "--output_dir", str(out), "--report_to", "none",
+        "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1", "--batch_size", "2",
+        "--num_candidates", "4", "--learning_rate", "1e-3",
+        "--projector_kwargs", '{"hidden_dim": 16, "depth": 1, "num_heads": 2, "patch_size": 2}',
+        *extra,
+    ]  # fmt: skip
+
+
+def test_trains_logs_and_saves_a_folder_that_records_its_pipeline(tiny, tmp_path):
+    out = tmp_path / "out"
+    result = train_projector.main(args(tiny, out))
+    assert [h["step"] for h in result.history] == [1, 2, 3, 4]
+    first = result.history[0]
+    for key in ("rewards/accuracies", "rewards/margins", "reward/projected", "reward/standard",
+                "eps_prime/mean", "eps_prime/std", "eps_prime/ks", "loss/gaussianity"):  # fmt: skip
+        assert key in first
+    assert first["rewards/margins"] == 0.0  # step 1 starts at the identity: Δ = 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["pipeline_signature"]["text_embed_dim"] == 32
+    model = load_projector(str(out))
+    assert isinstance(model, NoiseProjector)
+    with pytest.raises(PipelineError, match="different pipeline"):
+        from noisealign.pipelines import load_pipeline
+
+        load_projector(str(out), load_pipeline(str(tiny / "sdxl")))
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "reward_gradient"])
+def test_every_parameter_changes(tiny, tmp_path, loss_type):
+    """Two steps: the zero-initialised head blocks every other gradient in the first one."""
+    from noisealign.policies import NoiseProjectorConfig
+
+    torch.manual_seed(0)
+    fields = {"hidden_dim": 16, "depth": 1, "num_heads": 2, "patch_size": 2}
+    before = NoiseProjector(NoiseProjectorConfig(latent_channels=4, text_dim=32, **fields))
+    train_projector.main(args(tiny, tmp_path / "o", "--max_steps", "2", "--loss_type", loss_type))
+    after = load_projector(str(tmp_path / "o"))
+    for (name, p0), p1 in zip(before.named_parameters(), after.parameters()):
+        assert not torch.equal(p0, p1), name
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "hinge"])
+def test_other_loss_types_and_all_pairs(tiny, tmp_path, loss_type):
+    result = train_projector.main(
+        args(tiny, tmp_path / "o", "--max_steps", "2", "--loss_type", loss_type,
+             "--pair_mode", "all", "--reference", "initial")
+    )  # fmt: skip
+    assert result.history[0]["pairs"] > 2  # several pairs per sample
+
+
+def test_resume_gives_the_same_next_losses(tiny, tmp_path):
+    out = tmp_path / "out"
+    full = train_projector.main(args(tiny, out))
+    shutil.rmtree(out / "checkpoints" / "checkpoint-4")
+    resumed = train_projector.main(args(tiny, out, "--resume_from_checkpoint", "latest"))
+    assert [h["step"] for h in resumed.history] == [3, 4]
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history[2:]]
+
+
+def test_image_grid_with_judge_scores(tiny, tmp_path):
+    out = tmp_path / "out"
+    train_projector.main(
+        args(tiny, out, "--max_steps", "2", "--image_steps", "2", "--image_prompts", "a red circle",
+             "--image_seeds", "0", "1", "--judge", "shapes", "--num_inference_steps", "2")
+    )  # fmt: skip
+    grid = out / "images" / "step-000002.png"
+    from PIL import Image
+
+    assert Image.open(grid).size == (2 * 32, 2 * 32)  # standard | projected, 2 seeds
+
+
+def test_bad_recipes_fail_clearly(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="'loss_type'"):
+        train_projector.main(args(tiny, tmp_path / "o", "--loss_type", "kto"))
+    with pytest.raises(ConfigError, match="'image_prompts'"):
+        train_projector.main(args(tiny, tmp_path / "o", "--image_steps", "1"))
+    with pytest.raises(PipelineError, match="reward model .* different pipeline"):
+        train_projector.main(args(tiny, tmp_path / "o", "--pipeline", str(tiny / "sdxl")))
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tiny, tmp_path):
+    """2 gloo processes x batch 2 against 1 process x batch 4: the same global batch, so the
+    same mean loss and gradient norm (up to float summation order, 1e-5 relative)."""
+    import os
+    import subprocess
+    import sys
+
+    one = train_projector.main(
+        args(tiny, tmp_path / "one", "--batch_size", "4", "--max_steps", "2")
+    )
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(Path(train_projector.__file__)), *args(tiny, tmp_path / "two", "--max_steps", "2"),
+    ]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    two = json.loads((tmp_path / "two" / "train_metrics.json").read_text())[-1]
+    assert two["loss"] == pytest.approx(one.history[-1]["loss"], rel=1e-5)
+    assert two["grad_norm"] == pytest.approx(one.history[-1]["grad_norm"], rel=1e-5)
