@@ -199,3 +199,9 @@ def test_tiny_recipes_collect_then_distill(tmp_path, monkeypatch):
          "--output_dir", str(tmp_path / "d")]
     )  # fmt: skip
     assert len(result.history) == 10 and (tmp_path / "d" / "model.safetensors").is_file()
+
+
+def test_two_runs_with_one_seed_are_identical(tiny, tmp_path):
+    first = distill.main(args(tiny, tmp_path / "a", "--max_steps", "2"))
+    second = distill.main(args(tiny, tmp_path / "b", "--max_steps", "2"))
+    assert [h["loss"] for h in first.history] == [h["loss"] for h in second.history]

@@ -183,6 +183,8 @@ def main(args: Sequence[str] | None = None) -> DistillResult:
     """Run the distill stage; returns the history and metrics (saved model on the main process)."""
     # ---- 1. recipe and the accelerator (before touching the output folder) ----------
     config = parse_config(DistillConfig, args)
+    from accelerate.utils import set_seed
+
     from noisealign.data.feedback import clean_feedback, load_feedback, split_by_prompt
     from noisealign.pipelines import latent_shape, load_pipeline, pipeline_signature
     from noisealign.rewards import build_reward_model, stage
@@ -223,6 +225,7 @@ def main(args: Sequence[str] | None = None) -> DistillResult:
     check_rows_fit_pipeline(rows, table, prompt_order, latent_shape(pipe)[0], config.pipeline)
     signature = pipeline_signature(pipe)
     model_config = stage.model_fields(config, rows, signature)
+    set_seed(config.seed)  # the model's initial weights, identical on every process
     model = build_reward_model(config.reward_model, **model_config)
     logger.info(
         "%d usable rows (%d failed, %d NaN/Inf skipped); %d train / %d held-out prompts; %s with %d parameters",
