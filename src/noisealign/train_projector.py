@@ -220,7 +220,8 @@ def main(args: Sequence[str] | None = None) -> TrainProjectorResult:
     reward_model.requires_grad_(False).eval().to(accelerator.device)
     if config.loss_type == "reward_gradient" and reward_model.config.input_steps > 0:
         raise ConfigError("loss_type 'reward_gradient' needs a reward model with input_steps 0 (no UNet in the gradient path)")  # fmt: skip
-    table = encode_prompt_table(pipe, prompts).to(accelerator.device)
+    # float32 whatever the pipeline dtype: the projector and reward model train in float32
+    table = encode_prompt_table(pipe, prompts).to(accelerator.device, torch.float32)
     shape = latent_shape(pipe)
     judge = build_judge(config.judge) if config.judge else None
 
@@ -282,7 +283,7 @@ def main(args: Sequence[str] | None = None) -> TrainProjectorResult:
     # ---- 5. the projector folder (config records its pipeline) -------------------------
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(config.output_dir)
-        Path(config.output_dir, "train_metrics.json").write_text(json.dumps(history[-1:], indent=2))
+        Path(config.output_dir, "train_metrics.json").write_text(json.dumps(history, indent=2))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainProjectorResult(history, str(Path(config.output_dir)))
