@@ -26,6 +26,16 @@ def card_body(info: dict[str, Any], metrics: dict[str, float], baseline: dict[st
         ("overall Spearman ρ", "spearman"),
         ("pairwise accuracy (seeds of one prompt)", "pairwise_accuracy"),
     ]
+    info = {
+        **info,
+        "feature_line": "x = noise\n"
+        if k == 0
+        else (
+            "x = step_features(pipe, noise, emb, steps=model.config.input_steps, kind=model.config.input_kind,\n"
+            "                  num_inference_steps=model.config.num_inference_steps,\n"
+            "                  guidance_scale=model.config.guidance_scale)  # noisealign.rewards.features\n"
+        ),
+    }
     table = "\n".join(
         f"| {name} | {_fmt(metrics[key])} | {_fmt(baseline[key])} |" for name, key in rows
     )
@@ -41,7 +51,7 @@ without generating an image. Trained with the `distill` stage of
 ```python
 from noisealign.rewards import load_reward_model
 model = load_reward_model("{info["name"]}", expected_signature=pipeline_signature(pipe))
-out = model(noise, emb.embeds, emb.mask)  # out.token_logits (B, L), out.overall_logit (B,)
+{info["feature_line"]}out = model(x, emb.embeds, emb.mask, emb.pooled)  # token_logits (B, L), overall_logit (B,)
 ```
 
 ## Training data
