@@ -57,7 +57,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    unet = UNet2DConditionModel(**SD15_UNET).eval().to(args.device, dtype)
+    unet = UNet2DConditionModel(**SD15_UNET).eval().to(args.device)
+    if dtype != torch.float32:  # a float32 .to(dtype) warns about modules kept in float32
+        unet.to(dtype)
     projector = NoiseProjector(NoiseProjectorConfig()).eval().to(args.device, dtype)
     with torch.no_grad():
         projector.head.weight.normal_(0, 0.02)  # a trained (non-zero) head: the full path runs

@@ -52,13 +52,14 @@ def main() -> None:
     records = prompt_records(args.split)
     seeds = list(range(args.seeds))
     started = time.perf_counter()
-    std_scores, proj_scores, stats = [], [], []
+    std_scores, proj_scores, stats, base = [], [], [], []
     for record in records:
         prompts = [record["prompt"]] * len(seeds)
         emb = encode_prompts(pipe, prompts)
         noise = batch_noise([record["prompt_id"]] * len(seeds), seeds, LATENT_SHAPE)
         projected = project(projector, noise, emb)
         stats.append(gaussian_stats(projected))
+        base.append(gaussian_stats(noise))
         for x, out in ((noise, std_scores), (projected, proj_scores)):
             images = generate(pipe, emb, x, num_inference_steps=args.steps, guidance_scale=args.guidance)  # fmt: skip
             out.append([f.overall for f in judge.score(images, prompts)])
@@ -76,6 +77,8 @@ def main() -> None:
         "prompts_better": int((per_prompt > 0).sum()), "prompts_worse": int((per_prompt < 0).sum()),
         "eps_prime_mean_abs_max": float(mean_.abs().max()), "eps_prime_std_range": [float(std_.min()), float(std_.max())],
         "eps_prime_ks_mean": float(ks.mean()), "eps_prime_ks_max": float(ks.max()), "gaussian_share": passed,
+        "standard_gaussian_share": torch.cat([s.is_gaussian() for s in base]).float().mean().item(),
+        "standard_ks_mean": float(torch.cat([s.ks for s in base]).mean()),
         "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip
     print(json.dumps(result))
