@@ -32,6 +32,19 @@ from dataclasses import dataclass
 COLOURS = ("red", "green", "blue", "yellow")
 SHAPES = ("circle", "square", "triangle")
 RELATIONS = ("left of", "right of", "above", "below")
+
+
+def relation_axes(dx: float, dy: float, relation: str) -> tuple[float, float]:
+    """``(main, cross)`` offsets of the second object from the first for ``relation``.
+
+    ``main > 0`` when the first object lies in the named direction; image y grows downwards.
+    The renderer and the judge both decide relations from these two numbers.
+    """
+    return {"left of": (dx, dy), "right of": (-dx, dy), "above": (dy, dx), "below": (-dy, dx)}[
+        relation
+    ]
+
+
 # Each relation read from the second object's point of view, for the converse phrasing.
 CONVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 WORDS = ("a", *COLOURS, *SHAPES, "left", "right", "of", "above", "below")

@@ -45,7 +45,7 @@ from PIL import Image
 from scipy import ndimage
 
 from ..judges.base import Concept, Feedback
-from .grammar import COLOURS, ParsedPrompt, concept_dicts, parse_prompt
+from .grammar import COLOURS, ParsedPrompt, concept_dicts, parse_prompt, relation_axes
 from .render import PALETTE
 
 # Hue bands in degrees, [lo, hi); red wraps around 0.
@@ -120,13 +120,7 @@ def find_blobs(image: Image.Image, coverage: float = 0.45, min_area: int = 10) -
 
 def relation_holds(first: Blob, second: Blob, relation: str) -> bool:
     """Whether ``first`` is ``relation`` ``second``, judged on the dominant axis of their offset."""
-    dx, dy = second.cx - first.cx, second.cy - first.cy  # image y grows downwards
-    main, cross = {
-        "left of": (dx, dy),
-        "right of": (-dx, dy),
-        "above": (dy, dx),
-        "below": (-dy, dx),
-    }[relation]
+    main, cross = relation_axes(second.cx - first.cx, second.cy - first.cy, relation)
     return main > 0 and abs(main) > abs(cross)
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .grammar import CONVERSE, ObjectKey, parse_prompt
+from .grammar import CONVERSE, ObjectKey, parse_prompt, relation_axes
 
 SIZE = 32
 SUPERSAMPLE = 4
@@ -47,13 +47,7 @@ class Placed:
 
 
 def _relation_holds(a: Placed, b: Placed, relation: str) -> bool:
-    dx, dy = b.cx - a.cx, b.cy - a.cy  # image y grows downwards
-    main, cross = {
-        "left of": (dx, dy),
-        "right of": (-dx, dy),
-        "above": (dy, dx),
-        "below": (-dy, dx),
-    }[relation]
+    main, cross = relation_axes(b.cx - a.cx, b.cy - a.cy, relation)
     return main >= (a.side + b.side) / 2 + 2 and abs(cross) <= main / 2
 
 
