@@ -163,17 +163,31 @@ def monitor(reward_model, pipe, emb, noise, projected) -> dict[str, float]:
     }
 
 
-def log_images(accelerator, config, model, pipe, judge, step: int) -> None:
+def snapshot(accelerator, model):
+    """A plain eval-mode copy of the projector on the main process (None elsewhere).
+
+    Every process must call it: under FSDP ``get_state_dict`` gathers the shards, and a
+    forward of the sharded module on one process alone would hang.
+    """
+    from noisealign.policies import NoiseProjector
+
+    state_dict = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return None
+    copy_ = NoiseProjector(accelerator.unwrap_model(model).config)
+    copy_.load_state_dict(state_dict)
+    return copy_.to(accelerator.device).eval()
+
+
+def log_images(accelerator, config, projector, pipe, judge, step: int) -> None:
     """Standard-vs-projected grid of the fixed prompts and seeds: PNG in output_dir/images, and wandb."""
     from noisealign.policies.training import comparison_grid
 
     prompts = [p for p in config.image_prompts for _ in config.image_seeds]
     seeds = [s for _ in config.image_prompts for s in config.image_seeds]
     grid, scores = comparison_grid(
-        pipe, accelerator.unwrap_model(model).eval(), prompts, seeds, judge,
-        config.num_inference_steps, config.guidance_scale,
-    )  # fmt: skip
-    model.train()
+        pipe, projector, prompts, seeds, judge, config.num_inference_steps, config.guidance_scale
+    )
     folder = Path(config.output_dir, "images")
     folder.mkdir(parents=True, exist_ok=True)
     grid.save(folder / f"step-{step:06d}.png")
@@ -273,16 +287,18 @@ def main(args: Sequence[str] | None = None) -> TrainProjectorResult:
             accelerator.log(logged, step=state["step"])
             bar.set_postfix(loss=f"{mean_loss:.4f}", gain=f"{logged['reward/gain']:.3f}")
         if config.image_steps and state["step"] % config.image_steps == 0:
-            if accelerator.is_main_process:
-                log_images(accelerator, config, model, pipe, judge, state["step"])
+            projector = snapshot(accelerator, model)
+            if projector is not None:
+                log_images(accelerator, config, projector, pipe, judge, state["step"])
             accelerator.wait_for_everyone()
         if state["step"] % config.save_steps == 0:
             save_checkpoint(accelerator, config.output_dir, state, saved_config, config.save_total_limit)  # fmt: skip
     bar.close()
 
     # ---- 5. the projector folder (config records its pipeline) -------------------------
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(config.output_dir)
+    projector = snapshot(accelerator, model)
+    if projector is not None:
+        projector.save_pretrained(config.output_dir)
         Path(config.output_dir, "train_metrics.json").write_text(json.dumps(history, indent=2))
     accelerator.wait_for_everyone()
     accelerator.end_training()
