@@ -58,3 +58,13 @@ def test_other_pipeline_and_missing_fields_fail_clearly(folders, tmp_path):
         run(folders, tmp_path / "a", "--pipeline", str(folders / "sdxl"))
     with pytest.raises(ConfigError, match="'prompt' is required"):
         generate.main(["--projector", str(folders / "projector")])
+
+
+def test_missing_or_empty_projector_folder_fails_clearly(tmp_path):
+    from noisealign.errors import DataError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="has no config.json or model.safetensors"):
+        generate.main(["--projector", str(tmp_path / "empty"), "--prompt", "a red circle"])
+    with pytest.raises(DataError, match="cannot load projector"):
+        generate.main(["--projector", str(tmp_path / "nothing"), "--prompt", "a red circle"])

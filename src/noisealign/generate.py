@@ -63,14 +63,14 @@ def main(args: Sequence[str] | None = None) -> list[Path]:
     from PIL import Image
 
     from noisealign.pipelines import encode_prompts, generate, load_pipeline
-    from noisealign.policies import NoiseProjector, apply_policy, load_projector
+    from noisealign.policies import apply_policy, load_projector
 
     if config.num_threads is not None:
         import torch
 
         torch.set_num_threads(config.num_threads)
     # ---- 1. projector and its pipeline (checked against each other) ---------------------
-    recorded = NoiseProjector.from_pretrained(config.projector).config.pipeline
+    recorded = load_projector(config.projector).config.pipeline
     pipeline = config.pipeline or recorded
     if not pipeline:
         raise ConfigError("the projector records no pipeline; pass --pipeline FOLDER")

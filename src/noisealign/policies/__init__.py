@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline
@@ -38,14 +39,21 @@ def load_projector(
         DataError: missing or broken folder.
         PipelineError: ``pipe``'s text embeddings or latent shape differ from the training pipeline's.
     """
+    folder = Path(path_or_id)
+    if folder.is_dir():
+        missing = [n for n in ("config.json", "model.safetensors") if not (folder / n).is_file()]
+        if missing:
+            raise DataError(
+                f"projector folder '{path_or_id}' has no {' or '.join(missing)}; pass a folder written by train_projector"
+            )
     try:
         projector = NoiseProjector.from_pretrained(path_or_id, **hub_kwargs)
     except NoiseAlignError:
         raise
-    except (TypeError, ValueError, RuntimeError, OSError) as exc:
+    except Exception as exc:  # hub, safetensors and shape errors all mean "not a projector here"
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(
-            f"cannot load projector '{path_or_id}' ({first}); pass a folder written by train_projector"
+            f"cannot load projector '{path_or_id}' ({first[:200]}); pass a folder written by train_projector or a reachable hub id"
         ) from exc
     if pipe is not None:
         check_pipeline(projector, pipe, f"projector '{path_or_id}'")
