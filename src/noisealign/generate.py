@@ -63,21 +63,21 @@ def main(args: Sequence[str] | None = None) -> list[Path]:
     from PIL import Image
 
     from noisealign.pipelines import encode_prompts, generate, load_pipeline
-    from noisealign.policies import apply_policy, load_projector
+    from noisealign.policies import apply_policy, check_pipeline, load_projector
+    from noisealign.tracking import apply_num_threads
 
-    if config.num_threads is not None:
-        import torch
-
-        torch.set_num_threads(config.num_threads)
+    apply_num_threads(config)
     # ---- 1. projector and its pipeline (checked against each other) ---------------------
-    recorded = load_projector(config.projector).config.pipeline
+    projector = load_projector(config.projector)
+    recorded = projector.config.pipeline
     pipeline = config.pipeline or recorded
     if not pipeline:
         raise ConfigError("the projector records no pipeline; pass --pipeline FOLDER")
     pipe = load_pipeline(pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code)  # fmt: skip
     pipe.to(config.device)
     pipe.set_progress_bar_config(disable=True)
-    projector = load_projector(config.projector, pipe).to(config.device)
+    check_pipeline(projector, pipe, f"projector '{config.projector}'")
+    projector = projector.to(config.device)
 
     # ---- 2. every prompt with every seed: projected (and standard) images ---------------
     prompts = [p for p in config.prompt for _ in config.seed]

@@ -29,14 +29,19 @@ def redact(values: Any) -> Any:
     return values
 
 
+def apply_num_threads(config: BaseConfig) -> None:
+    """Set torch's intra-op threads from the recipe's ``num_threads`` (unset: leave torch's default)."""
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
+
+
 def make_accelerator(config: BaseConfig, **kwargs: Any) -> Accelerator:
     """An ``Accelerator`` that will log to wandb (or nothing); trackers start with :func:`start_tracking`.
 
     Create it before touching the output folder: it sets up the process group, and
     ``PartialState()`` alone ignores ``ACCELERATE_USE_CPU`` and would see one process.
     """
-    if config.num_threads is not None:
-        torch.set_num_threads(config.num_threads)
+    apply_num_threads(config)
     log_with = "wandb" if config.report_to == "wandb" else None
     return Accelerator(log_with=log_with, project_dir=config.output_dir, **kwargs)
 
