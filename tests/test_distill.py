@@ -9,15 +9,9 @@ import pytest
 from noisealign import distill
 from noisealign.errors import ConfigError, DataError, PipelineError
 from noisealign.rewards import NoiseRewardModel, load_reward_model
+from noisealign.testing.feedback import FEEDBACK_PROMPTS
 
-PROMPTS = [
-    "a red circle",
-    "a blue square",
-    "a green triangle above a red square",
-    "a yellow circle right of a blue circle",
-    "a red star",
-    "a blue cat",
-]
+PROMPTS = list(FEEDBACK_PROMPTS)
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,9 @@
 
 import pytest
 
-PROMPTS = [
-    "a red circle",
-    "a blue square",
-    "a green triangle above a red square",
-    "a yellow circle right of a blue circle",
-    "a red star",
-    "a blue cat",
-]
+from noisealign.testing.feedback import FEEDBACK_PROMPTS
+
+PROMPTS = list(FEEDBACK_PROMPTS)
 
 
 @pytest.fixture(scope="session")

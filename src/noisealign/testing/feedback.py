@@ -21,6 +21,17 @@ from ..data.schema import collect_features
 from ..noise import initial_noise
 from ..pipelines import encode_prompts, latent_shape
 
+# Prompts of the distill tests' synthetic datasets: toy-grammar ones plus two the rule-based
+# splitter handles but the toy judge would reject, so nothing depends on the toy grammar.
+FEEDBACK_PROMPTS = (
+    "a red circle",
+    "a blue square",
+    "a green triangle above a red square",
+    "a yellow circle right of a blue circle",
+    "a red star",
+    "a blue cat",
+)
+
 
 def rule_scores(noise, offsets) -> list[float]:
     """1.0 for a word token whose half of channel 0 (alternating top/bottom) has a positive mean."""
