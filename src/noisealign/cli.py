@@ -22,6 +22,7 @@ STAGES: dict[str, str] = {
     "pretrain": "noisealign.pretrain",
     "train_projector": "noisealign.train_projector",
     "generate": "noisealign.generate",
+    "evaluate": "noisealign.evaluate",
 }
 
 

@@ -76,3 +76,40 @@ def test_parse_seeds():
     ]:
         with pytest.raises(DataError, match=message):
             parse_seeds(bad)
+
+
+def test_geneval_metadata_becomes_concepts(tmp_path):
+    rows = [
+        {"tag": "counting", "include": [{"class": "cow", "count": 3}], "prompt": "a photo of three cows"},
+        {"tag": "position", "include": [{"class": "bench", "count": 1}, {"class": "dog", "count": 1, "position": ["left of", 0]}], "prompt": "a photo of a dog left of a bench"},
+        {"tag": "color_attr", "include": [{"class": "car", "count": 1, "color": "red"}], "prompt": "a photo of a red car"},
+    ]  # fmt: skip
+    path = tmp_path / "evaluation_metadata.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    counting, position, color = load_prompts(path)
+    assert [(c.text, c.kind, c.spans) for c in counting.concepts] == [
+        ("cow", "object", [(17, 21)]),
+        ("3 cow", "count", [(11, 16)]),
+    ]
+    relation = position.concepts[-1]
+    assert (relation.text, relation.kind, relation.spans) == ("dog left of bench", "relation", [(17, 24)])  # fmt: skip
+    assert [(c.kind, c.spans) for c in color.concepts] == [("object", [(17, 20)]), ("attribute", [(13, 16)])]  # fmt: skip
+
+
+def test_split_filter(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a cat", "split": "train"}\n{"prompt": "a dog", "split": "eval"}\n')
+    assert [r.prompt for r in load_prompts(path, split="eval")] == ["a dog"]
+    with pytest.raises(DataError, match="no rows with split 'test'"):
+        load_prompts(path, split="test")
+    plain = tmp_path / "p.txt"
+    plain.write_text("a cat\n")
+    with pytest.raises(DataError, match="has no 'split' column"):
+        load_prompts(plain, split="eval")
+
+
+def test_drawbench_csv_column(tmp_path):
+    path = tmp_path / "drawbench.csv"
+    path.write_text('Prompts,Category\n"A red colored car.",Colors\n')
+    (record,) = load_prompts(path, column="Prompts")
+    assert record.prompt == "A red colored car." and record.concepts is None

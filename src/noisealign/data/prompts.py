@@ -4,7 +4,9 @@ Each prompt becomes a :class:`PromptRecord`. Its ``prompt_id`` comes from an ``i
 ``prompt_id`` column when the file has one, else from a hash of the prompt text, so ids
 survive reordering and sharding. Optional concept annotations (a ``concepts`` column: a
 list of ``{"text", "kind", "spans"}``; spans may be omitted and are then found in the prompt)
-replace the rule-based splitter.
+replace the rule-based splitter. GenEval metadata files (JSONL rows with an ``include`` list of
+``{"class", "count", "color", "position"}``) get their concepts from ``include``; DrawBench's
+CSV loads with ``column="Prompts"``.
 
 Example:
     >>> records = load_prompts("prompts.txt")  # doctest: +SKIP
@@ -16,6 +18,8 @@ import csv
 import hashlib
 import json
 import logging
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +64,46 @@ def _concepts(raw: Any, prompt: str, where: str) -> tuple[Concept, ...] | None:
     return tuple(concepts)
 
 
+_NUMBERS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
+
+
+def _find(prompt: str, words: Sequence[str], start: int = 0) -> tuple[int, int] | None:
+    """Span of the first of ``words`` found in ``prompt`` (whole words, case-insensitive)."""
+    for word in words:
+        match = re.search(rf"\b{re.escape(word)}\b", prompt[start:], re.IGNORECASE)
+        if match:
+            return start + match.start(), start + match.end()
+    return None
+
+
+def geneval_concepts(include: list[dict], prompt: str) -> tuple[Concept, ...]:
+    """Concepts from a GenEval ``include`` list: objects, colours, counts and positions.
+
+    Each concept's span is found in the prompt (plural forms too); one that cannot be found
+    spans the whole prompt, so its score still reaches the prompt's tokens.
+    """
+    whole = [(0, len(prompt))]
+    concepts, objects = [], []
+    for item in include:
+        name = str(item["class"])
+        span = _find(prompt, [name, name + "s", name + "es"])
+        objects.append((name, span))
+        concepts.append(Concept(name, "object", [span] if span else whole))
+        if item.get("color"):
+            color = _find(prompt, [item["color"]])
+            concepts.append(Concept(f"{item['color']} {name}", "attribute", [color] if color else whole))  # fmt: skip
+        count = int(item.get("count", 1))
+        if count > 1:
+            where = _find(prompt, [_NUMBERS.get(count, str(count)), str(count)])
+            concepts.append(Concept(f"{count} {name}", "count", [where] if where else whole))
+        if item.get("position"):
+            relation, other = item["position"][0], int(item["position"][1])
+            where = _find(prompt, [relation])
+            text = f"{name} {relation} {objects[other][0] if other < len(objects) else '?'}"
+            concepts.append(Concept(text, "relation", [where] if where else whole))
+    return tuple(concepts)
+
+
 def _rows(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     if path.is_dir():
@@ -97,8 +141,14 @@ def _rows(path: Path) -> list[dict[str, Any]]:
     ]
 
 
-def load_prompts(path: str | Path, column: str = "prompt") -> list[PromptRecord]:
-    """Read prompts; raises :class:`DataError` when the file is missing, empty or lacks ``column``."""
+def load_prompts(
+    path: str | Path, column: str = "prompt", split: str | None = None
+) -> list[PromptRecord]:
+    """Read prompts; raises :class:`DataError` when the file is missing, empty or lacks ``column``.
+
+    With ``split``, only rows whose ``split`` column equals it are kept (e.g. the ``eval``
+    rows of ``recipes/prompts/compositional.jsonl``).
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(
@@ -113,15 +163,22 @@ def load_prompts(path: str | Path, column: str = "prompt") -> list[PromptRecord]
         raise DataError(
             f"prompt file '{path}' has no '{column}' column (columns: {', '.join(rows[0])}); set 'prompt_column'"
         )
+    if split is not None:
+        if "split" not in rows[0]:
+            raise DataError(f"prompt file '{path}' has no 'split' column; remove the split setting")
+        rows = [row for row in rows if row["split"] == split]
+        if not rows:
+            raise DataError(f"prompt file '{path}' has no rows with split '{split}'")
     records: dict[str, PromptRecord] = {}
     for n, row in enumerate(rows, 1):
         prompt = str(row[column] or "").strip()
         if not prompt:
             raise DataError(f"{path}: row {n} has an empty prompt; remove it or fill it in")
         prompt_id = str(row.get("prompt_id", row.get("id", "")) or prompt_hash_id(prompt))
-        record = PromptRecord(
-            prompt_id, prompt, _concepts(row.get("concepts"), prompt, f"{path}: row {n}")
-        )
+        concepts = _concepts(row.get("concepts"), prompt, f"{path}: row {n}")
+        if concepts is None and isinstance(row.get("include"), list):
+            concepts = geneval_concepts(row["include"], prompt)
+        record = PromptRecord(prompt_id, prompt, concepts)
         if prompt_id in records:
             if records[prompt_id].prompt != prompt:
                 raise DataError(

@@ -41,6 +41,48 @@ def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
     ).hexdigest()[:16]
 
 
+def claim_output_dir(
+    root: str | Path, fingerprint: dict[str, Any], overwrite: bool, derived: Sequence[Path] = ()
+) -> None:
+    """Record ``fingerprint`` in ``root/recipe.json``; refuse a folder claimed by a different recipe.
+
+    Outputs of the same recipe are resumed. A different recipe raises :class:`DataError`
+    naming the settings that differ, unless ``overwrite``: then the ``derived`` paths (the
+    other recipe's outputs) are deleted first.
+    """
+    root = Path(root)
+    recipe_file = root / "recipe.json"
+    if recipe_file.exists():
+        try:
+            previous = json.loads(recipe_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{recipe_file} is corrupt; delete it or pass --overwrite_output_dir true"
+            ) from exc
+        if previous.get("fingerprint_hash") != fingerprint_hash(fingerprint):
+            before = previous.get("fingerprint", {})
+            changed = sorted(
+                k for k in set(fingerprint) | set(before) if fingerprint.get(k) != before.get(k)
+            )
+            if not overwrite:
+                raise DataError(
+                    f"output_dir '{root}' holds outputs of a different recipe (differs in: "
+                    f"{', '.join(changed)}); choose another output_dir or pass --overwrite_output_dir true"
+                )
+            logger.warning(
+                "overwriting outputs of a different recipe in %s (differs in: %s)",
+                root,
+                ", ".join(changed),
+            )
+            for path in derived:
+                shutil.rmtree(path, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    payload = {"fingerprint": fingerprint, "fingerprint_hash": fingerprint_hash(fingerprint)}
+    tmp = recipe_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, recipe_file)
+
+
 class ShardStore:
     """Shards of one recipe's rows under ``root``; see the module docstring."""
 
@@ -53,43 +95,16 @@ class ShardStore:
     # -- set-up (main process only, before the others touch the folder) --------------
     def prepare(self, fingerprint: dict[str, Any], overwrite: bool) -> None:
         """Claim ``root`` for this recipe; refuse another recipe's rows unless ``overwrite``."""
-        recipe_file = self.root / "recipe.json"
-        if recipe_file.exists():
-            try:
-                previous = json.loads(recipe_file.read_text())
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{recipe_file} is corrupt; delete it or pass --overwrite_output_dir true"
-                ) from exc
-            if previous.get("fingerprint_hash") != fingerprint_hash(fingerprint):
-                changed = sorted(
-                    k
-                    for k in set(fingerprint) | set(previous.get("fingerprint", {}))
-                    if fingerprint.get(k) != previous.get("fingerprint", {}).get(k)
-                )
-                if not overwrite:
-                    raise DataError(
-                        f"output_dir '{self.root}' holds rows from a different recipe (differs in: "
-                        f"{', '.join(changed)}); choose another output_dir or pass --overwrite_output_dir true"
-                    )
-                logger.warning(
-                    "overwriting rows of a different recipe in %s (differs in: %s)",
-                    self.root,
-                    ", ".join(changed),
-                )
-                shutil.rmtree(self.shard_dir, ignore_errors=True)
-                shutil.rmtree(self.dataset_dir, ignore_errors=True)
-        elif self.root.exists() and any(self.root.glob("shards/*")):
+        if not (self.root / "recipe.json").exists() and any(self.root.glob("shards/*")):
             raise DataError(
                 f"output_dir '{self.root}' has shards but no recipe.json; choose another output_dir"
             )
+        claim_output_dir(
+            self.root, fingerprint, overwrite, derived=[self.shard_dir, self.dataset_dir]
+        )
         self.shard_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.shard_dir.glob(".tmp-*"):  # chunks of a killed run, never renamed
             shutil.rmtree(stale, ignore_errors=True)
-        payload = {"fingerprint": fingerprint, "fingerprint_hash": fingerprint_hash(fingerprint)}
-        tmp = recipe_file.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-        os.replace(tmp, recipe_file)
 
     # -- resume ---------------------------------------------------------------------
     def shards(self) -> list[Path]:

@@ -1,0 +1,207 @@
+"""evaluate stage: every method on the same prompts and seeds, one table, one grid, one cost plot.
+
+Launch (any of):
+    noisealign evaluate --config recipes/toy/evaluate.yaml
+    python -m noisealign.evaluate --config recipes/toy/evaluate.yaml --seeds 0:2
+
+Methods (``standard``, trained ``policy`` folders, ``best_of_n``, ``early_stop``,
+``noise_diffusion``; see :mod:`noisealign.evaluation.methods`) all start from the standard
+noise ``batch_noise(prompt_id, seed)``. The final images are scored by every judge in
+``judges`` (the first gives the alignment columns). Writes ``report.md``, ``report.json``,
+``grid_<set>.png`` and ``cost_<set>.png`` to ``output_dir`` and logs them to wandb. Finished
+methods are kept in ``rows/`` and skipped when the same recipe runs again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from noisealign.configs import BaseConfig, parse_config
+from noisealign.errors import ConfigError
+
+logger = logging.getLogger("noisealign.evaluate")
+
+# fields that do not change any number in the report
+_NOT_FINGERPRINTED = ("output_dir", "overwrite_output_dir", "report_to", "wandb_project", "run_name", "num_threads", "batch_size", "device")  # fmt: skip
+
+
+@dataclass
+class EvaluateConfig(BaseConfig):
+    """Recipe of the evaluate stage."""
+
+    pipeline: str = field(default="", metadata={"help": "Diffusers pipeline folder or hub id. Required."})  # fmt: skip
+    torch_dtype: str = field(default="float32", metadata={"help": "Pipeline dtype: float32, float16 or bfloat16."})  # fmt: skip
+    device: str = field(default="cpu", metadata={"help": "torch device of the pipeline, policies and judges' inputs, e.g. 'cuda'."})  # fmt: skip
+    prompt_sets: dict = field(default_factory=dict, metadata={"help": "Prompt sets to evaluate: name -> prompt file (.txt, .jsonl with optional concepts, GenEval metadata .jsonl, DrawBench-style .csv). Required."})  # fmt: skip
+    prompt_split: str | None = field(default=None, metadata={"help": "Keep only rows whose 'split' column equals this (e.g. 'eval' of recipes/prompts/compositional.jsonl)."})  # fmt: skip
+    prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt in JSONL/CSV files (DrawBench: 'Prompts')."})  # fmt: skip
+    max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts of each set (quick runs)."})  # fmt: skip
+    seeds: str = field(default="0:4", metadata={"help": "Seeds per prompt: 'start:stop', 'a,b,c', or a YAML list of ints."})  # fmt: skip
+    judges: list[str] = field(default_factory=list, metadata={"help": "Evaluation judges by name; the first gives the alignment columns. Prefer a judge other than the training judge. Required."})  # fmt: skip
+    judge_kwargs: dict = field(default_factory=dict, metadata={"help": "Judge name -> factory arguments (JSON on the command line)."})  # fmt: skip
+    methods: dict = field(default_factory=dict, metadata={"help": "Label -> {type: standard|policy|best_of_n|early_stop|noise_diffusion, ...settings}. Must include a 'standard' entry."})  # fmt: skip
+    num_inference_steps: int = field(default=20, metadata={"help": "Denoising steps per image, for every method."})  # fmt: skip
+    guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale, for every method."})  # fmt: skip
+    batch_size: int = field(default=16, metadata={"help": "(prompt, seed) pairs per method call."})  # fmt: skip
+    grid_prompts: int = field(default=6, metadata={"help": "Rows of the image grid: the first N prompts of each set, at the first seed."})  # fmt: skip
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("pipeline", "prompt_sets", "judges", "methods"):
+            if not getattr(self, name):
+                raise ConfigError(f"recipe field '{name}' is required (see recipes/toy/evaluate.yaml)")  # fmt: skip
+        for label, settings in self.methods.items():
+            if not isinstance(settings, dict) or "type" not in settings:
+                raise ConfigError(f"methods.{label} must be a mapping with a 'type', e.g. {{type: standard}}")  # fmt: skip
+        if not any(s["type"] == "standard" for s in self.methods.values()):
+            raise ConfigError("methods needs a 'standard' entry ({type: standard}): win rates are measured against it")  # fmt: skip
+        if self.batch_size < 1 or self.num_inference_steps < 1:
+            raise ConfigError("recipe fields 'batch_size' and 'num_inference_steps' must be >= 1")
+
+
+CONFIG_CLASS = EvaluateConfig
+
+
+def main(args: Sequence[str] | None = None) -> dict:
+    """Run the evaluation and write the report; returns the report dict (as in report.json)."""
+    config = parse_config(EvaluateConfig, args)
+    import torch
+
+    from noisealign.data.prompts import load_prompts, parse_seeds
+    from noisealign.data.shards import claim_output_dir
+    from noisealign.evaluation.methods import EvalContext, build_method
+    from noisealign.evaluation.report import write_report
+    from noisealign.evaluation.runner import load_method, run_method, save_method
+    from noisealign.pipelines import latent_shape, load_pipeline
+    from noisealign.tracking import make_accelerator, start_tracking
+
+    accelerator = make_accelerator(config)
+    if accelerator.num_processes > 1:
+        raise ConfigError("evaluate runs in one process; launch it without --num_processes")
+
+    # ---- 1. prompts, seeds, output folder (all checks before any model loads) -----------
+    seeds = parse_seeds(config.seeds)
+    prompt_sets = {
+        name: load_prompts(path, config.prompt_column, config.prompt_split)[: config.max_prompts]
+        for name, path in config.prompt_sets.items()
+    }
+    out = Path(config.output_dir)
+    fingerprint = {k: v for k, v in config.to_dict().items() if k not in _NOT_FINGERPRINTED}
+    claim_output_dir(out, fingerprint, config.overwrite_output_dir, derived=[out / "rows"])
+
+    # ---- 2. pipeline, judges, methods (policies load and are checked against the pipe) --
+    pipe = load_pipeline(config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code)  # fmt: skip
+    pipe.to(config.device)
+    pipe.set_progress_bar_config(disable=True)
+    ctx = EvalContext(
+        pipe, tuple(latent_shape(pipe)), config.num_inference_steps, config.guidance_scale,
+        default_judge=config.judges[0], judge_kwargs=config.judge_kwargs,
+    )  # fmt: skip
+    judges = {name: ctx.judge(name) for name in config.judges}
+    runs = {label: build_method(label, s, ctx) for label, s in config.methods.items()}
+    start_tracking(accelerator, config, "evaluate")
+
+    # ---- 3. every method over every prompt set (finished methods are read back) ---------
+    report = {
+        "pipeline": config.pipeline, "judges": list(config.judges), "seeds": seeds,
+        "num_inference_steps": config.num_inference_steps, "guidance_scale": config.guidance_scale,
+        "device": str(pipe._execution_device), "prompt_sets": {},
+    }  # fmt: skip
+    for set_name, records in prompt_sets.items():
+        folder = out / "rows" / set_name
+        keys = [(r, s) for r in records for s in seeds]
+        grid_keys = {(r.prompt_id, seeds[0]) for r in records[: config.grid_prompts]}
+        results = {}
+        for label, run in runs.items():
+            results[label] = load_method(folder, label)
+            if results[label] is None:
+                results[label] = run_method(
+                    run, keys, judges, batch_size=config.batch_size, device=torch.device(config.device),
+                    grid_keys=grid_keys, desc=f"{set_name}/{label}",
+                )  # fmt: skip
+                save_method(folder, label, *results[label])
+            else:
+                logger.info("%s/%s: finished in an earlier run, read from %s", set_name, label, folder)  # fmt: skip
+        report["prompt_sets"][set_name] = _summarise(config, records, seeds, results)
+        _write_figures(out, set_name, config, records[: config.grid_prompts], seeds[0], results)
+
+    # ---- 4. report.md / report.json, tracker ------------------------------------------
+    path = write_report(out, report)
+    _log_to_tracker(accelerator, out, report)
+    accelerator.end_training()
+    logger.info("report written to %s\n%s", path, path.read_text())
+    return report
+
+
+def _summarise(config: EvaluateConfig, records, seeds, results: dict) -> dict:
+    """Metrics of every method on one prompt set, in the recipe's method order."""
+    from noisealign.evaluation.metrics import alignment, compare, concept_accuracy
+
+    primary = config.judges[0]
+    standard = next(lab for lab, s in config.methods.items() if s["type"] == "standard")
+
+    def flat(rows: list[dict], judge: str) -> list[dict]:
+        return [
+            {**r, "overall": r["scores"][judge], "concepts": r["concepts"][judge]} for r in rows
+        ]
+
+    base = flat(results[standard][0], primary)
+    methods, others = [], {j: {} for j in config.judges[1:]}
+    for label, (rows, cost, _grid) in results.items():
+        rows1 = flat(rows, primary)
+        methods.append({
+            "name": label, "type": config.methods[label]["type"], "settings": config.methods[label],
+            "alignment": alignment(rows1), "concept_accuracy": concept_accuracy(rows1),
+            **compare(rows1, base, seed=config.seed), **cost, "images": len(rows),
+        })  # fmt: skip
+        for judge in others:
+            others[judge][label] = alignment(flat(rows, judge))
+    summary = {"prompts": len(records), "methods": methods}
+    if others:
+        summary["other_judges"] = others
+    return summary
+
+
+def _write_figures(out: Path, set_name: str, config, records, seed: int, results: dict) -> None:
+    from noisealign.evaluation.report import cost_plot, image_grid
+
+    primary = config.judges[0]
+    columns, scores = {}, {}
+    for label, (rows, _cost, grid) in results.items():
+        by_key = {(r["prompt_id"], r["seed"]): r["scores"][primary] for r in rows}
+        columns[label] = [grid[(r.prompt_id, seed)] for r in records]
+        scores[label] = [by_key[(r.prompt_id, seed)] for r in records]
+    image_grid(columns, [r.prompt for r in records], scores).save(out / f"grid_{set_name}.png")
+    methods = []
+    for label, (rows, cost, _grid) in results.items():
+        values = [r["scores"][primary] for r in rows]
+        methods.append({"name": label, "alignment": sum(values) / len(values), **cost})
+    cost_plot(methods, out / f"cost_{set_name}.png", f"{set_name}: alignment vs cost ({primary})")
+
+
+def _log_to_tracker(accelerator, out: Path, report: dict) -> None:
+    if not accelerator.trackers:
+        return
+    import wandb
+
+    tracker = accelerator.get_tracker("wandb", unwrap=True)
+    for set_name, result in report["prompt_sets"].items():
+        columns = ["method", "alignment", "difference", "win_rate", "denoising_steps", "judge_calls", "seconds_per_image", "peak_memory_mb"]  # fmt: skip
+        table = wandb.Table(columns=columns)
+        for m in result["methods"]:
+            table.add_data(*(m[c] if c != "method" else m["name"] for c in columns))
+        tracker.log({
+            f"{set_name}/table": table,
+            f"{set_name}/grid": wandb.Image(str(out / f"grid_{set_name}.png")),
+            f"{set_name}/alignment_vs_cost": wandb.Image(str(out / f"cost_{set_name}.png")),
+            **{f"{set_name}/{m['name']}/alignment": m["alignment"] for m in result["methods"]},
+        })  # fmt: skip
+
+
+if __name__ == "__main__":
+    from noisealign.cli import run_stage
+
+    run_stage(main)

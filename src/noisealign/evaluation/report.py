@@ -1,0 +1,122 @@
+"""The evaluate stage's outputs: ``report.md``, ``report.json``, an image grid and a cost plot.
+
+``report.json`` holds every number; ``report.md`` the same as one table per prompt set;
+``grid_<set>.png`` prompt rows × method columns from the same seed; ``cost_<set>.png`` the
+mean alignment of each method against its denoising steps per image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COST_FIELDS = ("denoising_steps", "judge_calls", "seconds_per_image", "peak_memory_mb")
+
+
+def _interval(values: Sequence[float]) -> str:
+    return f"[{values[0]:+.3f}, {values[1]:+.3f}]"
+
+
+def markdown_table(methods: Sequence[dict]) -> str:
+    """One Markdown table: a row per method, alignment / vs-standard / concepts / cost columns."""
+    kinds = sorted({k for m in methods for k in m["concept_accuracy"] if k != "all"})
+    head = ["method", "alignment", "Δ vs standard [95% CI]", "win rate [95% CI]"]
+    head += [f"acc. {k}" for k in kinds] + ["steps/img", "judge calls/img", "s/img", "peak MB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        acc = m["concept_accuracy"]
+        cells = [
+            m["name"],
+            f"{m['alignment']:.3f}",
+            f"{m['difference']:+.3f} {_interval(m['difference_ci95'])}",
+            f"{m['win_rate']:.3f} [{m['win_rate_ci95'][0]:.3f}, {m['win_rate_ci95'][1]:.3f}]",
+        ]
+        cells += [f"{acc[k]:.3f}" if k in acc else "–" for k in kinds]
+        cells += [
+            f"{m['denoising_steps']:g}",
+            f"{m['judge_calls']:g}",
+            f"{m['seconds_per_image']:.3f}",
+            f"{m['peak_memory_mb']:.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def image_grid(
+    columns: dict[str, list[Image.Image]],
+    prompts: Sequence[str],
+    scores: dict[str, list[float]],
+    cell: int = 128,
+) -> Image.Image:
+    """Prompt rows × method columns with the method names on top and each image's score below it."""
+    label_h, prompt_w = 16, 220
+    names = list(columns)
+    grid = Image.new(
+        "RGB", (prompt_w + cell * len(names), label_h + (cell + label_h) * len(prompts)), "white"
+    )
+    draw = ImageDraw.Draw(grid)
+    for j, name in enumerate(names):
+        draw.text((prompt_w + j * cell + 2, 2), name[:20], fill="black")
+    for i, prompt in enumerate(prompts):
+        top = label_h + i * (cell + label_h)
+        draw.text((2, top + cell // 2), prompt[:36], fill="black")
+        for j, name in enumerate(names):
+            image = columns[name][i].convert("RGB").resize((cell, cell), Image.NEAREST)
+            grid.paste(image, (prompt_w + j * cell, top))
+            draw.text((prompt_w + j * cell + 2, top + cell + 2), f"{scores[name][i]:.2f}", fill="black")  # fmt: skip
+    return grid
+
+
+def cost_plot(methods: Sequence[dict], path: Path, title: str) -> None:
+    """Alignment vs denoising steps per image (log x), one labelled point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for m in methods:
+        ax.scatter(m["denoising_steps"], m["alignment"], s=30)
+        ax.annotate(m["name"], (m["denoising_steps"], m["alignment"]), textcoords="offset points", xytext=(4, 4), fontsize=8)  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("denoising steps per image (CFG pair = 1 step)")
+    ax.set_ylabel("mean alignment")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write JSON atomically (temp file + rename), so a killed run never leaves half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def write_report(output_dir: Path, report: dict) -> Path:
+    """``report.json`` and ``report.md`` from the stage's report dict; returns the Markdown path."""
+    write_json(output_dir / "report.json", report)
+    lines = [
+        "# noisealign evaluation",
+        "",
+        f"pipeline `{report['pipeline']}`, judges {', '.join(report['judges'])} "
+        f"(alignment columns: `{report['judges'][0]}`), seeds {report['seeds']}, "
+        f"{report['num_inference_steps']} steps, guidance {report['guidance_scale']}.",
+        "Δ and win rate are against `standard` on the same prompts and seeds; intervals are 95% "
+        "bootstrap over prompts. Cost columns are per image (a CFG-doubled UNet call = 1 step).",
+    ]
+    for name, result in report["prompt_sets"].items():
+        lines += ["", f"## {name} ({result['prompts']} prompts × {len(report['seeds'])} seeds)", ""]
+        lines.append(markdown_table(result["methods"]))
+        for judge, values in result.get("other_judges", {}).items():
+            lines += ["", f"Alignment by `{judge}`: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items())]  # fmt: skip
+        lines += ["", f"![grid](grid_{name}.png)", "", f"![alignment vs cost](cost_{name}.png)"]
+    path = output_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
