@@ -1,0 +1,185 @@
+"""What every baseline shares: its output record, candidate noise, a DDIM loop and VAE decoding.
+
+The loop is the one ``pipe()`` runs with a ``DDIMScheduler`` (eta = 0), assembled from
+:mod:`noisealign.pipelines.sampling`'s own pieces (``_ddim`` for the scheduler built from the
+pipeline's config, ``_guided_noise`` for the CFG-combined UNet prediction), but it can start
+and stop at any step and hands back the predicted x0 and the UNet outputs that the
+early-stop and Noise Diffusion baselines need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+
+from ..errors import PipelineError
+from ..judges.base import Concept, Judge, score_robustly
+from ..noise import batch_noise, initial_noise
+from ..pipelines.encoding import PromptEmbeddings
+from ..pipelines.sampling import _ddim, _guided_noise
+
+
+@dataclass
+class MethodOutput:
+    """What a baseline returns for B prompts.
+
+    Attributes:
+        images: B final images.
+        latents: ``(B, C, h, w)`` float32 on CPU, the initial noise each final image was
+            denoised from.
+        denoising_steps: per image, UNet evaluations spent on it, all candidates, replays and
+            extra passes included; a CFG-doubled UNet call counts as one step.
+        judge_calls: per image, judge calls the method made itself (the evaluation's own
+            scoring of the final image is not counted).
+        extras: method-specific per-image diagnostics, e.g. ``"chosen"`` (candidate index)
+            or ``"scores"`` (the judge scores the choice was made on).
+    """
+
+    images: list[Image.Image]
+    latents: torch.Tensor
+    denoising_steps: list[float]
+    judge_calls: list[int]
+    extras: dict[str, list] = field(default_factory=dict)
+
+
+def candidate_noise(
+    prompt_ids: Sequence[str], seeds: Sequence[int], n: int, shape: Sequence[int]
+) -> torch.Tensor:
+    """``(B, n, *shape)`` float32 candidate noises per (prompt id, seed) key.
+
+    Candidate 0 is the standard noise ``batch_noise(prompt_ids, seeds, shape)``, so a
+    best-of-1 is the standard method; candidate ``i > 0`` is
+    ``initial_noise(f"{prompt_id}/candidate{i}", seed, shape)``.
+
+    Example:
+        >>> candidate_noise(["p0", "p1"], [0, 0], 3, (4, 8, 8)).shape
+        torch.Size([2, 3, 4, 8, 8])
+    """
+    if n < 1:
+        raise ValueError(f"need at least one candidate, got n={n}")
+    first = batch_noise(prompt_ids, seeds, shape)
+    others = [
+        torch.stack([initial_noise(f"{p}/candidate{i}", s, shape) for i in range(1, n)])
+        if n > 1
+        else first.new_zeros((0, *shape))
+        for p, s in zip(prompt_ids, seeds)
+    ]
+    return torch.stack([torch.cat([f[None], o]) for f, o in zip(first, others)])
+
+
+@dataclass
+class DDIMTrace:
+    """End state of :func:`ddim_loop`: latents, last predicted x0, and the UNet outputs used.
+
+    ``latents`` and ``pred_x0`` are ``(B, C, h, w)`` float32 on the pipeline's device;
+    ``model_outputs`` holds one CFG-combined prediction per step run (empty unless recorded).
+    """
+
+    latents: torch.Tensor
+    pred_x0: torch.Tensor | None
+    model_outputs: list[torch.Tensor]
+
+
+def ddim_loop(
+    pipe: DiffusionPipeline,
+    emb: PromptEmbeddings,
+    latents: torch.Tensor,
+    *,
+    num_inference_steps: int,
+    guidance_scale: float,
+    start: int = 0,
+    stop: int | None = None,
+    record: bool = False,
+) -> DDIMTrace:
+    """Run DDIM (eta = 0) steps ``start .. stop - 1`` of a ``num_inference_steps`` schedule.
+
+    ``latents`` sit at timestep ``start`` (pure noise for 0); ``stop - start`` UNet calls.
+    From 0 to ``num_inference_steps`` this is the loop ``pipe()`` runs with a DDIM scheduler.
+    """
+    stop = num_inference_steps if stop is None else stop
+    if not 0 <= start < stop <= num_inference_steps:
+        raise ValueError(
+            f"need 0 <= start < stop <= num_inference_steps, got {start}, {stop}, {num_inference_steps}"
+        )
+    scheduler, _ = _ddim(pipe, num_inference_steps, start)
+    x = latents.to(pipe._execution_device, torch.float32)
+    pred_x0, outputs = None, []
+    for t in scheduler.timesteps[start:stop]:
+        eps = _guided_noise(pipe, x, emb, t, guidance_scale)
+        if record:
+            outputs.append(eps)
+        x, pred_x0 = scheduler.step(eps, t, x, return_dict=False)
+    return DDIMTrace(latents=x, pred_x0=pred_x0, model_outputs=outputs)
+
+
+def ddim_replay(
+    pipe: DiffusionPipeline,
+    latents: torch.Tensor,
+    model_outputs: Sequence[torch.Tensor],
+    *,
+    num_inference_steps: int,
+) -> torch.Tensor:
+    """The DDIM update arithmetic of a recorded run, with the UNet outputs held fixed.
+
+    Differentiable with respect to ``latents`` (the UNet is not called): the final latents of
+    the run that recorded ``model_outputs``, as a function of its initial ``latents``.
+    """
+    scheduler, _ = _ddim(pipe, num_inference_steps, 0)
+    x = latents
+    for t, eps in zip(scheduler.timesteps, model_outputs, strict=True):
+        x = scheduler.step(eps, t, x, return_dict=False)[0]
+    return x
+
+
+def decode(pipe: DiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
+    """Latents -> ``(B, 3, H, W)`` float32 images in [0, 1], as ``pipe()`` decodes; differentiable.
+
+    Raises :class:`~noisealign.errors.PipelineError` for a float16 VAE that ``pipe()`` would
+    upcast to float32 (it overflows in float16); this function never changes the pipeline.
+    """
+    vae: Any = pipe.vae
+    config = vae.config
+    if vae.dtype == torch.float16 and config.force_upcast:
+        raise PipelineError(
+            "the pipeline's VAE is float16 with force_upcast set (it overflows in float16); "
+            "load the pipeline in bfloat16 or float32, or use a VAE fixed for float16"
+        )
+    x = latents.to(vae.device, vae.dtype)
+    if config.latents_mean is not None and config.latents_std is not None:  # SDXL-style VAEs
+        mean = torch.tensor(config.latents_mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(config.latents_std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        x = x * std / config.scaling_factor + mean
+    else:
+        x = x / config.scaling_factor
+    image = vae.decode(x, return_dict=False)[0].float()
+    return (image / 2 + 0.5).clamp(0, 1)
+
+
+def to_pil(pipe: DiffusionPipeline, images: torch.Tensor) -> list[Image.Image]:
+    """``(B, 3, H, W)`` images in [0, 1] -> PIL, with the pipeline's own rounding."""
+    processor: Any = pipe.image_processor
+    return processor.numpy_to_pil(processor.pt_to_numpy(images.detach().cpu()))
+
+
+def judge_overall(
+    judge: Judge,
+    images: Sequence[Image.Image],
+    prompts: Sequence[str],
+    concepts: Sequence[list[Concept] | None] | None,
+) -> list[float]:
+    """Overall scores of B images; a sample the judge fails on (after retries) scores -inf."""
+    results = score_robustly(judge, images, prompts, concepts)
+    return [float("-inf") if f is None else f.overall for f, _ in results]
+
+
+def check_batch(prompts: Sequence[str], emb: PromptEmbeddings, rows: int, what: str) -> None:
+    if len(prompts) != len(emb) or rows != len(emb):
+        raise ValueError(
+            f"got {len(prompts)} prompts, {len(emb)} prompt embeddings and {rows} {what}; "
+            "pass one of each per prompt"
+        )
