@@ -18,9 +18,12 @@ logger = logging.getLogger("noisealign")
 # stage name -> module holding its ``main(args)``; imported only when chosen.
 STAGES: dict[str, str] = {
     "collect": "noisealign.collect",
+    "collect_npd": "noisealign.collect_npd",
     "distill": "noisealign.distill",
     "pretrain": "noisealign.pretrain",
     "train_projector": "noisealign.train_projector",
+    "train_npnet": "noisealign.train_npnet",
+    "convert_npnet": "noisealign.policies.npnet_convert",
     "generate": "noisealign.generate",
     "evaluate": "noisealign.evaluate",
 }

@@ -1,0 +1,244 @@
+"""collect_npd stage: noise pairs by re-denoise sampling, filtered by a judge (Golden Noise, arXiv 2411.09502, Alg. 1).
+
+Launch (any of):
+    accelerate launch src/noisealign/collect_npd.py --config recipes/toy/collect_npd.yaml
+    python -m noisealign.collect_npd --config recipes/tiny/collect_npd.yaml
+    noisealign collect_npd --config recipes/tiny/collect_npd.yaml --output_dir runs/npd
+
+For every (prompt, seed): the source noise x_T (``noisealign.noise``, keyed by the pair), the
+target x′_T = DDIM-Inversion(DDIM(x_T)) — one DDIM step at CFG ω_l, one inversion step at
+ω_w < ω_l — an image from each at the recipe's sampling settings, the judge's score of both,
+and kept = s′ > s + m. Every pair is written (with its flag), sharded, resumable and merged
+exactly like the collect stage (:mod:`noisealign.data.shards`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from noisealign.configs import BaseConfig, parse_config
+from noisealign.errors import ConfigError
+
+logger = logging.getLogger("noisealign.collect_npd")
+
+
+@dataclass
+class CollectNPDConfig(BaseConfig):
+    """Recipe of the collect_npd stage."""
+
+    pipeline: str = field(default="", metadata={"help": "Diffusers pipeline folder or hub id. Required."})  # fmt: skip
+    judge: str = field(default="", metadata={"help": "Registered judge that scores both images (e.g. 'shapes', 'clip', 'vlm'). Required."})  # fmt: skip
+    judge_kwargs: dict = field(default_factory=dict, metadata={"help": "Arguments of the judge factory (JSON on the command line)."})  # fmt: skip
+    prompts: str = field(default="", metadata={"help": "Prompt file: .txt, .jsonl, .csv or a saved dataset folder. Required."})  # fmt: skip
+    prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt in JSONL/CSV/dataset files."})  # fmt: skip
+    seeds: str = field(default="0:4", metadata={"help": "Seeds per prompt: 'start:stop', 'a,b,c', or a YAML list of ints."})  # fmt: skip
+    redenoise_steps: int = field(default=10, metadata={"help": "Length of the DDIM schedule whose first step re-denoise sampling takes (paper: 10 for SDXL)."})  # fmt: skip
+    guidance_denoise: float = field(default=5.5, metadata={"help": "ω_l: CFG of the DDIM step (paper, SDXL: 5.5)."})  # fmt: skip
+    guidance_invert: float = field(default=1.0, metadata={"help": "ω_w < ω_l: CFG of the inversion step (paper: 1.0); the gap injects the prompt."})  # fmt: skip
+    margin: float = field(default=0.0, metadata={"help": "m: a pair is kept when judge(x′_0) > judge(x_0) + m (paper: 0)."})  # fmt: skip
+    num_inference_steps: int = field(default=20, metadata={"help": "Denoising steps of the two judged images."})  # fmt: skip
+    guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale of the two judged images."})  # fmt: skip
+    height: int | None = field(default=None, metadata={"help": "Image height in pixels; the pipeline's default when unset."})  # fmt: skip
+    width: int | None = field(default=None, metadata={"help": "Image width in pixels; the pipeline's default when unset."})  # fmt: skip
+    torch_dtype: str = field(default="float32", metadata={"help": "Pipeline dtype: float32, float16 or bfloat16 (noises are stored in float32)."})  # fmt: skip
+    batch_size: int = field(default=8, metadata={"help": "Pairs re-denoised per batch, per process (2x this many images)."})  # fmt: skip
+    chunk_size: int = field(default=64, metadata={"help": "Keys per shard. A kill loses at most one unfinished chunk per process."})  # fmt: skip
+    judge_retries: int = field(default=2, metadata={"help": "Per-sample retries after a judge fails on a batch."})  # fmt: skip
+    log_images: int = field(default=8, metadata={"help": "Source | target image pairs logged to the tracker as a table."})  # fmt: skip
+
+    def __post_init__(self) -> None:
+        if isinstance(self.seeds, list):  # a YAML list arrives untouched by argparse
+            self.seeds = ",".join(str(s) for s in self.seeds)
+        super().__post_init__()
+        for name in ("pipeline", "judge", "prompts"):
+            if not getattr(self, name):
+                raise ConfigError(f"recipe field '{name}' is required")
+        for name in ("redenoise_steps", "num_inference_steps", "batch_size", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"recipe field '{name}' must be >= 1, got {getattr(self, name)}")
+        if self.guidance_invert >= self.guidance_denoise:
+            logger.warning(
+                "guidance_invert %.2f >= guidance_denoise %.2f: re-denoise sampling injects no prompt "
+                "semantics without a CFG gap (Theorem E.1); the paper uses 1.0 < 5.5",
+                self.guidance_invert, self.guidance_denoise,
+            )  # fmt: skip
+        if self.judge_retries < 0 or self.log_images < 0:
+            raise ConfigError("recipe fields 'judge_retries' and 'log_images' must be >= 0")
+        if self.torch_dtype not in ("float32", "float16", "bfloat16"):
+            raise ConfigError(f"recipe field 'torch_dtype' must be float32, float16 or bfloat16, got {self.torch_dtype!r}")  # fmt: skip
+
+    def fingerprint(self) -> dict:
+        """Settings that decide a row's content; a folder written with others is refused."""
+        keys = (
+            "pipeline", "judge", "judge_kwargs", "prompt_column", "redenoise_steps",
+            "guidance_denoise", "guidance_invert", "margin", "num_inference_steps",
+            "guidance_scale", "height", "width", "torch_dtype",
+        )  # fmt: skip
+        return {k: getattr(self, k) for k in keys}
+
+
+CONFIG_CLASS = CollectNPDConfig  # read by `noisealign.cli` and the recipe tests
+
+
+def collect_pairs(chunk, records, pipe, judge, config, shape, signature: str) -> list[dict]:
+    """Re-denoise, generate from both noises, judge both and build the rows of one chunk of keys."""
+    from noisealign.data.npd import keep_pair
+    from noisealign.judges.base import score_robustly
+    from noisealign.noise import batch_noise
+    from noisealign.pipelines import encode_prompts, generate, re_denoise
+
+    rows = []
+    for start in range(0, len(chunk), config.batch_size):
+        keys = chunk[start : start + config.batch_size]
+        prompts = [records[pid].prompt for pid, _ in keys]
+        source = batch_noise([pid for pid, _ in keys], [seed for _, seed in keys], shape)
+        emb = encode_prompts(pipe, prompts)
+        target = re_denoise(
+            pipe, source, emb, num_inference_steps=config.redenoise_steps,
+            guidance_denoise=config.guidance_denoise, guidance_invert=config.guidance_invert,
+        ).float().cpu()  # fmt: skip
+        both = generate(
+            pipe, emb.select(list(range(len(keys))) * 2), torch.cat([source, target]),
+            num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+        )  # fmt: skip
+        # a fresh copy per image: judges write their scores into the concepts they are given
+        concepts = [copy.deepcopy(list(records[pid].concepts)) if records[pid].concepts else None for pid, _ in keys * 2]  # fmt: skip
+        verdicts = score_robustly(judge, both, prompts * 2, concepts, retries=config.judge_retries)
+        for i, (pid, seed) in enumerate(keys):
+            (src, src_error), (tgt, tgt_error) = verdicts[i], verdicts[len(keys) + i]
+            s = float("nan") if src is None else float(src.overall)
+            t = float("nan") if tgt is None else float(tgt.overall)
+            rows.append({
+                "prompt_id": pid, "prompt": prompts[i], "seed": seed,
+                "source_noise": source[i].numpy(), "target_noise": target[i].numpy(),
+                "source_score": s, "target_score": t, "kept": keep_pair(s, t, config.margin),
+                "failed": src is None or tgt is None, "error": src_error or tgt_error,
+                "judge": judge.name, "margin": config.margin, "pipeline": config.pipeline,
+                "pipeline_signature": signature, "latent_shape": list(shape),
+                "height": both[i].height, "width": both[i].width,
+                "num_inference_steps": config.num_inference_steps, "guidance_scale": config.guidance_scale,
+                "redenoise_steps": config.redenoise_steps, "guidance_denoise": config.guidance_denoise,
+                "guidance_invert": config.guidance_invert,
+                "_images": (both[i], both[len(keys) + i]),  # for the tracker's sample table only
+            })  # fmt: skip
+    return rows
+
+
+def main(args: Sequence[str] | None = None):
+    """Run the collect_npd stage; returns the merged dataset (on the main process)."""
+    # ---- 1. recipe, prompts, work list --------------------------------------------
+    config = parse_config(CollectNPDConfig, args)
+    from noisealign.data.npd import npd_features
+    from noisealign.data.prompts import load_prompts, parse_seeds
+    from noisealign.data.shards import ShardStore
+    from noisealign.judges import build_judge
+    from noisealign.pipelines import latent_shape, load_pipeline, pipeline_signature
+    from noisealign.tracking import make_accelerator, start_tracking
+
+    records = {r.prompt_id: r for r in load_prompts(config.prompts, config.prompt_column)}
+    keys = [(pid, seed) for pid in records for seed in parse_seeds(config.seeds)]
+
+    # ---- 2. output folder, models, processes (all checks before any tracker run) ----
+    judge = build_judge(config.judge, **config.judge_kwargs)
+    store = ShardStore(config.output_dir, key_columns=("prompt_id", "seed"))
+    accelerator = make_accelerator(config)
+    if accelerator.is_main_process:
+        store.prepare(config.fingerprint(), overwrite=config.overwrite_output_dir)
+    accelerator.wait_for_everyone()
+    pipe = load_pipeline(config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code)  # fmt: skip
+    pipe.to(accelerator.device)
+    start_tracking(accelerator, config, "collect_npd")
+    shape = latent_shape(pipe, config.height, config.width)
+    signature = json.dumps(pipeline_signature(pipe), sort_keys=True)
+
+    # ---- 3. plan: every process cuts the same chunks, then takes its share ---------
+    chunks = store.plan(keys, config.chunk_size)
+    accelerator.wait_for_everyone()  # nobody writes before everyone has read the done keys
+    mine = chunks[accelerator.process_index :: accelerator.num_processes]
+    logger.info(
+        "%d of %d keys to collect; process %d takes %d chunks",
+        sum(map(len, chunks)), len(keys), accelerator.process_index, len(mine),
+    )  # fmt: skip
+
+    # ---- 4. re-denoise, generate, judge, write shard by shard ----------------------
+    samples, counts = [], {"done": 0, "kept": 0, "failed": 0}
+    bar = tqdm(total=sum(map(len, mine)), desc="collect_npd", disable=not accelerator.is_local_main_process)  # fmt: skip
+    for chunk in mine:
+        started = time.perf_counter()
+        rows = collect_pairs(chunk, records, pipe, judge, config, shape, signature)
+        for row in rows:
+            images = row.pop("_images")
+            if len(samples) < config.log_images:
+                samples.append((row["prompt"], row["seed"], *images, row["source_score"], row["target_score"]))  # fmt: skip
+        store.write_shard(rows, npd_features(shape))
+        counts = {"done": counts["done"] + len(rows), "kept": counts["kept"] + sum(r["kept"] for r in rows),
+                  "failed": counts["failed"] + sum(r["failed"] for r in rows)}  # fmt: skip
+        judged = [r for r in rows if not r["failed"]]
+        accelerator.log(
+            {
+                "collect_npd/keep_rate": counts["kept"] / counts["done"],
+                "collect_npd/source_score": sum(r["source_score"] for r in judged) / max(1, len(judged)),
+                "collect_npd/target_score": sum(r["target_score"] for r in judged) / max(1, len(judged)),
+                "collect_npd/failed": counts["failed"],
+                "collect_npd/pairs_per_s": len(rows) / (time.perf_counter() - started),
+            },
+            step=counts["done"],
+        )  # fmt: skip
+        bar.update(len(rows))
+        bar.set_postfix(keep_rate=f"{counts['kept'] / counts['done']:.3f}")
+    bar.close()
+
+    # ---- 5. merge, report -----------------------------------------------------------
+    accelerator.wait_for_everyone()
+    dataset = None
+    if accelerator.is_main_process:
+        dataset = store.merge(keys)
+        report = summarize(dataset)
+        logger.info(
+            "dataset of %d pairs at %s; kept %d (keep-rate %.3f, margin %g); mean score source %.3f -> target %.3f; %d failed judge rows",
+            report["pairs"], store.dataset_dir, report["kept"], report["keep_rate"], config.margin,
+            report["source_score"], report["target_score"], report["failed"],
+        )  # fmt: skip
+        (store.root / "summary.json").write_text(json.dumps(report, indent=2))
+        accelerator.log({f"collect_npd/final_{k}": v for k, v in report.items()})
+        _log_samples(accelerator, samples)
+    accelerator.end_training()
+    return dataset
+
+
+def summarize(dataset) -> dict[str, float]:
+    """Pairs, kept, keep-rate (over all pairs), failed, mean source / target scores of the judged pairs."""
+    kept, failed = sum(dataset["kept"]), sum(dataset["failed"])
+    judged = [(s, t) for s, t, f in zip(dataset["source_score"], dataset["target_score"], dataset["failed"]) if not f]  # fmt: skip
+    mean = lambda values: sum(values) / max(1, len(values))  # noqa: E731
+    return {
+        "pairs": dataset.num_rows, "kept": kept, "keep_rate": kept / max(1, dataset.num_rows),
+        "failed": failed, "source_score": mean([s for s, _ in judged]),
+        "target_score": mean([t for _, t in judged]),
+        "target_better": sum(t > s for s, t in judged), "target_worse": sum(t < s for s, t in judged),
+    }  # fmt: skip
+
+
+def _log_samples(accelerator, samples: list[tuple]) -> None:
+    if not samples or not accelerator.trackers:
+        return
+    import wandb
+
+    table = wandb.Table(columns=["prompt", "seed", "source", "target", "source_score", "target_score"])  # fmt: skip
+    for prompt, seed, src, tgt, s, t in samples:
+        table.add_data(prompt, seed, wandb.Image(src), wandb.Image(tgt), s, t)
+    accelerator.log({"collect_npd/samples": table})
+
+
+if __name__ == "__main__":
+    from noisealign.cli import run_stage
+
+    run_stage(main)

@@ -1,0 +1,302 @@
+"""train_npnet stage: NPNet trained with MSE on the kept noise pairs of collect_npd (Golden Noise, arXiv 2411.09502, Alg. 2).
+
+Launch (any of):
+    accelerate launch src/noisealign/train_npnet.py --config recipes/toy/train_npnet.yaml
+    python -m noisealign.train_npnet --config recipes/tiny/train_npnet.yaml
+    noisealign train_npnet --config recipes/tiny/train_npnet.yaml --output_dir runs/npnet
+
+Each batch holds kept pairs (x_T, x′_T) of many prompts; every sample is conditioned on its
+*own* prompt's token embeddings, encoded by the pipeline's frozen text encoder (the official
+code gives the whole batch the first prompt's). Held-out prompts (no pair of theirs is trained
+on) give an eval MSE next to the identity map's. Saves a policy folder that records its
+pipeline; resume with ``--resume_from_checkpoint latest``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from noisealign.configs import BaseConfig, parse_config
+from noisealign.errors import ConfigError
+
+logger = logging.getLogger("noisealign.train_npnet")
+POLICY_TYPES = ("npnet", "npnet_compat")
+
+
+@dataclass
+class TrainNPNetConfig(BaseConfig):
+    """Recipe of the train_npnet stage."""
+
+    pipeline: str = field(default="", metadata={"help": "Pipeline (folder or hub id) the pairs were collected with; its text encoder embeds the prompts. Required."})  # fmt: skip
+    torch_dtype: str = field(default="float32", metadata={"help": "Pipeline dtype: float32, float16 or bfloat16 (the policy trains in float32)."})  # fmt: skip
+    dataset: str = field(default="", metadata={"help": "collect_npd output folder (or its dataset/). Required."})  # fmt: skip
+    margin: float | None = field(default=None, metadata={"help": "Re-filter the pairs with this m (target score > source score + m); None uses the 'kept' column."})  # fmt: skip
+    policy_type: str = field(default="npnet", metadata={"help": "'npnet' (improved, any latent size, per-token prompt attention) or 'npnet_compat' (official architecture, 4 x 128 x 128 only)."})  # fmt: skip
+    policy_kwargs: dict = field(default_factory=dict, metadata={"help": "Size of the policy (NPNetConfig / NPNetCompatConfig fields, e.g. hidden_dim, depth)."})  # fmt: skip
+    init_from: str | None = field(default=None, metadata={"help": "Start from this policy folder (e.g. a converted official checkpoint) instead of fresh weights."})  # fmt: skip
+    eval_fraction: float = field(default=0.1, metadata={"help": "Share of the prompts held out (all their pairs) for the eval MSE."})  # fmt: skip
+    min_eval_prompts: int = field(default=1, metadata={"help": "At least this many held-out prompts."})  # fmt: skip
+    batch_size: int = field(default=64, metadata={"help": "Pairs per process per forward (paper: 64)."})  # fmt: skip
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Forwards per optimizer step."})  # fmt: skip
+    num_epochs: int = field(default=30, metadata={"help": "Passes over the training pairs (paper: 30); ignored when max_steps is set."})  # fmt: skip
+    max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps; overrides num_epochs."})  # fmt: skip
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (paper: 1e-4), constant after warm-up."})  # fmt: skip
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})  # fmt: skip
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})  # fmt: skip
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm; 0 turns clipping off."})  # fmt: skip
+    logging_steps: int = field(default=10, metadata={"help": "Log train metrics every this many steps."})  # fmt: skip
+    eval_steps: int = field(default=0, metadata={"help": "Held-out evaluation every this many steps (0: only at the end)."})  # fmt: skip
+    save_steps: int = field(default=500, metadata={"help": "Checkpoint (accelerate save_state) every this many steps, and at the end."})  # fmt: skip
+    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (0 keeps all)."})  # fmt: skip
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder to resume from."})  # fmt: skip
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("pipeline", "dataset"):
+            if not getattr(self, name):
+                raise ConfigError(f"recipe field '{name}' is required")
+        for name in ("batch_size", "gradient_accumulation_steps", "num_epochs", "logging_steps", "save_steps"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ConfigError(f"recipe field '{name}' must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"recipe field 'max_steps' must be >= 1, got {self.max_steps}")
+        if not 0 < self.eval_fraction < 1:
+            raise ConfigError(f"recipe field 'eval_fraction' must be in (0, 1), got {self.eval_fraction}")  # fmt: skip
+        choices = {"policy_type": POLICY_TYPES, "torch_dtype": ("float32", "float16", "bfloat16")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"recipe field '{name}' must be one of {allowed}, got {getattr(self, name)!r}")  # fmt: skip
+
+
+CONFIG_CLASS = TrainNPNetConfig  # read by `noisealign.cli` and the recipe tests
+
+
+@dataclass
+class TrainNPNetResult:
+    """What :func:`main` returns: per-step train metrics, the final held-out metrics, the saved folder."""
+
+    history: list[dict[str, float]]
+    metrics: dict[str, float]
+    model_dir: str
+
+
+def build_policy(config: TrainNPNetConfig, signature: dict, shape: tuple[int, int, int]):
+    """A fresh NPNet whose input sizes come from the pipeline and the pairs, its size from the recipe."""
+    from noisealign.errors import PipelineError
+    from noisealign.policies.npnet import NPNet, NPNetCompat, NPNetCompatConfig, NPNetConfig
+
+    if config.policy_type == "npnet":
+        cls, config_cls = NPNet, NPNetConfig
+        fields = dict(latent_channels=shape[0], text_dim=signature["text_embed_dim"], pooled_dim=signature["pooled_dim"])  # fmt: skip
+    else:
+        if shape[0] != 4 or shape[1] != shape[2]:
+            raise PipelineError(f"policy_type 'npnet_compat' takes square 4-channel latents, the pairs have {shape}; use policy_type 'npnet'")  # fmt: skip
+        cls, config_cls = NPNetCompat, NPNetCompatConfig
+        fields = dict(resolution=shape[1], text_dim=signature["text_embed_dim"], text_length=signature["text_length"])  # fmt: skip
+    try:
+        policy_config = config_cls(**{**fields, **config.policy_kwargs}, pipeline_signature=signature, pipeline=config.pipeline)  # fmt: skip
+    except TypeError as exc:  # an unknown policy_kwargs key
+        raise ConfigError(f"recipe field 'policy_kwargs' does not fit {config_cls.__name__}: {exc}") from exc  # fmt: skip
+    torch.manual_seed(config.seed)  # the same initial weights on every process
+    return cls(policy_config)
+
+
+def batch_loss(
+    model, pipe, pairs, batch: dict
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """(loss, ε′, metrics) of one batch; each sample conditioned on its own prompt."""
+    from noisealign.losses.noise_pairs import noise_pair_loss
+    from noisealign.pipelines import encode_prompts
+
+    emb = encode_prompts(pipe, [pairs.prompts[r] for r in batch["row"].tolist()])
+    emb = emb.to(batch["source"].device, torch.float32)
+    predicted = model(batch["source"], emb.embeds, emb.mask, emb.pooled)
+    loss, metrics = noise_pair_loss(predicted, batch["target"], batch["source"])
+    return loss, predicted.detach(), metrics
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, pipe, pairs, loader) -> dict[str, float]:
+    """Held-out MSE, the identity map's MSE, and ε′'s Gaussianity, over the whole held-out set.
+
+    Every process scores every held-out pair (the set is small), so all log the same numbers.
+    """
+    from noisealign.policies.training import noise_metrics
+
+    model.eval()
+    sums: dict[str, float] = {}
+    count = 0
+    for batch in loader:
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        _, predicted, metrics = batch_loss(model, pipe, pairs, batch)
+        n = len(batch["row"])
+        for key, value in {**metrics, **noise_metrics(predicted, "eps_prime")}.items():
+            sums[key] = sums.get(key, 0.0) + value * n
+        count += n
+    model.train()
+    values = {k: v / count for k, v in sums.items()}
+    values["relative_mse"] = values["mse"] / max(values["identity_mse"], 1e-12)
+    return values
+
+
+def snapshot(accelerator, model):
+    """An eval-mode copy of the policy on the main process (None elsewhere); every process must call it (FSDP)."""
+    state_dict = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return None
+    unwrapped = accelerator.unwrap_model(model)
+    copy_ = type(unwrapped)(unwrapped.config)
+    copy_.load_state_dict(state_dict)
+    return copy_.eval()
+
+
+def train(accelerator, config, parts, pipe, pairs, state, model_config) -> list[dict[str, float]]:
+    """Optimizer steps from ``state`` to ``parts['max_steps']``; batches depend only on (seed, epoch)."""
+    from tqdm.auto import tqdm
+
+    from noisealign.policies.training import noise_metrics
+    from noisealign.rewards.trainer import save_checkpoint
+
+    model, optimizer, scheduler = parts["model"], parts["optimizer"], parts["scheduler"]
+    per_epoch, max_steps, history = len(parts["train_loader"]), parts["max_steps"], []
+    bar = tqdm(total=max_steps, initial=state["step"], desc="train_npnet", disable=not accelerator.is_local_main_process)  # fmt: skip
+    model.train()
+    while state["step"] < max_steps:
+        epoch, skip = divmod(state["batches"], per_epoch)
+        parts["sampler"].use_epoch(epoch)
+        loader = parts["train_loader"]
+        for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
+            with accelerator.accumulate(model):
+                loss, predicted, metrics = batch_loss(model, pipe, pairs, batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    metrics["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm))  # fmt: skip
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            state["batches"] += 1
+            if not accelerator.sync_gradients:
+                continue
+            state["step"] += 1
+            bar.update(1)
+            logged = {"step": state["step"], "epoch": epoch, "loss": accelerator.reduce(loss.detach(), reduction="mean").item(), "lr": scheduler.get_last_lr()[0], **metrics}  # fmt: skip
+            if state["step"] % config.logging_steps == 0 or state["step"] == 1:
+                logged |= noise_metrics(predicted, "eps_prime")
+                accelerator.log({f"train/{k}": v for k, v in logged.items()}, step=state["step"])
+                bar.set_postfix(loss=f"{logged['loss']:.4f}", rel=f"{metrics['relative_mse']:.3f}")
+            history.append(logged)
+            if config.eval_steps and state["step"] % config.eval_steps == 0 and state["step"] < max_steps:  # fmt: skip
+                values = evaluate(accelerator, model, pipe, pairs, parts["eval_loader"])
+                accelerator.log({f"eval/{k}": v for k, v in values.items()}, step=state["step"])
+            if state["step"] % config.save_steps == 0 or state["step"] == max_steps:
+                save_checkpoint(accelerator, config.output_dir, state, model_config, config.save_total_limit)  # fmt: skip
+            if state["step"] >= max_steps:
+                break
+    bar.close()
+    return history
+
+
+def build_parts(config, pairs, train_rows, eval_rows, model, num_processes: int) -> dict:
+    """Unprepared loaders (row-level shuffling keyed by (seed, epoch)), AdamW and a constant schedule with warm-up."""
+    from torch.utils.data import DataLoader
+    from transformers import get_constant_schedule_with_warmup
+
+    from noisealign.data.feedback import PromptBatchSampler
+    from noisealign.data.npd import NoisePairDataset, pass_through
+
+    train_set, eval_set = NoisePairDataset(pairs, train_rows), NoisePairDataset(pairs, eval_rows)
+    # each pair is its own group: batches of `batch_size` pairs, reshuffled per epoch
+    sampler = PromptBatchSampler(range(len(train_set)), config.batch_size, shuffle=True, seed=config.seed)  # fmt: skip
+    eval_sampler = PromptBatchSampler(range(len(eval_set)), config.batch_size, shuffle=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)  # fmt: skip
+    # accelerate steps a prepared scheduler once per process per optimizer step
+    scheduler = get_constant_schedule_with_warmup(optimizer, config.warmup_steps * num_processes)
+    return {
+        "model": model, "optimizer": optimizer, "scheduler": scheduler, "sampler": sampler,
+        "train_loader": DataLoader(train_set, batch_sampler=sampler, collate_fn=pass_through),
+        "eval_loader": DataLoader(eval_set, batch_sampler=eval_sampler, collate_fn=pass_through),
+    }  # fmt: skip
+
+
+def main(args: Sequence[str] | None = None) -> TrainNPNetResult:
+    """Run the train_npnet stage; returns the history and held-out metrics (folder saved on the main process)."""
+    # ---- 1. recipe and the accelerator (before touching the output folder) ----------
+    config = parse_config(TrainNPNetConfig, args)
+    from noisealign.data.feedback import split_by_prompt
+    from noisealign.data.npd import check_pairs_fit_pipeline, load_noise_pairs
+    from noisealign.pipelines import load_pipeline, pipeline_signature
+    from noisealign.rewards.trainer import check_output_dir, load_checkpoint, resolve_checkpoint
+    from noisealign.tracking import make_accelerator, start_tracking
+
+    accelerator = make_accelerator(config, gradient_accumulation_steps=config.gradient_accumulation_steps)  # fmt: skip
+
+    # ---- 2. pairs, split, pipeline checks (all before any output is written) ----------
+    pairs = load_noise_pairs(config.dataset, config.margin)
+    train_ids, eval_ids = split_by_prompt(pairs.prompt_ids, config.eval_fraction, config.min_eval_prompts, config.seed)  # fmt: skip
+    held_out = set(eval_ids)
+    train_rows = [i for i, pid in enumerate(pairs.prompt_ids) if pid not in held_out]
+    eval_rows = [i for i, pid in enumerate(pairs.prompt_ids) if pid in held_out]
+    check_output_dir(config.output_dir, config.resume_from_checkpoint, config.overwrite_output_dir)
+    resume = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
+    pipe = load_pipeline(config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code)  # fmt: skip
+    pipe.to(accelerator.device)
+    signature = pipeline_signature(pipe)
+    check_pairs_fit_pipeline(pairs, signature, config.dataset)
+
+    # ---- 3. policy, loaders, optimizer; resume; trackers -------------------------------
+    if config.init_from:
+        from noisealign.policies import load_policy
+
+        model = load_policy(config.init_from, pipe).train()
+    else:
+        model = build_policy(config, signature, pairs.latent_shape)
+    parts = build_parts(config, pairs, train_rows, eval_rows, model, accelerator.num_processes)
+    names = ("model", "optimizer", "train_loader", "scheduler")
+    parts.update(zip(names, accelerator.prepare(*(parts[n] for n in names))))
+    steps_per_epoch = math.ceil(len(parts["train_loader"]) / config.gradient_accumulation_steps)
+    parts["max_steps"] = config.max_steps or config.num_epochs * steps_per_epoch
+    model_config = json.loads(json.dumps(asdict(accelerator.unwrap_model(parts["model"]).config)))
+    state = {"step": 0, "batches": 0}
+    if resume is not None:
+        state = load_checkpoint(accelerator, resume, model_config)
+    elif config.overwrite_output_dir and accelerator.is_main_process:
+        shutil.rmtree(Path(config.output_dir, "checkpoints"), ignore_errors=True)
+    accelerator.wait_for_everyone()
+    start_tracking(accelerator, config, "train_npnet")
+    logger.info(
+        "%d kept pairs (%d not kept, %d NaN/Inf skipped): %d train pairs of %d prompts, %d held-out pairs of %d prompts; "
+        "%s with %d parameters; %d steps",
+        pairs.num_rows, pairs.skipped_not_kept, len(pairs.skipped_nonfinite), len(train_rows), len(train_ids),
+        len(eval_rows), len(eval_ids), config.policy_type, sum(p.numel() for p in model.parameters()), parts["max_steps"],
+    )  # fmt: skip
+
+    # ---- 4. train ------------------------------------------------------------------------
+    history = train(accelerator, config, parts, pipe, pairs, state, model_config)
+
+    # ---- 5. held-out metrics; the policy folder (config records its pipeline) ------------
+    metrics = evaluate(accelerator, parts["model"], pipe, pairs, parts["eval_loader"])
+    accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=state["step"])
+    logger.info("held-out: %s", {k: round(v, 4) for k, v in metrics.items()})
+    policy = snapshot(accelerator, parts["model"])
+    if policy is not None:
+        policy.save_pretrained(config.output_dir)
+        summary = {"history": history, "eval": metrics, "train_pairs": len(train_rows), "eval_pairs": len(eval_rows),
+                   "train_prompts": train_ids, "eval_prompts": eval_ids}  # fmt: skip
+        Path(config.output_dir, "train_metrics.json").write_text(json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainNPNetResult(history, metrics, str(Path(config.output_dir)))
+
+
+if __name__ == "__main__":
+    from noisealign.cli import run_stage
+
+    run_stage(main)
