@@ -1,84 +1,149 @@
 """Noise policies: networks that turn the initial noise ε into a prompt-aware ε′.
 
-- :class:`~noisealign.policies.projector.NoiseProjector` — f_θ(ε, e), trained with quasi-DPO
-  (``noisealign train_projector``).
+Every policy is an ``nn.Module`` + ``PyTorchModelHubMixin`` with
+``forward(noise (B, C, H, W), embeds (B, L, D), mask (B, L) bool | None, pooled (B, P) | None)
+-> (B, C, H, W)`` in noise's dtype, and a dataclass config saved as ``config.json`` whose
+``policy_type`` names its class in :data:`POLICIES`:
 
-Using a trained projector with a diffusers pipeline is one call:
+- ``noise_projector`` — :class:`~noisealign.policies.projector.NoiseProjector`, f_θ(ε, e) trained
+  with quasi-DPO (``noisealign train_projector``); its config.json has no ``policy_type``;
+- ``npnet`` — :class:`~noisealign.policies.npnet.NPNet`, the improved NPNet;
+- ``npnet_compat`` — :class:`~noisealign.policies.npnet.NPNetCompat`, the official NPNet
+  (``noisealign convert_npnet`` turns a released checkpoint into a folder).
+
+Using a trained policy with a diffusers pipeline is one call:
 
 Example:
     >>> from diffusers import StableDiffusionPipeline
-    >>> from noisealign.policies import apply_policy, load_projector
+    >>> from noisealign.policies import apply_policy, load_policy
     >>> pipe = StableDiffusionPipeline.from_pretrained("src/noisealign/toy/assets/pipeline")  # doctest: +SKIP
-    >>> projector = load_projector("outputs/toy/projector", pipe)  # doctest: +SKIP
+    >>> policy = load_policy("outputs/toy/projector", pipe)  # doctest: +SKIP
     >>> prompts = ["a red circle left of a blue square"]
-    >>> images = pipe(prompts, latents=apply_policy(pipe, projector, prompts, seeds=[0])).images  # doctest: +SKIP
+    >>> images = pipe(prompts, latents=apply_policy(pipe, policy, prompts, seeds=[0])).images  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
+from torch import nn
 
 from ..data.prompts import prompt_hash_id
 from ..errors import DataError, NoiseAlignError
 from ..noise import batch_noise, check_finite
 from ..pipelines import PromptEmbeddings, check_compatible, encode_prompts, latent_shape
 from ..pipelines import pipeline_signature as _signature
+from .npnet import NPNet, NPNetCompat, NPNetCompatConfig, NPNetConfig
 from .projector import NoiseProjector, NoiseProjectorConfig, count_parameters, moment_match
 
+#: policy_type (config.json) -> class; a folder without policy_type is a noise projector.
+POLICIES: dict[str, type[nn.Module]] = {
+    "noise_projector": NoiseProjector,
+    "npnet": NPNet,
+    "npnet_compat": NPNetCompat,
+}
+DEFAULT_POLICY_TYPE = "noise_projector"
 
-def load_projector(
-    path_or_id: str, pipe: DiffusionPipeline | None = None, **hub_kwargs: object
-) -> NoiseProjector:
-    """Load a projector folder in eval mode; with ``pipe``, check it was trained for that pipeline.
 
-    Raises:
-        DataError: missing or broken folder.
-        PipelineError: ``pipe``'s text embeddings or latent shape differ from the training pipeline's.
-    """
+def _read_config(path_or_id: str, what: str, **hub_kwargs: Any) -> dict[str, Any]:
     folder = Path(path_or_id)
     if folder.is_dir():
         missing = [n for n in ("config.json", "model.safetensors") if not (folder / n).is_file()]
         if missing:
             raise DataError(
-                f"projector folder '{path_or_id}' has no {' or '.join(missing)}; pass a folder written by train_projector"
+                f"{what} folder '{path_or_id}' has no {' or '.join(missing)}; pass a folder written by save_pretrained"
             )
+        path = folder / "config.json"
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = Path(hf_hub_download(repo_id=path_or_id, filename="config.json", **hub_kwargs))
+        except Exception as exc:  # hub errors come in many types; the first line says which
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DataError(
+                f"cannot load {what} '{path_or_id}' ({first[:200]}); pass a folder written by save_pretrained or a reachable hub id"
+            ) from exc
     try:
-        projector = NoiseProjector.from_pretrained(path_or_id, **hub_kwargs)
-    except NoiseAlignError:
-        raise
-    except Exception as exc:  # hub, safetensors and shape errors all mean "not a projector here"
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{what} config '{path}' is not valid JSON; save the {what} again") from exc
+    if not isinstance(config, dict):
+        raise DataError(f"{what} config '{path}' is not a JSON object; save the {what} again")
+    return config
+
+
+def load_policy(
+    path_or_id: str,
+    pipe: DiffusionPipeline | None = None,
+    *,
+    what: str = "policy",
+    **hub_kwargs: Any,
+) -> nn.Module:
+    """Load any policy folder (class from config.json's ``policy_type``) in eval mode.
+
+    With ``pipe``, check the policy was trained for that pipeline. ``what`` names the artefact
+    in error messages.
+
+    Raises:
+        DataError: missing or broken folder, unknown ``policy_type``, weights that do not fit.
+        PipelineError: ``pipe``'s text embeddings or latent shape differ from the training pipeline's.
+
+    Example:
+        >>> policy = load_policy("outputs/sdxl/npnet", pipe)  # doctest: +SKIP
+    """
+    config = _read_config(path_or_id, what, **hub_kwargs)
+    name = config.get("policy_type", DEFAULT_POLICY_TYPE)
+    if name not in POLICIES:
+        raise DataError(
+            f"{what} '{path_or_id}' has policy_type {name!r}; known: {', '.join(POLICIES)}"
+        )
+    try:
+        policy = POLICIES[name].from_pretrained(path_or_id, **hub_kwargs)
+    except NoiseAlignError as exc:
+        raise DataError(f"cannot load {what} '{path_or_id}': {exc}") from exc
+    except Exception as exc:  # config fields, safetensors and shape errors: "not this policy"
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(
-            f"cannot load projector '{path_or_id}' ({first[:200]}); pass a folder written by train_projector or a reachable hub id"
+            f"cannot load {what} '{path_or_id}' as {name} ({first[:200]}); save it again with save_pretrained"
         ) from exc
     if pipe is not None:
-        check_pipeline(projector, pipe, f"projector '{path_or_id}'")
-    return projector.eval()
+        check_pipeline(policy, pipe, f"{what} '{path_or_id}'")
+    return policy.eval()
 
 
-def check_pipeline(projector: NoiseProjector, pipe: DiffusionPipeline, what: str) -> None:
-    """:class:`~noisealign.errors.PipelineError` if ``pipe`` differs from the pipeline recorded in the projector."""
-    expected = projector.config.pipeline_signature
+def load_projector(
+    path_or_id: str, pipe: DiffusionPipeline | None = None, **hub_kwargs: object
+) -> nn.Module:
+    """:func:`load_policy` with errors that say "projector" (kept for existing callers)."""
+    return load_policy(path_or_id, pipe, what="projector", **hub_kwargs)
+
+
+def check_pipeline(policy: nn.Module, pipe: DiffusionPipeline, what: str) -> None:
+    """:class:`~noisealign.errors.PipelineError` if ``pipe`` differs from the pipeline recorded in the policy."""
+    expected = policy.config.pipeline_signature
     if expected is not None:
         check_compatible(expected, _signature(pipe), what)
 
 
 @torch.no_grad()
-def project(projector: NoiseProjector, noise: torch.Tensor, emb: PromptEmbeddings) -> torch.Tensor:
-    """ε′ = f_θ(ε, e) on the projector's device, returned on ε's device and dtype."""
-    device = projector.head.weight.device
+def project(policy: nn.Module, noise: torch.Tensor, emb: PromptEmbeddings) -> torch.Tensor:
+    """ε′ = f_θ(ε, e) on the policy's device, returned on ε's device and dtype."""
+    check_finite(noise, "input noise")
+    device = next(policy.parameters()).device
     emb = emb.to(device)
-    out = projector(noise.to(device), emb.embeds, emb.mask, emb.pooled)
+    out = policy(noise.to(device), emb.embeds, emb.mask, emb.pooled)
     return check_finite(out, "projected noise").to(noise.device, noise.dtype)
 
 
 def apply_policy(
     pipe: DiffusionPipeline,
-    policy: NoiseProjector,
+    policy: nn.Module,
     prompts: Sequence[str],
     seeds: Sequence[int],
     *,
@@ -100,7 +165,7 @@ def apply_policy(
         raise DataError(
             f"got {len(prompts)} prompts but {len(seeds)} seeds; pass one seed per prompt"
         )
-    check_pipeline(policy, pipe, "this projector")
+    check_pipeline(policy, pipe, "this policy")
     ids = list(prompt_ids) if prompt_ids is not None else [prompt_hash_id(p) for p in prompts]
     noise = batch_noise(ids, list(seeds), latent_shape(pipe, height, width))
     projected = project(policy, noise, encode_prompts(pipe, prompts))
@@ -110,11 +175,17 @@ def apply_policy(
 
 
 __all__ = [
+    "NPNet",
+    "NPNetCompat",
+    "NPNetCompatConfig",
+    "NPNetConfig",
     "NoiseProjector",
     "NoiseProjectorConfig",
+    "POLICIES",
     "apply_policy",
     "check_pipeline",
     "count_parameters",
+    "load_policy",
     "load_projector",
     "moment_match",
     "project",
