@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline
+from PIL import Image
 
 from ..judges.base import Concept, Judge
 from ..noise import batch_noise
@@ -55,7 +56,12 @@ def _rows(batch: int, n: int, batch_size: int) -> list[list[tuple[int, int]]]:
     return [rows[s : s + batch_size] for s in range(0, len(rows), batch_size)]
 
 
-def _subset(prompts, concepts, chunk):
+def _subset(
+    prompts: Sequence[str],
+    concepts: Sequence[list[Concept] | None] | None,
+    chunk: list[tuple[int, int]],
+) -> tuple[list[int], list[str], list[list[Concept] | None] | None]:
+    """The chunk's prompt indices, prompts and concepts."""
     owners = [b for b, _ in chunk]
     return (
         owners,
@@ -173,7 +179,9 @@ def linear_preview(pipe: DiffusionPipeline) -> LinearPreview:
     return _LINEAR_CACHE[pipe]
 
 
-def _preview_images(pipe: DiffusionPipeline, pred_x0: torch.Tensor, preview: str | LinearPreview):
+def _preview_images(
+    pipe: DiffusionPipeline, pred_x0: torch.Tensor, preview: str | LinearPreview
+) -> list[Image.Image]:
     if isinstance(preview, LinearPreview):
         return to_pil(pipe, preview(pred_x0))
     return to_pil(pipe, decode(pipe, pred_x0))

@@ -113,7 +113,10 @@ def score_and_gradient(
     return score.detach().float().cpu(), grad.float().cpu()
 
 
-def _sigmas(prompt_ids, seeds, round_: int, n: int, shape) -> torch.Tensor:
+def _sigmas(
+    prompt_ids: Sequence[str], seeds: Sequence[int], round_: int, n: int, shape: Sequence[int]
+) -> torch.Tensor:
+    """``(B, n, *shape)`` candidates σ_i of one round, derived from the noise keys."""
     return torch.stack(
         [
             torch.stack(
