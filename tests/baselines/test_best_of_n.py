@@ -42,11 +42,13 @@ def test_candidate_zero_is_the_standard_noise():
 def test_best_of_one_is_the_standard_method(tiny_pipe):
     emb = encode_prompts(tiny_pipe, PROMPTS)
     cands = candidate_noise(IDS, SEEDS, 1, latent_shape(tiny_pipe))
-    out = best_of_n(tiny_pipe, emb, PROMPTS, cands, ScriptedJudge([0.3, 0.1]), **STEPS)
+    judge = ScriptedJudge([])
+    out = best_of_n(tiny_pipe, emb, PROMPTS, cands, judge, **STEPS)
     plain = generate(tiny_pipe, emb, cands[:, 0], **STEPS)
     assert all(np.array_equal(_pixels(a), _pixels(b)) for a, b in zip(out.images, plain))
     assert torch.equal(out.latents, cands[:, 0])
-    assert out.denoising_steps == [4.0, 4.0] and out.judge_calls == [1, 1]
+    # one candidate: nothing to choose, so no judge call
+    assert out.denoising_steps == [4.0, 4.0] and out.judge_calls == [0, 0] and not judge.seen
 
 
 def test_best_of_n_keeps_the_argmax_and_breaks_ties_low(tiny_sd):

@@ -70,6 +70,19 @@ def _subset(
     )
 
 
+def _judge(
+    judge: Judge,
+    n: int,
+    images: list[Image.Image],
+    prompts: list[str],
+    concepts: list[list[Concept] | None] | None,
+) -> list[float]:
+    """Overall scores; with a single candidate there is nothing to choose, so no judge call (NaN)."""
+    if n == 1:
+        return [float("nan")] * len(images)
+    return judge_overall(judge, images, prompts, concepts)
+
+
 def _argmax_first(scores: list[list[float]]) -> list[int]:
     """Index of each row's maximum; ties go to the lowest index."""
     return [max(range(len(row)), key=lambda i: (row[i], -i)) for row in scores]
@@ -90,8 +103,8 @@ def best_of_n(
 ) -> MethodOutput:
     """Generate every candidate ``(B, N, C, h, w)``, judge the images, keep each prompt's best.
 
-    Ties go to the lowest candidate index, so N = 1 (or N equal scores) is the standard
-    method. ``extras``: ``"chosen"`` (B candidate indices), ``"scores"`` (B lists of N).
+    Ties go to the lowest candidate index. N = 1 is the standard method: nothing to choose,
+    so the judge is not called (0 judge calls, NaN scores). ``extras``: ``"chosen"`` (B candidate indices), ``"scores"`` (B lists of N).
     """
     batch, n = candidates.shape[:2]
     check_batch(prompts, emb, batch, "candidate sets")
@@ -108,7 +121,7 @@ def best_of_n(
             guidance_scale=guidance_scale,
         )
         for (b, i), image, score in zip(
-            chunk, generated, judge_overall(judge, generated, chunk_prompts, chunk_concepts)
+            chunk, generated, _judge(judge, n, generated, chunk_prompts, chunk_concepts)
         ):
             scores[b][i], images[b][i] = score, image
     chosen = _argmax_first(scores)
@@ -116,7 +129,7 @@ def best_of_n(
         images=[images[b][c] for b, c in enumerate(chosen)],
         latents=torch.stack([candidates[b, c] for b, c in enumerate(chosen)]).float().cpu(),
         denoising_steps=[float(n * num_inference_steps)] * batch,
-        judge_calls=[n] * batch,
+        judge_calls=[n if n > 1 else 0] * batch,
         extras={"chosen": chosen, "scores": scores},
     )
 
@@ -207,7 +220,8 @@ def early_stop_best_of_n(
     The preview of a candidate is its predicted x0 after ``stop_step`` steps, decoded by the
     VAE (``"vae"``), by :func:`linear_preview` (``"linear"``) or by a given
     :class:`LinearPreview`. The chosen candidate continues from its step-``stop_step``
-    latents, so its final image is the one a full run from its noise gives. ``extras``:
+    latents, so its final image is the one a full run from its noise gives. As for
+    :func:`best_of_n`, N = 1 calls no judge. ``extras``:
     ``"chosen"`` and ``"scores"`` (the preview scores).
     """
     batch, n = candidates.shape[:2]
@@ -229,7 +243,7 @@ def early_stop_best_of_n(
         trace = ddim_loop(pipe, emb.select(owners), latents, stop=stop_step, **steps)
         previews = _preview_images(pipe, trace.pred_x0, preview)
         for row, ((b, i), score) in enumerate(
-            zip(chunk, judge_overall(judge, previews, chunk_prompts, chunk_concepts))
+            zip(chunk, _judge(judge, n, previews, chunk_prompts, chunk_concepts))
         ):
             scores[b][i] = score
             stopped[b, i] = trace.latents[row].cpu()
@@ -245,6 +259,6 @@ def early_stop_best_of_n(
         images=images,
         latents=torch.stack([candidates[b, c] for b, c in enumerate(chosen)]).float().cpu(),
         denoising_steps=[float(n * stop_step + num_inference_steps - stop_step)] * batch,
-        judge_calls=[n] * batch,
+        judge_calls=[n if n > 1 else 0] * batch,
         extras={"chosen": chosen, "scores": scores},
     )
