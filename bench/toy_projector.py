@@ -1,6 +1,10 @@
-"""Held-out alignment of a trained projector on the toy world: projected vs standard noise, same seeds.
+"""Held-out alignment of a trained policy on the toy world: projected vs standard noise, same seeds.
 
     .venv/bin/python bench/toy_projector.py --projector outputs/toy/train_projector [--seeds 8]
+    .venv/bin/python bench/toy_projector.py --policy outputs/toy/train_npnet      # any policy folder
+
+``--policy`` and ``--projector`` are the same flag: any folder ``load_policy`` reads (noise
+projector, NPNet, compatible NPNet).
 
 For every held-out prompt (``prompt_records("heldout")``, compositions never seen in training)
 and seed, the standard noise is ``batch_noise(prompt_id, seed)`` — the toy baseline's — and the
@@ -22,7 +26,7 @@ from diffusers import StableDiffusionPipeline
 
 from noisealign.noise import batch_noise, gaussian_stats
 from noisealign.pipelines import encode_prompts, generate
-from noisealign.policies import load_projector, project
+from noisealign.policies import POLICIES, load_policy, project
 from noisealign.toy import pipeline_path
 from noisealign.toy.grammar import prompt_records
 from noisealign.toy.judge import ShapesJudge
@@ -38,7 +42,7 @@ def bootstrap(diff: np.ndarray, n: int = 10_000, seed: int = 0) -> tuple[float, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--projector", required=True)
+    parser.add_argument("--policy", "--projector", dest="projector", required=True)
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--split", default="heldout")
     parser.add_argument("--steps", type=int, default=20)
@@ -47,7 +51,8 @@ def main() -> None:
     torch.set_num_threads(1)
     pipe = StableDiffusionPipeline.from_pretrained(pipeline_path())
     pipe.set_progress_bar_config(disable=True)
-    projector = load_projector(args.projector, pipe)
+    projector = load_policy(args.projector, pipe)
+    policy_type = next(name for name, cls in POLICIES.items() if type(projector) is cls)
     judge = ShapesJudge()
     records = prompt_records(args.split)
     seeds = list(range(args.seeds))
@@ -69,7 +74,7 @@ def main() -> None:
     mean_, std_, ks = (torch.cat([getattr(s, k) for s in stats]) for k in ("mean", "std", "ks"))
     passed = torch.cat([s.is_gaussian() for s in stats]).float().mean().item()
     result = {
-        "projector": args.projector, "split": args.split, "prompts": len(records),
+        "projector": args.projector, "policy_type": policy_type, "split": args.split, "prompts": len(records),
         "seeds": args.seeds, "standard_mean": float(std.mean()), "projected_mean": float(proj.mean()),
         "difference": float(per_prompt.mean()), "bootstrap95": [low, high],
         "wins": int((proj > std).sum()), "ties": int((proj == std).sum()), "losses": int((proj < std).sum()),
