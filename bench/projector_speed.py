@@ -1,13 +1,21 @@
-"""Cost of one projector forward relative to one UNet step of an SD1.5-size UNet at 64x64 latents.
+"""Cost of one policy forward (projector, NPNet, compatible NPNet) relative to one UNet step.
 
-    .venv/bin/python bench/projector_speed.py [--threads 1] [--unet_repeats 3] [--device cpu]
+    .venv/bin/python bench/projector_speed.py [--threads 1] [--unet_repeats 3] [--device cpu] [--unet sd15|sdxl]
 
-Both models are built from configs with random weights (speed depends on the architecture,
-not the weights): the SD1.5 ``UNet2DConditionModel`` (860 M parameters) and the default
-:class:`~noisealign.policies.NoiseProjector` of ``recipes/sd15/train_projector.yaml``
-(text 77x768, latents 4x64x64). One UNet step is counted as ONE batch-1 forward, i.e. without
-the CFG doubling — the stricter comparison. Prints one JSON line with median seconds and
-the ratio; the target is ratio <= 0.01.
+All models are built from configs with random weights (speed depends on the architecture, not
+the weights). The reference is one batch-1 UNet forward, i.e. one step without the CFG
+doubling — the stricter comparison: the SD1.5 ``UNet2DConditionModel`` (860 M parameters) at
+4x64x64 by default, or the SDXL UNet (2.6 B) at 4x128x128 with ``--unet sdxl`` (too slow for
+a CPU; for a GPU). Each policy is timed at its own pipeline's shapes:
+
+- ``projector``: default :class:`~noisealign.policies.NoiseProjector` of
+  ``recipes/sd15/train_projector.yaml``, SD1.5 (4x64x64, text 77x768);
+- ``npnet_sd15``: default :class:`~noisealign.policies.NPNet`, SD1.5 shapes;
+- ``npnet_sdxl``: :class:`~noisealign.policies.NPNet` for SDXL (4x128x128, text 77x2048, pooled 1280);
+- ``npnet_compat_sdxl``: :class:`~noisealign.policies.NPNetCompat`, the official SDXL NPNet.
+
+Prints one JSON line: median seconds and the ratio to the UNet step per policy (target: the
+projector <= 0.01). ``projector_s`` / ``ratio`` keep the projector's figures at the top level.
 """
 
 from __future__ import annotations
@@ -20,7 +28,15 @@ import time
 import torch
 from diffusers import UNet2DConditionModel
 
-from noisealign.policies import NoiseProjector, NoiseProjectorConfig, count_parameters
+from noisealign.policies import (
+    NoiseProjector,
+    NoiseProjectorConfig,
+    NPNet,
+    NPNetCompat,
+    NPNetCompatConfig,
+    NPNetConfig,
+    count_parameters,
+)
 
 # SD1.5's UNet config (stable-diffusion-v1-5 unet/config.json), random weights
 SD15_UNET = dict(
@@ -28,6 +44,16 @@ SD15_UNET = dict(
     block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)  # fmt: skip
+# SDXL base's UNet config (stable-diffusion-xl-base-1.0 unet/config.json), random weights
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280), cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
 )  # fmt: skip
 
 
@@ -45,6 +71,50 @@ def timed(fn, repeats: int, device: str) -> float:
     return statistics.median(times[1:])
 
 
+def trained(policy: torch.nn.Module) -> torch.nn.Module:
+    """Every all-zero parameter (zero-initialised heads, FiLM, alpha/beta) made non-zero, as if trained."""
+    with torch.no_grad():
+        for p in policy.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    return policy
+
+
+def policies(device: str, dtype: torch.dtype) -> dict[str, tuple[torch.nn.Module, tuple]]:
+    """name -> (policy, forward args) at that policy's pipeline shapes, batch 1."""
+
+    def rand(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    sd = (rand(1, 4, 64, 64), rand(1, 77, 768))
+    xl = (rand(1, 4, 128, 128), rand(1, 77, 2048))
+    models = {
+        "projector": (NoiseProjector(NoiseProjectorConfig()), sd),
+        "npnet_sd15": (NPNet(NPNetConfig()), sd),
+        "npnet_sdxl": (
+            NPNet(NPNetConfig(text_dim=2048, pooled_dim=1280)),
+            (*xl, None, rand(1, 1280)),
+        ),  # fmt: skip
+        "npnet_compat_sdxl": (NPNetCompat(NPNetCompatConfig()), xl),
+    }
+    return {k: (trained(m).eval().to(device, dtype), a) for k, (m, a) in models.items()}
+
+
+def unet_step(kind: str, dev: str, dtype: torch.dtype, repeats: int) -> tuple[float, int]:
+    """Median seconds of one batch-1 UNet forward at its pipeline's shapes, and its parameters."""
+    xl = kind == "sdxl"
+    unet = UNet2DConditionModel(**(SDXL_UNET if xl else SD15_UNET)).eval().to(dev)
+    if dtype != torch.float32:  # a float32 .to(dtype) warns about modules kept in float32
+        unet.to(dtype)
+    side, text = (128, 2048) if xl else (64, 768)
+    noise = torch.randn(1, 4, side, side, device=dev, dtype=dtype)
+    cond = torch.randn(1, 77, text, device=dev, dtype=dtype)
+    extra = {"added_cond_kwargs": {"text_embeds": torch.randn(1, 1280, device=dev, dtype=dtype), "time_ids": torch.randn(1, 6, device=dev, dtype=dtype)}} if xl else {}  # fmt: skip
+    t = torch.tensor([999], device=dev)
+    seconds = timed(lambda: unet(noise, t, encoder_hidden_states=cond, **extra), repeats, dev)
+    return seconds, count_parameters(unet)
+
+
 @torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -53,29 +123,26 @@ def main() -> None:
     parser.add_argument("--projector_repeats", type=int, default=30)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--unet", default="sd15", choices=["sd15", "sdxl"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    dtype = getattr(torch, args.dtype)
-    unet = UNet2DConditionModel(**SD15_UNET).eval().to(args.device)
-    if dtype != torch.float32:  # a float32 .to(dtype) warns about modules kept in float32
-        unet.to(dtype)
-    projector = NoiseProjector(NoiseProjectorConfig()).eval().to(args.device, dtype)
-    with torch.no_grad():
-        projector.head.weight.normal_(0, 0.02)  # a trained (non-zero) head: the full path runs
-    noise = torch.randn(1, 4, 64, 64, device=args.device, dtype=dtype)
-    text = torch.randn(1, 77, 768, device=args.device, dtype=dtype)
-    t = torch.tensor([999], device=args.device)
-    unet_s = timed(lambda: unet(noise, t, encoder_hidden_states=text), args.unet_repeats, args.device)  # fmt: skip
-    proj_s = timed(lambda: projector(noise, text), args.projector_repeats, args.device)
+    dtype, dev = getattr(torch, args.dtype), args.device
+    unet_s, unet_params = unet_step(args.unet, dev, dtype, args.unet_repeats)
     result = {
-        "device": args.device if args.device != "cuda" else torch.cuda.get_device_name(),
-        "dtype": args.dtype, "threads": args.threads,
-        "unet_params_M": round(count_parameters(unet) / 1e6, 1),
-        "projector_params_M": round(count_parameters(projector) / 1e6, 3),
-        "unet_step_s": round(unet_s, 4), "projector_s": round(proj_s, 5),
-        "ratio": round(proj_s / unet_s, 5),
+        "device": dev if dev != "cuda" else torch.cuda.get_device_name(), "dtype": args.dtype,
+        "threads": args.threads, "unet": args.unet, "unet_params_M": round(unet_params / 1e6, 1),
+        "unet_step_s": round(unet_s, 4), "policies": {},
     }  # fmt: skip
+    for name, (policy, inputs) in policies(dev, dtype).items():
+        seconds = timed(lambda: policy(*inputs), args.projector_repeats, dev)  # noqa: B023
+        result["policies"][name] = {
+            "params_M": round(count_parameters(policy) / 1e6, 3),
+            "noise_shape": list(inputs[0].shape), "seconds": round(seconds, 5),
+            "ratio": round(seconds / unet_s, 5),
+        }  # fmt: skip
+    result["projector_s"] = result["policies"]["projector"]["seconds"]
+    result["ratio"] = result["policies"]["projector"]["ratio"]
     print(json.dumps(result))
 
 
