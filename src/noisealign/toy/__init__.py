@@ -16,3 +16,8 @@ from pathlib import Path
 def pipeline_path() -> Path:
     """Folder of the committed toy pipeline (loads with ``StableDiffusionPipeline.from_pretrained``)."""
     return Path(__file__).resolve().parent / "assets" / "pipeline"
+
+
+def projector_path() -> Path:
+    """Folder of the committed toy noise projector (``noisealign.policies.load_policy``)."""
+    return Path(__file__).resolve().parent / "assets" / "projector"
