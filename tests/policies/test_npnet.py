@@ -344,7 +344,7 @@ def test_load_policy_errors(tmp_path):
         load_policy(str(tmp_path / "p"))
     (tmp_path / "p" / "config.json").write_text(json.dumps(config))
     (tmp_path / "p" / "model.safetensors").write_bytes(b"\x00" * 64)
-    with pytest.raises(DataError, match="cannot load policy .*corrupt"):
+    with pytest.raises(DataError, match=r"policy weights .*model.safetensors. are corrupt"):
         load_policy(str(tmp_path / "p"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="has no config.json or model.safetensors"):

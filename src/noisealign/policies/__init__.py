@@ -78,6 +78,18 @@ def _read_config(path_or_id: str, what: str, **hub_kwargs: Any) -> dict[str, Any
     return config
 
 
+def _check_safetensors(path: Path, what: str) -> None:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as exc:
+        raise DataError(
+            f"{what} weights '{path}' are corrupt ({exc}); save the {what} again"
+        ) from exc
+
+
 def load_policy(
     path_or_id: str,
     pipe: DiffusionPipeline | None = None,
@@ -103,6 +115,9 @@ def load_policy(
         raise DataError(
             f"{what} '{path_or_id}' has policy_type {name!r}; known: {', '.join(POLICIES)}"
         )
+    weights = Path(path_or_id) / "model.safetensors"
+    if weights.is_file():  # a local folder: say "corrupt" before the loader's reward-model wording
+        _check_safetensors(weights, what)
     try:
         policy = POLICIES[name].from_pretrained(path_or_id, **hub_kwargs)
     except NoiseAlignError as exc:
