@@ -91,20 +91,19 @@ class TrainNPNetResult:
 def build_policy(config: TrainNPNetConfig, signature: dict, shape: tuple[int, int, int]):
     """A fresh NPNet whose input sizes come from the pipeline and the pairs, its size from the recipe."""
     from noisealign.errors import PipelineError
-    from noisealign.policies.npnet import NPNet, NPNetCompat, NPNetCompatConfig, NPNetConfig
+    from noisealign.policies import POLICIES
 
     if config.policy_type == "npnet":
-        cls, config_cls = NPNet, NPNetConfig
         fields = dict(latent_channels=shape[0], text_dim=signature["text_embed_dim"], pooled_dim=signature["pooled_dim"])  # fmt: skip
-    else:
+    else:  # the official architecture: one square 4-channel size, flattened (L, D) tokens
         if shape[0] != 4 or shape[1] != shape[2]:
             raise PipelineError(f"policy_type 'npnet_compat' takes square 4-channel latents, the pairs have {shape}; use policy_type 'npnet'")  # fmt: skip
-        cls, config_cls = NPNetCompat, NPNetCompatConfig
         fields = dict(resolution=shape[1], text_dim=signature["text_embed_dim"], text_length=signature["text_length"])  # fmt: skip
+    cls = POLICIES[config.policy_type]
     try:
-        policy_config = config_cls(**{**fields, **config.policy_kwargs}, pipeline_signature=signature, pipeline=config.pipeline)  # fmt: skip
+        policy_config = cls.config_class(**{**fields, **config.policy_kwargs}, pipeline_signature=signature, pipeline=config.pipeline)  # fmt: skip
     except TypeError as exc:  # an unknown policy_kwargs key
-        raise ConfigError(f"recipe field 'policy_kwargs' does not fit {config_cls.__name__}: {exc}") from exc  # fmt: skip
+        raise ConfigError(f"recipe field 'policy_kwargs' does not fit {cls.config_class.__name__}: {exc}") from exc  # fmt: skip
     torch.manual_seed(config.seed)  # the same initial weights on every process
     return cls(policy_config)
 
