@@ -48,6 +48,7 @@ from .projector import ProjectorBlock, moment_match
 from .swin import SwinResidual
 
 RANK_FREQS = 8  # sine-cosine features of a singular value's relative rank
+Film = tuple[torch.Tensor, torch.Tensor] | None  # (scale, shift), each (B, 1, d)
 _HUB = dict(library_name="noisealign", repo_url="https://github.com/noisealign/noisealign")
 
 
@@ -246,13 +247,12 @@ class NPNet(nn.Module, PyTorchModelHubMixin, tags=["noisealign", "npnet"], **_HU
         self.blocks = nn.ModuleList(ProjectorBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth))  # fmt: skip
         self.head = nn.Sequential(nn.LayerNorm(d), _zero_linear(d, c * p * p))
 
-    def spectral(self, x, tokens, pad, film) -> torch.Tensor:
-        """``U diag(Δs) Vᵀ`` per channel, ``(B, C, H, W)``."""
+    def spectral(self, x: torch.Tensor, tokens: torch.Tensor, pad: torch.Tensor, film: Film) -> torch.Tensor:  # fmt: skip
+        """``U diag(Δs) Vᵀ`` per channel, ``(B, C, H, W)``; ``tokens`` (B, L, d), ``pad`` (B, L)."""
         b, c, h, w = x.shape
         u, s, vh = (t.to(x.dtype) for t in torch.linalg.svd(x.float().flatten(0, 1), full_matrices=False))  # fmt: skip
-        scale = math.sqrt(h) + math.sqrt(
-            w
-        )  # ≈ the largest singular value of an h × w N(0, 1) matrix
+        # ≈ the largest singular value of an h × w N(0, 1) matrix: keeps s / scale in [0, 1]
+        scale = math.sqrt(h) + math.sqrt(w)
         rank = torch.linspace(0, 1, s.shape[1], device=x.device, dtype=x.dtype)[:, None]
         freqs = math.pi * 2.0 ** torch.arange(RANK_FREQS, device=x.device, dtype=x.dtype)
         rank = torch.cat([(rank * freqs).sin(), (rank * freqs).cos()], dim=1).expand(b * c, -1, -1)
@@ -266,7 +266,7 @@ class NPNet(nn.Module, PyTorchModelHubMixin, tags=["noisealign", "npnet"], **_HU
         delta = self.spectral_head(t).squeeze(2) * scale  # (B·C, k)
         return ((u * delta[:, None]) @ vh).reshape(b, c, h, w)
 
-    def residual(self, x, tokens, pad, film) -> torch.Tensor:
+    def residual(self, x: torch.Tensor, tokens: torch.Tensor, pad: torch.Tensor, film: Film) -> torch.Tensor:  # fmt: skip
         """Patch-transformer residual, ``(B, C, H, W)``."""
         p, (height, width) = self.config.patch_size, x.shape[2:]
         grid = self.patch_embed(F.pad(x, (0, (-width) % p, 0, (-height) % p)))
