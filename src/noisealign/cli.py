@@ -1,5 +1,7 @@
 """The ``noisealign`` console command: ``noisealign STAGE --config recipe.yaml [--field value ...]``.
 
+Tools that take plain arguments instead of a recipe run the same way: ``noisealign convert_npnet IN.pth OUT``.
+
 Each stage is also a script (``accelerate launch src/noisealign/STAGE.py --config ...``) and
 a module (``python -m noisealign.STAGE --config ...``); all three call the stage's ``main``.
 """
@@ -23,9 +25,13 @@ STAGES: dict[str, str] = {
     "pretrain": "noisealign.pretrain",
     "train_projector": "noisealign.train_projector",
     "train_npnet": "noisealign.train_npnet",
-    "convert_npnet": "noisealign.policies.npnet_convert",
     "generate": "noisealign.generate",
     "evaluate": "noisealign.evaluate",
+}
+
+# commands that are not recipe stages (no YAML, plain arguments) -> module holding ``main(args)``
+TOOLS: dict[str, str] = {
+    "convert_npnet": "noisealign.policies.npnet_convert",  # official NPNet checkpoint -> policy folder
 }
 
 
@@ -52,17 +58,18 @@ def run_stage(
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
-        known = ", ".join(STAGES)
+    commands = {**STAGES, **TOOLS}
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         message = (
-            f"usage: noisealign STAGE --config recipe.yaml [--field value ...]\nstages: {known}"
+            f"usage: noisealign STAGE --config recipe.yaml [--field value ...]\n"
+            f"stages: {', '.join(STAGES)}\ntools: {', '.join(TOOLS)} (noisealign TOOL --help)"
         )
         if argv and argv[0] not in ("-h", "--help"):
             sys.stderr.write(f"noisealign: unknown stage '{argv[0]}'\n{message}\n")
             sys.exit(2)
         sys.stdout.write(message + "\n")
         return
-    module = importlib.import_module(STAGES[argv[0]])
+    module = importlib.import_module(commands[argv[0]])
     run_stage(module.main, argv[1:])
 
 
