@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import BrightnessJudge, ScriptedJudge
+from fake_judges import BrightnessJudge, ScriptedJudge
 
 from noisealign.baselines import (
     LinearPreview,
@@ -66,7 +66,7 @@ def test_best_of_n_keeps_the_argmax_and_breaks_ties_low(tiny_sd):
     assert out.denoising_steps == [12.0, 12.0] and out.judge_calls == [3, 3]
 
 
-def test_early_stop_finishes_the_best_preview(tiny_pipe, pil_to_tensor):
+def test_early_stop_finishes_the_best_preview(tiny_pipe):
     emb = encode_prompts(tiny_pipe, PROMPTS)
     cands = candidate_noise(IDS, SEEDS, 3, latent_shape(tiny_pipe))
     judge = BrightnessJudge()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import BrightnessJudge, ScriptedJudge
+from fake_judges import BrightnessJudge, ScriptedJudge
 
 from noisealign.baselines import (
     ddim_loop,
