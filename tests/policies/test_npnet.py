@@ -257,6 +257,16 @@ def test_shapes_toy_sd15_sdxl_and_odd(latent, text, pooled):
     assert bf16.dtype == torch.bfloat16 and bf16.shape == noise.shape
 
 
+def test_one_npnet_serves_every_latent_size():
+    model = trained(tiny_npnet())
+    embeds = torch.randn(1, 16, 64)
+    with torch.no_grad():
+        for size in [(16, 16), (24, 40), (64, 64), (9, 31)]:
+            noise = torch.randn(1, 4, *size)
+            out = model(noise, embeds)
+            assert out.shape == noise.shape and not torch.allclose(out, noise, atol=1e-3)
+
+
 def test_per_sample_conditioning_and_padding_mask():
     model = trained(tiny_npnet(pooled_dim=16), scale=0.2)
     noise = torch.randn(1, 4, 16, 16).expand(3, -1, -1, -1)
