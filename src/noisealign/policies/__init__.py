@@ -48,6 +48,7 @@ POLICIES: dict[str, type[nn.Module]] = {
     "npnet_compat": NPNetCompat,
 }
 DEFAULT_POLICY_TYPE = "noise_projector"
+_HUB_ARGS = ("revision", "cache_dir", "force_download", "local_files_only", "token")
 
 
 def _read_config(path_or_id: str, what: str, **hub_kwargs: Any) -> dict[str, Any]:
@@ -63,7 +64,8 @@ def _read_config(path_or_id: str, what: str, **hub_kwargs: Any) -> dict[str, Any
         from huggingface_hub import hf_hub_download
 
         try:
-            path = Path(hf_hub_download(repo_id=path_or_id, filename="config.json", **hub_kwargs))
+            hub = {k: v for k, v in hub_kwargs.items() if k in _HUB_ARGS}  # not map_location etc.
+            path = Path(hf_hub_download(repo_id=path_or_id, filename="config.json", **hub))
         except Exception as exc:  # hub errors come in many types; the first line says which
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise DataError(
