@@ -3,6 +3,7 @@
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import datasets
 import pytest
@@ -183,3 +184,26 @@ def test_compat_architecture_trains_on_square_latents(tiny, tmp_path):
     config = json.loads((tmp_path / "o" / "config.json").read_text())
     assert config["policy_type"] == "npnet_compat" and config["resolution"] == 16
     assert load_policy(str(tmp_path / "o"), tiny["pipe"]).config.text_length == tiny["signature"]["text_length"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tiny, tmp_path):
+    """2 gloo processes x batch 2 against 1 process x batch 4: the same pairs per step, so the
+    same mean loss and gradient norm (up to float summation order)."""
+    import os
+    import subprocess
+    import sys
+
+    one = train_npnet.main(args(tiny, tmp_path / "one", "--batch_size", "4", "--max_steps", "2"))
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", "29531", str(Path(train_npnet.__file__)),
+        *args(tiny, tmp_path / "two", "--batch_size", "2", "--max_steps", "2"),
+    ]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    two = json.loads((tmp_path / "two" / "train_metrics.json").read_text())["history"]
+    assert [h["loss"] for h in two] == pytest.approx([h["loss"] for h in one.history], rel=1e-5)
+    assert two[-1]["grad_norm"] == pytest.approx(one.history[-1]["grad_norm"], rel=1e-5)
