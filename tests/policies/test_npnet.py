@@ -128,6 +128,19 @@ def test_official_pth_as_the_authors_save_it(tmp_path):
         assert torch.equal(loaded(noise, embeds), model(noise, embeds))
 
 
+def test_official_checkpoint_with_another_token_count_needs_text_length(tmp_path):
+    model = tiny_compat(text_length=16)
+    save_official(model, tmp_path / "toy.pth")
+    with pytest.raises(
+        DataError, match="128 numbers, not a multiple of 77 tokens; pass text_length"
+    ):
+        load_official_npnet(tmp_path / "toy.pth")
+    loaded = load_official_npnet(tmp_path / "toy.pth", text_length=16)
+    noise, embeds = torch.randn(1, 4, 16, 16), torch.randn(1, 16, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(noise, embeds), model(noise, embeds))
+
+
 @pytest.mark.slow
 def test_official_sdxl_size_round_trip_bit_exact(tmp_path):
     torch.manual_seed(0)

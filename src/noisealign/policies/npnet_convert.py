@@ -90,7 +90,7 @@ def _text_group(official: Mapping[str, Any], path: object) -> Mapping[str, torch
     )
 
 
-def official_to_state_dict(official: Mapping[str, Any], path: object = "checkpoint") -> tuple[dict[str, torch.Tensor], NPNetCompatConfig]:  # fmt: skip
+def official_to_state_dict(official: Mapping[str, Any], path: object = "checkpoint", text_length: int = TEXT_LENGTH) -> tuple[dict[str, torch.Tensor], NPNetCompatConfig]:  # fmt: skip
     """:class:`NPNetCompat` state dict and config (read off the tensor shapes) of an official dict."""
     text = _text_group(official, path)
     for key in ("unet_embedding", "unet_svd", "alpha", "beta"):
@@ -103,19 +103,24 @@ def official_to_state_dict(official: Mapping[str, Any], path: object = "checkpoi
     state |= {f"unet_svd.{k}": v for k, v in official["unet_svd"].items()}
     state |= {f"text_embedding.{k}": v for k, v in text.items()}
     state |= {k: torch.as_tensor(official[k]).detach().reshape(1) for k in ("alpha", "beta")}
-    return state, _config_from(swin, official["unet_svd"], text, path)
+    return state, _config_from(swin, official["unet_svd"], text, path, text_length)
 
 
-def _config_from(swin, svd, text, path) -> NPNetCompatConfig:
+def _config_from(swin, svd, text, path, text_length: int) -> NPNetCompatConfig:
     try:
         flat_text = text["linear.weight"].shape[1]
+        if flat_text % text_length:
+            raise DataError(
+                f"'{path}': the text embedding takes {flat_text} numbers, not a multiple of "
+                f"{text_length} tokens; pass text_length (the pipeline's token count)"
+            )
         stages = sorted({int(m.group(1)) for k in swin if (m := re.match(r"layers\.(\d+)\.blocks\.", k))})  # fmt: skip
         depths = [len({k.split(".")[3] for k in swin if k.startswith(f"layers.{i}.blocks.")}) for i in stages]  # fmt: skip
         heads = [swin[f"layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1] for i in stages]  # fmt: skip
         return NPNetCompatConfig(
             resolution=svd["mlp1.0.weight"].shape[1] // 2,
-            text_dim=flat_text // TEXT_LENGTH,
-            text_length=TEXT_LENGTH,
+            text_dim=flat_text // text_length,
+            text_length=text_length,
             swin_embed_dim=swin["patch_embed.proj.weight"].shape[0],
             swin_depths=depths,
             swin_heads=heads,
@@ -124,13 +129,14 @@ def _config_from(swin, svd, text, path) -> NPNetCompatConfig:
         raise DataError(f"'{path}' is not an official NPNet checkpoint (no tensor {exc})") from exc
 
 
-def load_official_npnet(path: str | Path, **config_fields: Any) -> NPNetCompat:
+def load_official_npnet(path: str | Path, text_length: int = TEXT_LENGTH, **config_fields: Any) -> NPNetCompat:  # fmt: skip
     """:class:`NPNetCompat` in eval mode with the weights of an official ``.pth`` / ``.safetensors``.
 
     ``config_fields`` (e.g. ``pipeline="stabilityai/stable-diffusion-xl-base-1.0"``) are
-    recorded in its config; the sizes come from the tensor shapes.
+    recorded in its config; the sizes come from the tensor shapes and ``text_length`` (77 for
+    every released checkpoint), which the flattened text input cannot tell apart from D.
     """
-    state, config = official_to_state_dict(read_official(path), path)
+    state, config = official_to_state_dict(read_official(path), path, text_length)
     model = NPNetCompat(dataclasses.replace(config, **config_fields))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -182,12 +188,13 @@ def main(args: Sequence[str] | None = None) -> Path:
     parser.add_argument("checkpoint", help="Official NPNet .pth or its .safetensors mirror.")
     parser.add_argument("output", help="Folder to write (config.json + model.safetensors).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing folder.")
+    parser.add_argument("--text_length", type=int, default=TEXT_LENGTH, help="Tokens per prompt (77 for every released checkpoint).")  # fmt: skip
     parser.add_argument("--pipeline", default=None, help="Recorded in config.json as the pipeline it belongs to.")  # fmt: skip
     ns = parser.parse_args(args)
     out = Path(ns.output)
     if out.exists() and not ns.overwrite:
         raise DataError(f"output folder '{out}' exists; choose another or pass --overwrite")
-    model = load_official_npnet(ns.checkpoint, pipeline=ns.pipeline)
+    model = load_official_npnet(ns.checkpoint, ns.text_length, pipeline=ns.pipeline)
     model.save_pretrained(out)
     logger.info(
         "converted %s → %s (%d parameters, resolution %d, text %dx%d)",
