@@ -187,13 +187,15 @@ def main(args: Sequence[str] | None = None):
     judge = build_judge(config.judge, **config.judge_kwargs)
     store = ShardStore(config.output_dir, key_columns=("prompt_id", "seed"))
     accelerator = make_accelerator(config)
-    if accelerator.is_main_process:
-        store.prepare(config.fingerprint(), overwrite=config.overwrite_output_dir)
-    accelerator.wait_for_everyone()
+    # the pipeline loads before the folder is claimed: a mistyped path must not leave a
+    # recipe.json that refuses the corrected recipe
     pipe = load_pipeline(
         config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code
     )
     pipe.to(accelerator.device)
+    if accelerator.is_main_process:
+        store.prepare(config.fingerprint(), overwrite=config.overwrite_output_dir)
+    accelerator.wait_for_everyone()
     start_tracking(accelerator, config, "collect")
     shape = latent_shape(pipe, config.height, config.width)
     features = collect_features(shape, config.save_images, config.save_noise)

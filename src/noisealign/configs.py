@@ -120,6 +120,14 @@ def _json_dict(text: str) -> dict:
     return value
 
 
+def _argument_error(message: str) -> typing.NoReturn:
+    """argparse's error hook: YAML values pass through argparse too, so say where to fix them."""
+    raise ConfigError(
+        f"invalid recipe value: {message}; fix it in the YAML or on the command line "
+        "(--help lists the fields)"
+    )
+
+
 def parse_config(config_cls: type[T], args: Sequence[str] | None = None) -> T:
     """Parse ``--config recipe.yaml`` plus CLI overrides into ``config_cls``.
 
@@ -129,6 +137,7 @@ def parse_config(config_cls: type[T], args: Sequence[str] | None = None) -> T:
     from trl import TrlParser
 
     parser = TrlParser([config_cls])
+    parser.error = _argument_error  # one line naming the flag and value, not usage + exit
     for action in parser._actions:  # dict fields take JSON on the command line
         if action.type is dict:
             action.type = _json_dict
@@ -143,12 +152,6 @@ def parse_config(config_cls: type[T], args: Sequence[str] | None = None) -> T:
         (config,) = parser.parse_args_and_config(args)
     except ConfigError:
         raise
-    except SystemExit as exc:  # argparse printed --help (code 0) or the offending flag
-        if exc.code == 0:
-            raise
-        raise ConfigError(
-            "invalid command-line arguments (see the message above); run with --help for the fields"
-        ) from exc
     except Exception as exc:  # yaml errors, unknown keys from TrlParser
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if "Unknown arguments from config file" in message:

@@ -48,6 +48,10 @@ class GenerateConfig(BaseConfig):
             raise ConfigError("recipe field 'projector' is required: pass --projector FOLDER")
         if not self.prompt:
             raise ConfigError("recipe field 'prompt' is required: pass --prompt 'a red circle'")
+        if any(not p.strip() for p in self.prompt):
+            raise ConfigError(
+                "recipe field 'prompt' holds an empty prompt; give each prompt some text"
+            )
         if not self.seed:
             raise ConfigError("recipe field 'seed' needs at least one seed")
         if self.num_inference_steps < 1:

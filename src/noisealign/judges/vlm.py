@@ -123,9 +123,17 @@ class VLMJudge:
         self.method, self.question, self.caption_instruction = method, question, caption_instruction
         self.batch_size = batch_size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model_type = AutoConfig.from_pretrained(
-            model, trust_remote_code=trust_remote_code
-        ).model_type
+        try:
+            model_type = AutoConfig.from_pretrained(
+                model, trust_remote_code=trust_remote_code
+            ).model_type
+        except (OSError, ValueError) as exc:  # missing folder, unreachable or invalid hub id
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise JudgeError(
+                f"cannot find the judge's VLM '{model}': not a local model folder, and the hub "
+                f"lookup failed ({first}); set judge_kwargs.model to an existing folder or a "
+                "reachable or cached hub id"
+            ) from exc
         processor_cls = PROCESSORS.get(model_type, AutoProcessor)
         self.processor = processor_cls.from_pretrained(model, trust_remote_code=trust_remote_code)
         self.tokenizer = self.processor.tokenizer

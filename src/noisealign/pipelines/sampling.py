@@ -6,13 +6,14 @@ image for a (prompt, noise) pair is a deterministic function of both: DDIM with 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler, DiffusionPipeline
 from PIL import Image
 
-from ..errors import PipelineError
+from ..errors import ConfigError, PipelineError
 from ..noise import check_finite
 from .adapters import adapter_for
 from .encoding import PromptEmbeddings, negative_embeddings
@@ -34,9 +35,11 @@ def latent_shape(
     default_h, default_w = _default_latent_size(pipe)
     height = default_h * scale if height is None else height
     width = default_w * scale if width is None else width
-    if height <= 0 or width <= 0 or height % scale or width % scale:
-        raise ValueError(
-            f"image size {height}x{width} must be positive multiples of the VAE scale factor {scale}"
+    step = math.lcm(scale, 8)  # diffusers' pipelines also refuse sizes that are not multiples of 8
+    if height <= 0 or width <= 0 or height % step or width % step:
+        raise ConfigError(
+            f"image size {height}x{width} must be positive multiples of the VAE scale factor {scale} "
+            f"and of 8; fix the recipe's height and width"
         )
     return (int(pipe.unet.config.in_channels), height // scale, width // scale)
 
