@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-PROMPTS = ["a red circle", "a blue square", "a green triangle above a red square", "a red star"]
+# all in the toy grammar, so the shapes judge scores every one; only one mentions 'blue'
+PROMPTS = [
+    "a red circle",
+    "a blue square",
+    "a green triangle above a red square",
+    "a yellow circle left of a green square",
+]
 
 
 @pytest.fixture(scope="session")

@@ -50,7 +50,10 @@ def claim_output_dir(
     naming the settings that differ, unless ``overwrite``: then the ``derived`` paths (the
     other recipe's outputs) are deleted first.
     """
+    from ..tracking import redact
+
     root = Path(root)
+    fingerprint = redact(fingerprint)  # a key in judge_kwargs never reaches recipe.json
     recipe_file = root / "recipe.json"
     if recipe_file.exists():
         try:
