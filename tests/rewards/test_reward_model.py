@@ -136,3 +136,22 @@ def test_config_validation_names_the_field():
         build_reward_model("mlp")
     with pytest.raises(ConfigError, match="'model_kwargs' does not fit"):
         build_reward_model("transformer", widht=3)
+
+
+def test_noise_pool_sees_only_the_pooled_noise(tiny_sd):
+    pipe, _ = tiny_sd
+    emb = encode_prompts(pipe, ["a red circle"])
+    model = model_for(pipe, noise_pool=2, patch_size=1).eval()
+    noise = torch.randn(1, 4, 16, 16)
+    # a change that keeps every 2x2 block's mean is invisible; one that moves a block mean is not
+    checker = torch.tensor([[1.0, -1.0], [-1.0, 1.0]]).repeat(8, 8)
+    base = model(noise, emb.embeds, emb.mask).overall_logit
+    same = model(noise + checker, emb.embeds, emb.mask).overall_logit
+    assert torch.allclose(base, same, atol=1e-5)
+    shifted = noise.clone()
+    shifted[..., :2, :2] += 1.0
+    assert not torch.allclose(base, model(shifted, emb.embeds, emb.mask).overall_logit)
+    # odd latent sizes are padded up to the pool
+    assert model(torch.randn(2, 4, 9, 13), emb.embeds.expand(2, -1, -1)).overall_logit.shape == (2,)
+    with pytest.raises(ConfigError, match="'noise_pool'"):
+        NoiseRewardConfig(noise_pool=0)

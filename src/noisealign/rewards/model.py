@@ -70,6 +70,13 @@ class NoiseRewardConfig:
     patch_layers: int = field(default=1, metadata={"help": "Self-attention layers over patches."})
     num_heads: int = field(default=4, metadata={"help": "Attention heads."})
     patch_size: int = field(default=2, metadata={"help": "Latent pixels per patch side."})
+    noise_pool: int = field(
+        default=1,
+        metadata={
+            "help": "Average-pool the input by this factor (scaled to keep unit variance) before the "
+            "patch encoder: only the coarse noise structure that decides layouts is seen (1 = off)."
+        },
+    )
     mlp_ratio: float = field(default=4.0, metadata={"help": "MLP width / hidden_dim."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout in attention and MLPs."})
     input_steps: int = field(
@@ -102,6 +109,7 @@ class NoiseRewardConfig:
             "depth",
             "num_heads",
             "patch_size",
+            "noise_pool",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"reward model field '{name}' must be >= 1")
@@ -214,7 +222,13 @@ class NoiseRewardModel(
         self.overall_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 1))
 
     def encode_noise(self, noise: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) → (B, N, hidden) patches with positions; pads H, W up to the patch size."""
+        """(B, C, H, W) → (B, N, hidden) patches with positions; pads H, W up to the pool and patch size."""
+        pool = self.config.noise_pool
+        if pool > 1:  # the mean of pool² unit-variance values, times pool: unit variance again
+            pad_h, pad_w = (-noise.shape[2]) % pool, (-noise.shape[3]) % pool
+            if pad_h or pad_w:
+                noise = F.pad(noise, (0, pad_w, 0, pad_h))
+            noise = F.avg_pool2d(noise, pool) * pool
         p = self.config.patch_size
         pad_h, pad_w = (-noise.shape[2]) % p, (-noise.shape[3]) % p
         if pad_h or pad_w:
