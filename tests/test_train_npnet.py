@@ -207,3 +207,41 @@ def test_two_processes_match_one_process(tiny, tmp_path):
     two = json.loads((tmp_path / "two" / "train_metrics.json").read_text())["history"]
     assert [h["loss"] for h in two] == pytest.approx([h["loss"] for h in one.history], rel=1e-5)
     assert two[-1]["grad_norm"] == pytest.approx(one.history[-1]["grad_norm"], rel=1e-5)
+
+
+def test_sdxl_recipes_code_paths_with_tiny_models(tiny, tmp_path, monkeypatch):
+    """recipes/sdxl/{collect_npd,train_npnet}.yaml on a tiny SDXL: pooled embeddings and time ids
+    in re-denoise sampling, pooled FiLM in NPNet; only sizes, judge and paths overridden."""
+    from noisealign import collect_npd, judges
+    from noisealign.pipelines import load_pipeline
+    from noisealign.policies import apply_policy
+
+    class Coin:
+        name = "coin"
+
+        def score(self, images, prompts, concepts=None):
+            return [judges.Feedback(overall=(sum(im.tobytes()) % 97) / 96) for im in images]
+
+    monkeypatch.setitem(judges.JUDGES, "coin", Coin)
+    root = tiny["root"]
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    recipes = Path(__file__).resolve().parents[1] / "recipes" / "sdxl"
+    collect_npd.main([
+        "--config", str(recipes / "collect_npd.yaml"), "--pipeline", str(root / "sdxl"),
+        "--torch_dtype", "float32", "--judge", "coin", "--judge_kwargs", "{}",
+        "--prompts", str(tmp_path / "prompts.txt"), "--seeds", "0:2", "--num_inference_steps", "2",
+        "--report_to", "none", "--output_dir", str(tmp_path / "pairs"),
+    ])  # fmt: skip
+    result = train_npnet.main([
+        "--config", str(recipes / "train_npnet.yaml"), "--pipeline", str(root / "sdxl"),
+        "--torch_dtype", "float32", "--dataset", str(tmp_path / "pairs"), "--margin", "-1.0",
+        "--policy_kwargs", '{"hidden_dim": 16, "depth": 1, "num_heads": 2, "patch_size": 4}',
+        "--eval_fraction", "0.34", "--batch_size", "4", "--max_steps", "2",
+        "--report_to", "none", "--output_dir", str(tmp_path / "out"),
+    ])  # fmt: skip
+    assert [h["step"] for h in result.history] == [1, 2]
+    sdxl = load_pipeline(str(root / "sdxl"))
+    policy = load_policy(str(tmp_path / "out"), sdxl)
+    assert policy.config.pooled_dim == tiny["sdxl_signature"]["pooled_dim"]
+    latents = apply_policy(sdxl, policy, PROMPTS[:2], seeds=[0, 1])
+    assert latents.shape == (2, *SHAPE) and torch.isfinite(latents).all()

@@ -218,11 +218,11 @@ def summarize(dataset) -> dict[str, float]:
     """Pairs, kept, keep-rate (over all pairs), failed, mean source / target scores of the judged pairs."""
     kept, failed = sum(dataset["kept"]), sum(dataset["failed"])
     judged = [(s, t) for s, t, f in zip(dataset["source_score"], dataset["target_score"], dataset["failed"]) if not f]  # fmt: skip
-    mean = lambda values: sum(values) / max(1, len(values))  # noqa: E731
+    n = max(1, len(judged))
     return {
         "pairs": dataset.num_rows, "kept": kept, "keep_rate": kept / max(1, dataset.num_rows),
-        "failed": failed, "source_score": mean([s for s, _ in judged]),
-        "target_score": mean([t for _, t in judged]),
+        "failed": failed, "source_score": sum(s for s, _ in judged) / n,
+        "target_score": sum(t for _, t in judged) / n,
         "target_better": sum(t > s for s, t in judged), "target_worse": sum(t < s for s, t in judged),
     }  # fmt: skip
 
