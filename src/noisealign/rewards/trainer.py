@@ -115,9 +115,17 @@ def evaluate(accelerator: Accelerator, model: Any, loader: DataLoader, table: Pr
 
 # ---- checkpoints ---------------------------------------------------------------------
 def checkpoints(output_dir: str | Path) -> list[Path]:
-    """``output_dir/checkpoints/checkpoint-<step>`` folders, oldest first."""
+    """Complete ``output_dir/checkpoints/checkpoint-<step>`` folders, oldest first.
+
+    ``trainer_state.json`` is written last (:func:`save_checkpoint`), so a folder without it
+    is a save that was killed midway: it is skipped, and rewritten when the run gets there.
+    """
     root = Path(output_dir, "checkpoints")
-    found = [p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    found = [
+        p
+        for p in root.glob("checkpoint-*")
+        if p.name.split("-")[-1].isdigit() and (p / STATE_FILE).is_file()
+    ]
     return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
