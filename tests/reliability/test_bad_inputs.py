@@ -287,7 +287,7 @@ def test_bad_input_exits_2_with_a_clear_line_and_leaves_outputs(
 SUBPROCESS_CASES = [
     ("unknown-judge", lambda t, tmp, out: collect(t, out, "--judge", "nope"), r"unknown judge 'nope'"),
     ("wrong-type-yaml", lambda t, tmp, out: ["distill", "--config", recipe(tmp, f"dataset: d\npipeline: p\noutput_dir: {out}\nmax_steps: 1.5\n")],
-     r"max_steps"),
+     r"recipe field 'max_steps' must be int, got float 1.5"),
     ("projector-other-pipeline", lambda t, tmp, out: generate(t, out, "--pipeline", str(t / "sdxl")),
      r"text_embed_dim: expected 32, got 64"),
 ]  # fmt: skip
