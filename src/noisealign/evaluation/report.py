@@ -83,6 +83,9 @@ def cost_plot(methods: Sequence[dict], path: Path, title: str) -> None:
         ax.scatter(m["denoising_steps"], m["alignment"], s=30)
         ax.annotate(m["name"], (m["denoising_steps"], m["alignment"]), textcoords="offset points", xytext=(4, 4), fontsize=8)  # fmt: skip
     ax.set_xscale("log")
+    steps = sorted({m["denoising_steps"] for m in methods})
+    ax.set_xticks(steps, [f"{s:g}" for s in steps])
+    ax.minorticks_off()
     ax.set_xlabel("denoising steps per image (CFG pair = 1 step)")
     ax.set_ylabel("mean alignment")
     ax.set_title(title)
