@@ -82,15 +82,12 @@ def main(args: Sequence[str] | None = None) -> dict:
     if accelerator.num_processes > 1:
         raise ConfigError("evaluate runs in one process; launch it without --num_processes")
 
-    # ---- 1. prompts, seeds, output folder (all checks before any model loads) -----------
+    # ---- 1. prompts and seeds (checked before any model loads) ---------------------------
     seeds = parse_seeds(config.seeds)
     prompt_sets = {
         name: load_prompts(path, config.prompt_column, config.prompt_split)[: config.max_prompts]
         for name, path in config.prompt_sets.items()
     }
-    out = Path(config.output_dir)
-    fingerprint = {k: v for k, v in config.to_dict().items() if k not in _NOT_FINGERPRINTED}
-    claim_output_dir(out, fingerprint, config.overwrite_output_dir, derived=[out / "rows"])
 
     # ---- 2. pipeline, judges, methods (policies load and are checked against the pipe) --
     pipe = load_pipeline(config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code)  # fmt: skip
@@ -102,6 +99,10 @@ def main(args: Sequence[str] | None = None) -> dict:
     )  # fmt: skip
     judges = {name: ctx.judge(name) for name in config.judges}
     runs = {label: build_method(label, s, ctx) for label, s in config.methods.items()}
+    # only a recipe that passed every check claims the folder
+    out = Path(config.output_dir)
+    fingerprint = {k: v for k, v in config.to_dict().items() if k not in _NOT_FINGERPRINTED}
+    claim_output_dir(out, fingerprint, config.overwrite_output_dir, derived=[out / "rows"])
     start_tracking(accelerator, config, "evaluate")
 
     # ---- 3. every method over every prompt set (finished methods are read back) ---------

@@ -228,22 +228,8 @@ CASES = [
 ]  # fmt: skip
 
 
-# Bugs in code owned elsewhere, reported there; strict, so a fix shows up as XPASS -> remove.
-_EVALUATE_CLAIMS_EARLY = (
-    "evaluate writes recipe.json into output_dir before its judges, methods and policies are "
-    "checked, so a refused recipe still changes the folder"
-)
-KNOWN_BUGS = {
-    "unknown-judge-evaluate": _EVALUATE_CLAIMS_EARLY,
-    "unknown-method-type": _EVALUATE_CLAIMS_EARLY,
-    "policy-other-pipeline-evaluate": _EVALUATE_CLAIMS_EARLY,
-    "pickled-object-pth": (
-        "convert_npnet looks for 'Unsupported global' but torch 2.13 says 'unsupported GLOBAL', so a "
-        "pickled object is reported as a corrupt file, with torch's multi-line explanation "
-        "(never unpickled: see test_security.py)"
-    ),
-    "garbage-pth": "convert_npnet puts torch.load's multi-line weights_only explanation into its error",
-}
+# Cases that fail for a known, not yet fixed reason (strict: a fix shows up as XPASS -> remove).
+KNOWN_BUGS: dict[str, str] = {}
 PARAMS = [
     pytest.param(*case[1:], id=case[0], marks=[pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[case[0]])] if case[0] in KNOWN_BUGS else [])
     for case in CASES

@@ -44,6 +44,12 @@ TEXT_ALIASES = ("embeeding", "embedding")
 TEXT_LENGTH = 77  # the flattened token count of every released checkpoint (CLIP's 77)
 
 
+def _first_line(exc: Exception) -> str:
+    """torch's weights-only errors run to a dozen lines; the first says what went wrong."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(exc).__name__
+
+
 def read_official(path: str | Path) -> dict[str, Any]:
     """The official dict from ``.pth`` (weights only) or its ``.safetensors`` mirror, on the CPU."""
     path = Path(path)
@@ -68,15 +74,16 @@ def read_official(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "Unsupported global" not in str(exc):  # no object refused: a damaged file
-            raise DataError(f"official NPNet checkpoint '{path}' is corrupt or not a torch file ({exc})") from exc  # fmt: skip
+        # torch words it "Unsupported global" or "unsupported GLOBAL" depending on the version
+        if "unsupported global" not in str(exc).lower():  # no object refused: a damaged file
+            raise DataError(f"official NPNet checkpoint '{path}' is corrupt or not a torch file ({_first_line(exc)})") from exc  # fmt: skip
         raise DataError(
             f"'{path}' holds pickled Python objects, not just tensors, and is not unpickled here "
             "(it could run code); on a machine where you trust the file, re-save it as a dict of "
             "state dicts of tensors (torch.save) or as safetensors, then convert that"
         ) from exc
     except (RuntimeError, EOFError, OSError) as exc:
-        raise DataError(f"official NPNet checkpoint '{path}' is corrupt or not a torch file ({exc})") from exc  # fmt: skip
+        raise DataError(f"official NPNet checkpoint '{path}' is corrupt or not a torch file ({_first_line(exc)})") from exc  # fmt: skip
 
 
 def _text_group(official: Mapping[str, Any], path: object) -> Mapping[str, torch.Tensor]:
