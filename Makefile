@@ -36,11 +36,25 @@ style: setup
 	$(VENV)/bin/ruff check --fix src tests bench
 	$(VENV)/bin/ruff format src tests bench
 
-# The main job on the embedded default (the toy world, CPU). Until the full chain lands
-# this is the tiny toy-world collect (recipes/tiny/collect.yaml).
+# The main job on the embedded default: the whole toy-world chain on a CPU, each stage
+# resuming what an earlier `make demo` finished. collect, train_projector and collect_npd run
+# as 2 processes of one torch thread (train_projector with 2 x 4 = the recipe's global batch of
+# 8); collect takes 2 seeds per prompt instead of the recipe's 8 (the projector scores with the
+# committed reward_models/toy-k3-x0, which needs all 8: docs/distill.md). The report ends up
+# in outputs/toy/evaluate/report.md.
+RUN_ENV  := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
+LAUNCH_2 := $(RUN_ENV) ACCELERATE_USE_CPU=1 $(VENV)/bin/accelerate launch --multi_gpu \
+            --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no
+STAGE    := $(RUN_ENV) $(VENV)/bin/noisealign
 demo: setup
-	HF_HUB_OFFLINE=1 $(VENV)/bin/accelerate launch --cpu --num_processes 1 --mixed_precision no --dynamo_backend no \
-	  src/noisealign/collect.py --config recipes/tiny/collect.yaml
+	$(LAUNCH_2) src/noisealign/collect.py --config recipes/toy/collect.yaml --seeds 0:2
+	$(STAGE) distill --config recipes/toy/distill.yaml --resume_from_checkpoint latest
+	$(LAUNCH_2) src/noisealign/train_projector.py --config recipes/toy/train_projector.yaml \
+	  --batch_size 4 --resume_from_checkpoint latest
+	$(LAUNCH_2) src/noisealign/collect_npd.py --config recipes/toy/collect_npd.yaml
+	$(STAGE) train_npnet --config recipes/toy/train_npnet.yaml --resume_from_checkpoint latest
+	$(STAGE) evaluate --config recipes/toy/evaluate.yaml --num_threads 2
+	@cat outputs/toy/evaluate/report.md
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
