@@ -132,3 +132,18 @@ def test_another_recipe_in_the_same_folder_is_refused(folders, tmp_path):
     with pytest.raises(DataError, match=r"different recipe \(differs in: guidance_scale\)"):
         evaluate.main(recipe(folders, tmp_path, methods, "--guidance_scale", "3"))
     assert (tmp_path / "report.json").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_wandb_gets_the_metrics_table_and_a_table_of_images(folders, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    methods = {"standard": {"type": "standard"}, "best_of_2": {"type": "best_of_n", "n": 2}}
+    args = recipe(folders, tmp_path, methods)
+    args[args.index("--report_to") + 1] = "wandb"
+    evaluate.main(args)
+    media = tmp_path / "wandb"
+    samples = list(media.rglob("mini/samples_*.table.json"))
+    assert len(samples) == 1 and list(media.rglob("mini/table_*.table.json"))
+    table = json.loads(samples[0].read_text())
+    assert table["columns"] == ["prompt", "seed", "standard", "best_of_2"]
+    assert len(table["data"]) == 2 and table["data"][0][0] == "a red circle left of a blue square"

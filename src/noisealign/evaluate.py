@@ -111,6 +111,7 @@ def main(args: Sequence[str] | None = None) -> dict:
         "num_inference_steps": config.num_inference_steps, "guidance_scale": config.guidance_scale,
         "device": str(pipe._execution_device), "prompt_sets": {},
     }  # fmt: skip
+    samples = {}  # per prompt set: the grid's prompts, images and scores, for the tracker
     for set_name, records in prompt_sets.items():
         folder = out / "rows" / set_name
         keys = [(r, s) for r in records for s in seeds]
@@ -126,12 +127,12 @@ def main(args: Sequence[str] | None = None) -> dict:
                 save_method(folder, label, *results[label])
             else:
                 logger.info("%s/%s: finished in an earlier run, read from %s", set_name, label, folder)  # fmt: skip
-        report["prompt_sets"][set_name] = _summarise(config, records, seeds, results)
-        _write_figures(out, set_name, config, records[: config.grid_prompts], seeds[0], results)
+        summary = report["prompt_sets"][set_name] = _summarise(config, records, seeds, results)
+        samples[set_name] = _write_figures(out, set_name, config, records[: config.grid_prompts], seeds[0], results, summary["methods"])  # fmt: skip
 
     # ---- 4. report.md / report.json, tracker ------------------------------------------
     path = write_report(out, report)
-    _log_to_tracker(accelerator, out, report)
+    _log_to_tracker(accelerator, out, report, samples)
     accelerator.end_training()
     logger.info("report written to %s\n%s", path, path.read_text())
     return report
@@ -166,7 +167,8 @@ def _summarise(config: EvaluateConfig, records, seeds, results: dict) -> dict:
     return summary
 
 
-def _write_figures(out: Path, set_name: str, config, records, seed: int, results: dict) -> None:
+def _write_figures(out: Path, set_name: str, config, records, seed: int, results: dict, methods: list[dict]) -> dict:  # fmt: skip
+    """grid_<set>.png and cost_<set>.png; returns the grid's prompts, images and scores."""
     from noisealign.evaluation.report import cost_plot, image_grid
 
     primary = config.judges[0]
@@ -175,15 +177,14 @@ def _write_figures(out: Path, set_name: str, config, records, seed: int, results
         by_key = {(r["prompt_id"], r["seed"]): r["scores"][primary] for r in rows}
         columns[label] = [grid[(r.prompt_id, seed)] for r in records]
         scores[label] = [by_key[(r.prompt_id, seed)] for r in records]
-    image_grid(columns, [r.prompt for r in records], scores).save(out / f"grid_{set_name}.png")
-    methods = []
-    for label, (rows, cost, _grid) in results.items():
-        values = [r["scores"][primary] for r in rows]
-        methods.append({"name": label, "alignment": sum(values) / len(values), **cost})
+    prompts = [r.prompt for r in records]
+    image_grid(columns, prompts, scores).save(out / f"grid_{set_name}.png")
     cost_plot(methods, out / f"cost_{set_name}.png", f"{set_name}: alignment vs cost ({primary})")
+    return {"prompts": prompts, "seed": seed, "images": columns, "scores": scores}
 
 
-def _log_to_tracker(accelerator, out: Path, report: dict) -> None:
+def _log_to_tracker(accelerator, out: Path, report: dict, samples: dict) -> None:
+    """The metrics table, a table of the grid's images (a row per prompt, a column per method), figures."""
     if not accelerator.trackers:
         return
     import wandb
@@ -194,8 +195,14 @@ def _log_to_tracker(accelerator, out: Path, report: dict) -> None:
         table = wandb.Table(columns=columns)
         for m in result["methods"]:
             table.add_data(*(m[c] if c != "method" else m["name"] for c in columns))
+        grid = samples[set_name]
+        images = wandb.Table(columns=["prompt", "seed", *grid["images"]])
+        for i, prompt in enumerate(grid["prompts"]):
+            cells = [wandb.Image(grid["images"][m][i], caption=f"{grid['scores'][m][i]:.2f}") for m in grid["images"]]  # fmt: skip
+            images.add_data(prompt, grid["seed"], *cells)
         tracker.log({
             f"{set_name}/table": table,
+            f"{set_name}/samples": images,
             f"{set_name}/grid": wandb.Image(str(out / f"grid_{set_name}.png")),
             f"{set_name}/alignment_vs_cost": wandb.Image(str(out / f"cost_{set_name}.png")),
             **{f"{set_name}/{m['name']}/alignment": m["alignment"] for m in result["methods"]},
