@@ -37,24 +37,7 @@ from noisealign.policies import (
     NPNetConfig,
     count_parameters,
 )
-
-# SD1.5's UNet config (stable-diffusion-v1-5 unet/config.json), random weights
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-)  # fmt: skip
-# SDXL base's UNet config (stable-diffusion-xl-base-1.0 unet/config.json), random weights
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280), cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
-    transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
-    addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-)  # fmt: skip
+from noisealign.testing.full_size import SD15_UNET, SDXL_UNET
 
 
 def timed(fn, repeats: int, device: str) -> float:
