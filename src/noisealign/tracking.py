@@ -17,6 +17,8 @@ from accelerate import Accelerator
 
 from .configs import BaseConfig
 
+# WANDB_*_DIR values this module set, so a second stage in one process moves them to its folder
+_WANDB_DIRS_SET: dict[str, str] = {}
 _SECRET = re.compile(r"(api_?key|secret|password|token)$", re.IGNORECASE)
 
 
@@ -58,7 +60,9 @@ def start_tracking(accelerator: Accelerator, config: BaseConfig, stage: str) -> 
             "WANDB_CONFIG_DIR",
             "WANDB_ARTIFACT_DIR",
         ):
-            os.environ.setdefault(var, str(wandb_dir))
+            # the user's own setting wins; ours from an earlier stage in this process does not
+            if var not in os.environ or os.environ[var] == _WANDB_DIRS_SET.get(var):
+                os.environ[var] = _WANDB_DIRS_SET[var] = str(wandb_dir)
         name = config.run_name or f"{stage}-{Path(config.output_dir).name}"
         accelerator.init_trackers(
             config.wandb_project,
