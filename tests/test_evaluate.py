@@ -135,12 +135,19 @@ def test_another_recipe_in_the_same_folder_is_refused(folders, tmp_path):
 
 
 @pytest.mark.slow
-def test_wandb_gets_the_metrics_table_and_a_table_of_images(folders, tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
+def test_wandb_gets_the_metrics_table_and_a_table_of_images(folders, tmp_path):
+    # a process of its own, as a user runs it: wandb keeps process-wide state from earlier runs
+    import os
+    import subprocess
+    import sys
+
     methods = {"standard": {"type": "standard"}, "best_of_2": {"type": "best_of_n", "n": 2}}
     args = recipe(folders, tmp_path, methods)
     args[args.index("--report_to") + 1] = "wandb"
-    evaluate.main(args)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-m", "noisealign.evaluate", *args], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
     media = tmp_path / "wandb"
     samples = list(media.rglob("mini/samples_*.table.json"))
     assert len(samples) == 1 and list(media.rglob("mini/table_*.table.json"))
