@@ -44,7 +44,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..rewards.model import sincos_2d
-from .projector import ProjectorBlock, moment_match
+from .projector import ProjectorBlock, check_inputs, moment_match
 from .swin import SwinResidual
 
 RANK_FREQS = 8  # sine-cosine features of a singular value's relative rank
@@ -55,20 +55,6 @@ _HUB = dict(library_name="noisealign", repo_url="https://github.com/noisealign/n
 def _check_policy_type(config: Any, expected: str) -> None:
     if config.policy_type != expected:
         raise ConfigError(f"field 'policy_type' must be '{expected}', got {config.policy_type!r}")
-
-
-def check_inputs(noise: torch.Tensor, embeds: torch.Tensor, channels: int, text_dim: int) -> None:
-    """``ValueError`` naming both shapes when ``noise``/``embeds`` do not fit the policy."""
-    if noise.ndim != 4 or noise.shape[1] != channels:
-        raise ValueError(
-            f"noise must be (B, {channels}, H, W) for this policy, got {tuple(noise.shape)}; "
-            "use the pipeline the policy was trained for"
-        )
-    if embeds.ndim != 3 or embeds.shape[2] != text_dim or embeds.shape[0] != noise.shape[0]:
-        raise ValueError(
-            f"embeds must be ({noise.shape[0]}, L, {text_dim}) for noise {tuple(noise.shape)}, "
-            f"got {tuple(embeds.shape)}; encode the prompts with the policy's pipeline"
-        )
 
 
 # ----------------------------------------------------------------------------- compatible

@@ -116,6 +116,20 @@ class ProjectorBlock(nn.Module):
         return patches + self.mlp(self.norm_mlp(patches))
 
 
+def check_inputs(noise: torch.Tensor, embeds: torch.Tensor, channels: int, text_dim: int) -> None:
+    """``ValueError`` naming both shapes when ``noise``/``embeds`` do not fit the policy."""
+    if noise.ndim != 4 or noise.shape[1] != channels:
+        raise ValueError(
+            f"noise must be (B, {channels}, H, W) for this policy, got {tuple(noise.shape)}; "
+            "use the pipeline the policy was trained for"
+        )
+    if embeds.ndim != 3 or embeds.shape[2] != text_dim or embeds.shape[0] != noise.shape[0]:
+        raise ValueError(
+            f"embeds must be ({noise.shape[0]}, L, {text_dim}) for noise {tuple(noise.shape)}, "
+            f"got {tuple(embeds.shape)}; encode the prompts with the policy's pipeline"
+        )
+
+
 def moment_match(noise: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """``μ(ε) + (y − μ(y))·s(ε)/s(y)`` with y = ε + r, per sample over all but the batch dim.
 
@@ -203,15 +217,7 @@ class NoiseProjector(
         pooled: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """ε′ for ``noise`` (B, C, H, W), prompts ``embeds`` (B, L, D), ``mask`` (B, L) bool, ``pooled`` (B, P)."""
-        cfg = self.config
-        if noise.ndim != 4 or noise.shape[1] != cfg.latent_channels:
-            raise ValueError(
-                f"noise must be (B, {cfg.latent_channels}, H, W), got {tuple(noise.shape)}"
-            )
-        if embeds.ndim != 3 or embeds.shape[2] != cfg.text_dim or embeds.shape[0] != noise.shape[0]:
-            raise ValueError(
-                f"embeds must be ({noise.shape[0]}, L, {cfg.text_dim}) for this noise, got {tuple(embeds.shape)}"
-            )
+        check_inputs(noise, embeds, self.config.latent_channels, self.config.text_dim)
         if (pooled is None) != (self.pooled_film is None):
             raise ValueError(
                 f"this projector {'needs' if self.pooled_film is not None else 'takes no'} pooled "
