@@ -77,6 +77,18 @@ class CollectConfig(BaseConfig):
         default=False,
         metadata={"help": "Store each initial noise (it is re-derivable from the seed)."},
     )
+    exploration_images: str | None = field(
+        default=None,
+        metadata={
+            "help": "An earlier collect dataset with images (save_images: true): each row's noise becomes "
+            "√(1−γ)·ε + √γ·z with z the VAE latent of an image of the same prompt and γ ~ U(0, exploration_gamma), "
+            "so the rows cover layouts standard noise rarely reaches (noisealign.data.exploration). The mixed "
+            "noise is stored (save_noise)."
+        },
+    )
+    exploration_gamma: float = field(
+        default=0.2, metadata={"help": "Largest γ of the exploration mix (γ is drawn per row)."}
+    )
     judge_retries: int = field(
         default=2, metadata={"help": "Per-sample retries after a judge fails on a batch."}
     )
@@ -94,6 +106,12 @@ class CollectConfig(BaseConfig):
         for name in ("num_inference_steps", "batch_size", "chunk_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"recipe field '{name}' must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.exploration_gamma <= 1:
+            raise ConfigError(
+                f"recipe field 'exploration_gamma' must be in (0, 1], got {self.exploration_gamma}"
+            )
+        if self.exploration_images:
+            self.save_noise = True  # the mixed noise is not re-derivable from the seed alone
         if self.judge_retries < 0 or self.log_images < 0:
             raise ConfigError("recipe fields 'judge_retries' and 'log_images' must be >= 0")
         if self.torch_dtype not in ("float32", "float16", "bfloat16"):
@@ -116,13 +134,15 @@ class CollectConfig(BaseConfig):
             "save_images",
             "save_noise",
         )
+        if self.exploration_images:  # absent otherwise, so folders written before it still resume
+            keys += ("exploration_images", "exploration_gamma")
         return {k: getattr(self, k) for k in keys}
 
 
 CONFIG_CLASS = CollectConfig  # read by `noisealign.cli` and the recipe tests
 
 
-def collect_chunk(chunk, records, pipe, judge, config, shape) -> list[dict]:
+def collect_chunk(chunk, records, pipe, judge, config, shape, explore=None) -> list[dict]:
     """Generate, judge and build the rows of one chunk of (prompt id, seed) keys."""
     from noisealign.data.schema import feedback_columns
     from noisealign.judges.base import score_robustly
@@ -134,7 +154,11 @@ def collect_chunk(chunk, records, pipe, judge, config, shape) -> list[dict]:
         keys = chunk[start : start + config.batch_size]
         batch = [records[pid] for pid, _ in keys]
         prompts = [r.prompt for r in batch]
-        latents = batch_noise([pid for pid, _ in keys], [seed for _, seed in keys], shape)
+        ids, seeds = [pid for pid, _ in keys], [seed for _, seed in keys]
+        latents = batch_noise(ids, seeds, shape)
+        gammas = None
+        if explore is not None:
+            latents, gammas = explore.mix(latents, ids, seeds)
         embeds = encode_prompts(pipe, prompts)
         images = generate(
             pipe,
@@ -163,6 +187,8 @@ def collect_chunk(chunk, records, pipe, judge, config, shape) -> list[dict]:
                 row["image"] = images[i]
             if config.save_noise:
                 row["noise"] = latents[i].numpy()
+            if gammas is not None:
+                row["exploration_gamma"] = gammas[i]
             row["_image"] = images[i]  # kept in memory for the tracker's sample table only
             rows.append(row)
     return rows
@@ -193,12 +219,19 @@ def main(args: Sequence[str] | None = None):
         config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code
     )
     pipe.to(accelerator.device)
+    explore = None
+    if config.exploration_images:
+        from noisealign.data.exploration import ExplorationSource
+
+        explore = ExplorationSource(config.exploration_images, pipe, config.exploration_gamma)
     if accelerator.is_main_process:
         store.prepare(config.fingerprint(), overwrite=config.overwrite_output_dir)
     accelerator.wait_for_everyone()
     start_tracking(accelerator, config, "collect")
     shape = latent_shape(pipe, config.height, config.width)
-    features = collect_features(shape, config.save_images, config.save_noise)
+    features = collect_features(
+        shape, config.save_images, config.save_noise, exploration=explore is not None
+    )
 
     # ---- 3. plan: every process cuts the same chunks, then takes its share ---------
     chunks = store.plan(keys, config.chunk_size)
@@ -219,7 +252,7 @@ def main(args: Sequence[str] | None = None):
     )
     for chunk in mine:
         started = time.perf_counter()
-        rows = collect_chunk(chunk, records, pipe, judge, config, shape)
+        rows = collect_chunk(chunk, records, pipe, judge, config, shape, explore)
         samples.extend(dict(r) for r in rows[: max(0, config.log_images - len(samples))])
         for row in rows:
             row.pop("_image")

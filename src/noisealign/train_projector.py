@@ -48,6 +48,7 @@ class TrainProjectorConfig(BaseConfig):
     sigma: float = field(default=0.3, metadata={"help": "σ of the surrogate policy N(f_θ, σ²I); √candidate_gamma is the natural choice."})  # fmt: skip
     num_candidates: int = field(default=8, metadata={"help": "K candidates drawn per (ε, e)."})  # fmt: skip
     candidate_gamma: float = field(default=0.1, metadata={"help": "γ of the mix √(1−γ)·f_ref + √γ·ξ that draws candidates (their spread)."})  # fmt: skip
+    candidate_grid: int = field(default=0, metadata={"help": "0: ξ is white N(0, I) noise; g > 0: ξ is a low-frequency field from a g×g grid (noisealign.noise.smooth_noise), so candidates differ in layout rather than in fine grain."})  # fmt: skip
     pair_mode: str = field(default="best_worst", metadata={"help": "'best_worst' (one pair per sample) or 'all' (every pair above the margin)."})  # fmt: skip
     reward_margin: float = field(default=0.0, metadata={"help": "Pairs count only if r_φ's logits differ by more than this."})  # fmt: skip
     gaussianity_weight: float = field(default=1.0, metadata={"help": "λ of the Gaussianity penalty on ε′ (moments and lag-1 correlation)."})  # fmt: skip
@@ -82,6 +83,10 @@ class TrainProjectorConfig(BaseConfig):
                 raise ConfigError(f"recipe field '{name}' must be >= 1, got {getattr(self, name)}")
         if self.loss_type != "reward_gradient" and self.num_candidates < 2:
             raise ConfigError("recipe field 'num_candidates' must be >= 2 to form pairs")
+        if self.candidate_grid < 0:
+            raise ConfigError(
+                f"recipe field 'candidate_grid' must be >= 0, got {self.candidate_grid}"
+            )
         if not 0 < self.candidate_gamma <= 1:
             raise ConfigError(
                 f"recipe field 'candidate_gamma' must be in (0, 1], got {self.candidate_gamma}"
@@ -130,7 +135,9 @@ def step_loss(config, model, reference, reward_model, pipe, emb, noise, ids, see
         with torch.no_grad():
             ref = noise if reference is None else reference(noise, emb.embeds, emb.mask, emb.pooled)
             k = config.num_candidates
-            cands = draw_candidates(ref, ids, seeds, k, config.candidate_gamma)
+            cands = draw_candidates(
+                ref, ids, seeds, k, config.candidate_gamma, config.candidate_grid
+            )
             scores = reward_logits(reward_model, cands.flatten(0, 1), repeat(emb, k), pipe)
         b, win, lose = make_pairs(scores.view(-1, k), config.pair_mode, config.reward_margin)
         if len(b):

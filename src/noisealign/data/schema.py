@@ -25,8 +25,10 @@ CONCEPT_FEATURES = {
 }
 
 
-def collect_features(latent_shape: Sequence[int], save_images: bool, save_noise: bool) -> Features:
-    """Features of the collect dataset; image and noise columns only when asked for."""
+def collect_features(
+    latent_shape: Sequence[int], save_images: bool, save_noise: bool, exploration: bool = False
+) -> Features:
+    """Features of the collect dataset; image, noise and exploration columns only when asked for."""
     features = {
         "prompt_id": Value("string"),
         "prompt": Value("string"),
@@ -50,6 +52,8 @@ def collect_features(latent_shape: Sequence[int], save_images: bool, save_noise:
         features["image"] = datasets.Image()
     if save_noise:
         features["noise"] = Array3D(shape=tuple(latent_shape), dtype="float32")
+    if exploration:
+        features["exploration_gamma"] = Value("float32")
     return Features(features)
 
 

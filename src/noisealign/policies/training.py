@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..errors import DataError
-from ..noise import batch_noise, distribution_preserving_mix, gaussian_stats
+from ..noise import batch_noise, distribution_preserving_mix, gaussian_stats, smooth_noise
 from ..pipelines import PromptEmbeddings
 from ..rewards.features import step_features
 from .projector import NoiseProjector
@@ -66,11 +66,24 @@ def step_keys(
 
 
 def draw_candidates(
-    reference: torch.Tensor, ids: Sequence[str], seeds: Sequence[int], k: int, gamma: float
+    reference: torch.Tensor,
+    ids: Sequence[str],
+    seeds: Sequence[int],
+    k: int,
+    gamma: float,
+    grid: int = 0,
 ) -> torch.Tensor:
-    """(B, K, C, H, W): √(1−γ)·f_ref(ε, e) + √γ·ξ_k with ξ_k ~ N(0, I) keyed by (prompt id, seed, k)."""
+    """(B, K, C, H, W): √(1−γ)·f_ref(ε, e) + √γ·ξ_k with ξ_k keyed by (prompt id, seed, k).
+
+    ``grid`` 0: ξ_k ~ N(0, I); ``grid`` g > 0: ξ_k is a unit-variance low-frequency field
+    (:func:`noisealign.noise.smooth_noise` from a g×g grid).
+    """
     keys = [f"{pid}|candidate-{j}" for pid in ids for j in range(k)]
-    xi = batch_noise(keys, [s for s in seeds for _ in range(k)], reference.shape[1:])
+    key_seeds = [s for s in seeds for _ in range(k)]
+    if grid:
+        xi = smooth_noise(keys, key_seeds, reference.shape[1:], grid)
+    else:
+        xi = batch_noise(keys, key_seeds, reference.shape[1:])
     xi = xi.view(len(ids), k, *reference.shape[1:]).to(reference.device, reference.dtype)
     return distribution_preserving_mix(reference[:, None], xi, gamma)
 

@@ -1,0 +1,91 @@
+"""Exploration noise for the collect stage: image latents mixed into the standard noise.
+
+Under standard Gaussian noise the judge's verdict is a nearly chaotic function of ε: the
+coarse pattern that decides the layout has a projection of about one standard deviation on
+any direction, so a reward model that sees only ε has little it can learn (docs/distill.md).
+Mixing the VAE latent of an image of the prompt into the noise,
+
+    ε̃ = √(1−γ)·ε + √γ·z,   z = the image's latent, standardised per sample,   γ ~ U(0, γ_max),
+
+moves the noise far along layout directions (SDEdit from pure noise, in effect): where the
+objects appear now follows the image, and rows with γ near 0 stay close to standard noise.
+The judge still scores the generated image, so the rows teach which coarse patterns of the
+noise make the prompt come out right; the projector then learns to put them there.
+
+The images come from an earlier collect run of the same prompts with ``save_images: true``
+(the pipeline's own outputs), so nothing here is specific to a model or a world. Choices are
+keyed by (prompt id, seed): the same row gets the same image and γ on any number of processes.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import DataError
+from ..noise import distribution_preserving_mix, noise_seed
+
+
+class ExplorationSource:
+    """Images of an earlier collect dataset, encoded on demand by the pipeline's VAE."""
+
+    def __init__(self, dataset: str | Path, pipe: Any, gamma_max: float) -> None:
+        path = Path(dataset)
+        if not (path / "dataset_info.json").is_file():
+            raise DataError(
+                f"exploration dataset '{path}' is not a saved dataset; point 'exploration_images' at "
+                "<an earlier collect's output_dir>/dataset"
+            )
+        import datasets
+
+        table = datasets.load_from_disk(str(path))
+        missing = [c for c in ("prompt_id", "image") if c not in table.column_names]
+        if missing:
+            raise DataError(
+                f"exploration dataset '{path}' lacks column(s) {missing}; collect it with save_images: true"
+            )
+        self.table = table.select_columns(["prompt_id", "image"])
+        self.by_prompt: dict[str, list[int]] = {}
+        for index, pid in enumerate(self.table["prompt_id"]):
+            self.by_prompt.setdefault(pid, []).append(index)
+        self.pipe = pipe
+        self.gamma_max = float(gamma_max)
+        self._latents: dict[tuple, torch.Tensor] = {}
+
+    def choose(self, prompt_id: str, seed: int) -> tuple[int, float]:
+        """(source row, γ) of one key: an image of the same prompt when there is one, else any."""
+        rng = random.Random(noise_seed(f"{prompt_id}\x1fexplore", seed))
+        pool = self.by_prompt.get(prompt_id) or range(len(self.table))
+        return pool[rng.randrange(len(pool))], self.gamma_max * rng.random()
+
+    @torch.no_grad()
+    def latent(self, index: int, shape: Sequence[int]) -> torch.Tensor:
+        """The standardised VAE latent (C, H, W) of source row ``index``, float32 on CPU.
+
+        The image is resized to the latent size × the VAE scale factor first (as diffusers'
+        img2img pipelines do), so a source of another resolution still fits.
+        """
+        key = (index, tuple(int(s) for s in shape))
+        if key not in self._latents:
+            vae = self.pipe.vae
+            height, width = (int(s) * self.pipe.vae_scale_factor for s in shape[1:])
+            pixels = self.pipe.image_processor.preprocess(
+                self.table[index]["image"].convert("RGB"), height=height, width=width
+            )
+            pixels = pixels.to(vae.device, vae.dtype)
+            z = vae.encode(pixels).latent_dist.mean[0].float().cpu()
+            self._latents[key] = (z - z.mean()) / z.std().clamp_min(1e-6)
+        return self._latents[key]
+
+    def mix(
+        self, noise: torch.Tensor, prompt_ids: Sequence[str], seeds: Sequence[int]
+    ) -> tuple[torch.Tensor, list[float]]:
+        """(ε̃ (B, C, H, W), the γ of each row) for standard noise ``noise`` of these keys."""
+        choices = [self.choose(p, s) for p, s in zip(prompt_ids, seeds)]
+        fields = torch.stack([self.latent(i, noise.shape[1:]) for i, _ in choices])
+        gammas = torch.tensor([g for _, g in choices], dtype=noise.dtype).view(-1, 1, 1, 1)
+        return distribution_preserving_mix(noise, fields, gammas), [g for _, g in choices]
