@@ -122,3 +122,71 @@ def test_exploration_settings_enter_the_fingerprint():
 def test_stored_rows_load_as_a_dataset(source):
     _, _, images = source
     assert "image" in datasets.load_from_disk(images).column_names
+
+
+def test_smooth_noise_is_keyed_unit_variance_and_low_frequency():
+    from noisealign.losses.preference import lag1_autocorrelation
+    from noisealign.noise import smooth_noise
+
+    x = smooth_noise(["a", "b", "c"], [0, 1, 2], (4, 16, 16), 4)
+    assert x.shape == (3, 4, 16, 16)
+    assert torch.equal(x[1:2], smooth_noise(["b"], [1], (4, 16, 16), 4))  # batch-independent
+    flat = x.flatten(1)
+    torch.testing.assert_close(flat.mean(1), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(flat.std(1), torch.ones(3), atol=1e-5, rtol=0)
+    rho_h, rho_v = lag1_autocorrelation(x)
+    assert bool((rho_h > 0.8).all() and (rho_v > 0.8).all())  # white noise: ~0
+    with pytest.raises(ValueError, match="grid must be >= 1"):
+        smooth_noise(["a"], [0], (4, 16, 16), 0)
+
+
+def test_candidates_from_smooth_fields_and_from_images(tiny_pipeline, source):
+    from noisealign.noise import smooth_noise
+    from noisealign.policies.training import draw_candidates
+
+    _, _, images = source
+    ref = torch.randn(2, 4, 16, 16)
+    table = datasets.load_from_disk(images)
+    ids = [table[0]["prompt_id"], table[2]["prompt_id"]]
+    smooth = draw_candidates(ref, ids, [3, 4], 3, 0.1, grid=4)
+    xi = smooth_noise([f"{ids[0]}|candidate-{j}" for j in range(3)], [3] * 3, (4, 16, 16), 4)
+    torch.testing.assert_close(smooth[0], 0.9**0.5 * ref[0] + 0.1**0.5 * xi)
+    src = ExplorationSource(images, load_pipeline(tiny_pipeline), 0.1)
+    cands = draw_candidates(ref, ids, [3, 4], 3, 0.1, source=src)
+    for b in range(2):
+        for j in range(3):
+            index, _ = src.choose(ids[b], [3, 4][b] * 3 + j)
+            assert src.table[index]["prompt_id"] == ids[b]  # an image of the sample's own prompt
+            z = src.latent(index, (4, 16, 16))
+            torch.testing.assert_close(cands[b, j], 0.9**0.5 * ref[b] + 0.1**0.5 * z)
+
+
+def test_train_projector_with_image_candidates(tiny_pipeline, source, tmp_path):
+    from noisealign import train_projector
+    from noisealign.pipelines import pipeline_signature
+    from noisealign.rewards import NoiseRewardConfig, NoiseRewardModel
+
+    _, prompts, images = source
+    torch.manual_seed(0)
+    config = NoiseRewardConfig(
+        latent_channels=4, text_dim=32, hidden_dim=16, depth=1, num_heads=2, mlp_ratio=2.0,
+        pipeline_signature=pipeline_signature(load_pipeline(tiny_pipeline)),
+    )  # fmt: skip
+    NoiseRewardModel(config).save_pretrained(tmp_path / "reward")
+    common = [
+        "--pipeline", tiny_pipeline, "--reward_model", str(tmp_path / "reward"),
+        "--report_to", "none", "--max_steps", "2", "--save_steps", "2", "--logging_steps", "1",
+        "--batch_size", "2", "--num_candidates", "3", "--candidate_images", images,
+        "--projector_kwargs", '{"hidden_dim": 16, "depth": 1, "num_heads": 2, "patch_size": 2}',
+    ]  # fmt: skip
+    result = train_projector.main(
+        [*common, "--prompts", prompts, "--output_dir", str(tmp_path / "o")]
+    )
+    assert result.history[-1]["candidates/spread"] > 0
+    other = tmp_path / "other.txt"
+    other.write_text("a red circle\na yellow square\n")
+    with pytest.raises(DataError, match="has no image of 1 prompt"):
+        train_projector.main(
+            [*common, "--prompts", str(other), "--output_dir", str(tmp_path / "p")]
+        )
+    assert not (tmp_path / "p").exists()

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from noisealign.configs import BaseConfig, parse_config
-from noisealign.errors import ConfigError
+from noisealign.errors import ConfigError, DataError
 
 logger = logging.getLogger("noisealign.train_projector")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "reward_gradient")
@@ -49,6 +49,7 @@ class TrainProjectorConfig(BaseConfig):
     num_candidates: int = field(default=8, metadata={"help": "K candidates drawn per (ε, e)."})  # fmt: skip
     candidate_gamma: float = field(default=0.1, metadata={"help": "γ of the mix √(1−γ)·f_ref + √γ·ξ that draws candidates (their spread)."})  # fmt: skip
     candidate_grid: int = field(default=0, metadata={"help": "0: ξ is white N(0, I) noise; g > 0: ξ is a low-frequency field from a g×g grid (noisealign.noise.smooth_noise), so candidates differ in layout rather than in fine grain."})  # fmt: skip
+    candidate_images: str | None = field(default=None, metadata={"help": "A collect dataset with images (save_images: true): ξ is then the standardised VAE latent of one of its images of the same prompt (noisealign.data.exploration), so candidates differ in layout. Prompt ids must match the dataset's."})  # fmt: skip
     pair_mode: str = field(default="best_worst", metadata={"help": "'best_worst' (one pair per sample) or 'all' (every pair above the margin)."})  # fmt: skip
     reward_margin: float = field(default=0.0, metadata={"help": "Pairs count only if r_φ's logits differ by more than this."})  # fmt: skip
     gaussianity_weight: float = field(default=1.0, metadata={"help": "λ of the Gaussianity penalty on ε′ (moments and lag-1 correlation)."})  # fmt: skip
@@ -118,7 +119,7 @@ class TrainProjectorResult:
     model_dir: str
 
 
-def step_loss(config, model, reference, reward_model, pipe, emb, noise, ids, seeds):
+def step_loss(config, model, reference, reward_model, pipe, emb, noise, ids, seeds, source=None):
     """Loss and metrics of one step on this process's samples (the formulas are in losses.preference)."""
     from noisealign.losses.preference import (
         gaussianity_penalty,
@@ -136,7 +137,7 @@ def step_loss(config, model, reference, reward_model, pipe, emb, noise, ids, see
             ref = noise if reference is None else reference(noise, emb.embeds, emb.mask, emb.pooled)
             k = config.num_candidates
             cands = draw_candidates(
-                ref, ids, seeds, k, config.candidate_gamma, config.candidate_grid
+                ref, ids, seeds, k, config.candidate_gamma, config.candidate_grid, source
             )
             scores = reward_logits(reward_model, cands.flatten(0, 1), repeat(emb, k), pipe)
         b, win, lose = make_pairs(scores.view(-1, k), config.pair_mode, config.reward_margin)
@@ -245,6 +246,14 @@ def main(args: Sequence[str] | None = None) -> TrainProjectorResult:
     table = encode_prompt_table(pipe, prompts).to(accelerator.device, torch.float32)
     shape = latent_shape(pipe)
     judge = build_judge(config.judge) if config.judge else None
+    source = None
+    if config.candidate_images:
+        from noisealign.data.exploration import ExplorationSource
+
+        source = ExplorationSource(config.candidate_images, pipe, config.candidate_gamma)
+        unknown = sorted(set(prompt_ids) - set(source.by_prompt))
+        if unknown:
+            raise DataError(f"'candidate_images' has no image of {len(unknown)} prompt(s), e.g. {unknown[0]!r}; collect them with save_images: true")  # fmt: skip
 
     # ---- 3. projector, reference, optimizer; resume; trackers --------------------------
     if config.init_from:
@@ -276,7 +285,7 @@ def main(args: Sequence[str] | None = None) -> TrainProjectorResult:
         ids = [prompt_ids[i] for i in keys.prompt_index]
         emb = table.select(keys.prompt_index)
         noise = batch_noise(ids, keys.seeds, shape).to(accelerator.device)
-        loss, projected, metrics = step_loss(config, model, reference, reward_model, pipe, emb, noise, ids, keys.seeds)  # fmt: skip
+        loss, projected, metrics = step_loss(config, model, reference, reward_model, pipe, emb, noise, ids, keys.seeds, source)  # fmt: skip
         accelerator.backward(loss)
         clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)

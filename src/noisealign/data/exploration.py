@@ -81,6 +81,14 @@ class ExplorationSource:
             self._latents[key] = (z - z.mean()) / z.std().clamp_min(1e-6)
         return self._latents[key]
 
+    def fields(
+        self, prompt_ids: Sequence[str], seeds: Sequence[int], shape: Sequence[int]
+    ) -> torch.Tensor:
+        """(B, C, H, W) standardised latents of the images :meth:`choose` picks for these keys."""
+        return torch.stack(
+            [self.latent(self.choose(p, s)[0], shape) for p, s in zip(prompt_ids, seeds)]
+        )
+
     def mix(
         self, noise: torch.Tensor, prompt_ids: Sequence[str], seeds: Sequence[int]
     ) -> tuple[torch.Tensor, list[float]]:

@@ -72,15 +72,21 @@ def draw_candidates(
     k: int,
     gamma: float,
     grid: int = 0,
+    source: Any | None = None,
 ) -> torch.Tensor:
     """(B, K, C, H, W): √(1−γ)·f_ref(ε, e) + √γ·ξ_k with ξ_k keyed by (prompt id, seed, k).
 
     ``grid`` 0: ξ_k ~ N(0, I); ``grid`` g > 0: ξ_k is a unit-variance low-frequency field
-    (:func:`noisealign.noise.smooth_noise` from a g×g grid).
+    (:func:`noisealign.noise.smooth_noise` from a g×g grid); ``source`` (an
+    :class:`~noisealign.data.exploration.ExplorationSource`): ξ_k is the standardised latent of
+    an image of the same prompt, so the K candidates differ in layout the way images do.
     """
     keys = [f"{pid}|candidate-{j}" for pid in ids for j in range(k)]
     key_seeds = [s for s in seeds for _ in range(k)]
-    if grid:
+    if source is not None:
+        own = [pid for pid in ids for _ in range(k)]
+        xi = source.fields(own, [s * k + j for s in seeds for j in range(k)], reference.shape[1:])
+    elif grid:
         xi = smooth_noise(keys, key_seeds, reference.shape[1:], grid)
     else:
         xi = batch_noise(keys, key_seeds, reference.shape[1:])
