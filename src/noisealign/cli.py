@@ -21,6 +21,7 @@ logger = logging.getLogger("noisealign")
 STAGES: dict[str, str] = {
     "collect": "noisealign.collect",
     "collect_npd": "noisealign.collect_npd",
+    "image_npd": "noisealign.image_npd",
     "distill": "noisealign.distill",
     "pretrain": "noisealign.pretrain",
     "train_projector": "noisealign.train_projector",

@@ -1,0 +1,143 @@
+"""The image_npd stage: golden-noise pairs from the collect stage's accepted images.
+
+    noisealign image_npd --config recipes/toy/image_npd.yaml
+    python -m noisealign.image_npd --config recipes/toy/image_npd.yaml
+
+For every row of a collect dataset (``save_images: true``) whose judge score is at least
+``min_score``, draws ``pairs_per_image`` fresh standard noises ε and writes NPD pairs
+(:mod:`noisealign.data.npd`, the format ``train_npnet`` reads)
+
+    source = ε,   target = √(1−γ)·ε + √γ·z,
+
+z the image's VAE latent standardised per sample (:mod:`noisealign.data.exploration`). The
+target is a distribution-preserving mix, so it is as Gaussian per value as ε, and it carries
+the layout of an image the judge accepted: generation from it follows that image (on the toy
+world 82–90% of such rows come out right for γ ≥ 0.05, docs/collect.md). A policy regressed
+onto these targets therefore learns to put an accepted layout for the prompt into the noise.
+It is the counterpart of ``collect_npd``'s re-denoised targets (Golden Noise, Alg. 1) that needs
+no extra generation: the judged images already exist. No image is generated here; the VAE
+encodes each accepted image once.
+
+Stored scores: ``target_score`` is the accepted image's judge score, ``source_score`` is NaN
+(the image of ε itself was never generated) and every pair is ``kept``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from noisealign.configs import BaseConfig, parse_config
+from noisealign.errors import ConfigError
+
+logger = logging.getLogger("noisealign.image_npd")
+
+
+@dataclass
+class ImageNPDConfig(BaseConfig):
+    """Recipe of the image_npd stage."""
+
+    dataset: str = field(default="", metadata={"help": "A collect dataset folder (<output_dir>/dataset) collected with save_images: true. Required."})  # fmt: skip
+    pipeline: str = field(default="", metadata={"help": "The pipeline the images were generated with; its VAE encodes them. Required."})  # fmt: skip
+    gamma: float = field(default=0.1, metadata={"help": "γ of the target mix √(1−γ)·ε + √γ·z: how strongly the accepted layout is put into the noise."})  # fmt: skip
+    pairs_per_image: int = field(default=8, metadata={"help": "Fresh noises (pairs) per accepted image."})  # fmt: skip
+    min_score: float = field(default=1.0, metadata={"help": "Rows whose judge score is at least this are accepted images."})  # fmt: skip
+    torch_dtype: str = field(default="float32", metadata={"help": "Pipeline dtype: float32, float16 or bfloat16 (noises are stored in float32)."})  # fmt: skip
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("dataset", "pipeline"):
+            if not getattr(self, name):
+                raise ConfigError(f"recipe field '{name}' is required")
+        if not 0 < self.gamma <= 1:
+            raise ConfigError(f"recipe field 'gamma' must be in (0, 1], got {self.gamma}")
+        if self.pairs_per_image < 1:
+            raise ConfigError(f"recipe field 'pairs_per_image' must be >= 1, got {self.pairs_per_image}")  # fmt: skip
+
+    def fingerprint(self) -> dict:
+        keys = ("dataset", "pipeline", "gamma", "pairs_per_image", "min_score", "seed")
+        return {k: getattr(self, k) for k in keys}
+
+
+CONFIG_CLASS = ImageNPDConfig  # read by `noisealign.cli` and the recipe tests
+
+
+def main(args: Sequence[str] | None = None):
+    """Run the image_npd stage; returns the written NPD dataset."""
+    config = parse_config(ImageNPDConfig, args)
+    from pathlib import Path
+
+    import datasets
+    import torch
+    from tqdm.auto import tqdm
+
+    from noisealign.data.exploration import ExplorationSource
+    from noisealign.data.npd import npd_features
+    from noisealign.data.shards import claim_output_dir
+    from noisealign.errors import DataError
+    from noisealign.noise import batch_noise, distribution_preserving_mix
+    from noisealign.pipelines import load_pipeline, pipeline_signature
+
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    pipe = load_pipeline(config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code)  # fmt: skip
+    source = ExplorationSource(config.dataset, pipe, config.gamma)
+    table = datasets.load_from_disk(config.dataset)
+    needed = ("prompt_id", "prompt", "seed", "overall", "failed", "latent_shape", "pipeline",
+              "num_inference_steps", "guidance_scale", "height", "width", "judge")  # fmt: skip
+    missing = [c for c in needed if c not in table.column_names]
+    if missing:
+        raise DataError(f"dataset '{config.dataset}' lacks the columns {', '.join(missing)}; point 'dataset' at a collect stage's <output_dir>/dataset")  # fmt: skip
+    meta = table.select_columns([c for c in needed if c not in ("prompt",)] + ["prompt"])
+    accepted = [
+        i for i, (score, failed) in enumerate(zip(meta["overall"], meta["failed"]))
+        if not failed and not math.isnan(score) and score >= config.min_score
+    ]  # fmt: skip
+    if not accepted:
+        raise DataError(f"no row of '{config.dataset}' has a judge score >= {config.min_score}; collect more seeds or lower 'min_score'")  # fmt: skip
+    signature = json.dumps(pipeline_signature(pipe))
+    out = Path(config.output_dir)
+    claim_output_dir(out, config.fingerprint(), config.overwrite_output_dir, derived=[out / "dataset"])  # fmt: skip
+
+    rows = []
+    k = config.pairs_per_image
+    for i in tqdm(accepted, desc="image_npd"):
+        row = meta[i]
+        shape = tuple(row["latent_shape"])
+        seeds = [(config.seed * 1_000_003 + row["seed"]) * k + j for j in range(k)]
+        eps = batch_noise([f"{row['prompt_id']}\x1fimage_npd"] * k, seeds, shape)
+        z = source.latent(i, shape).expand_as(eps)
+        target = distribution_preserving_mix(eps, z, config.gamma)
+        for j in range(k):
+            rows.append({
+                "prompt_id": row["prompt_id"], "prompt": row["prompt"], "seed": seeds[j],
+                "source_noise": eps[j].numpy(), "target_noise": target[j].numpy(),
+                "source_score": float("nan"), "target_score": float(row["overall"]),
+                "kept": True, "failed": False, "error": "", "judge": row["judge"],
+                "margin": float("nan"), "pipeline": config.pipeline, "pipeline_signature": signature,
+                "latent_shape": list(shape), "height": row["height"], "width": row["width"],
+                "num_inference_steps": row["num_inference_steps"],
+                "guidance_scale": row["guidance_scale"], "redenoise_steps": 0,
+                "guidance_denoise": float("nan"), "guidance_invert": float("nan"),
+            })  # fmt: skip
+    shape = tuple(meta[accepted[0]]["latent_shape"])
+    dataset = datasets.Dataset.from_list(rows, features=npd_features(shape))
+    tmp = out / "dataset.tmp"
+    dataset.save_to_disk(str(tmp))
+    if (out / "dataset").exists():
+        import shutil
+
+        shutil.rmtree(out / "dataset")
+    tmp.rename(out / "dataset")
+    prompts = len({r["prompt_id"] for r in rows})
+    logger.info("%d pairs from %d accepted images of %d prompts (of %d rows) at %s", len(rows), len(accepted), prompts, len(table), out / "dataset")  # fmt: skip
+    return datasets.load_from_disk(str(out / "dataset"))
+
+
+if __name__ == "__main__":
+    from noisealign.cli import run_stage
+
+    run_stage(main)

@@ -1,0 +1,82 @@
+"""The image_npd stage: golden-noise pairs from a collect's accepted images, read by train_npnet."""
+
+import json
+
+import datasets
+import pytest
+import torch
+
+from noisealign import collect, image_npd, train_npnet
+from noisealign.data.exploration import ExplorationSource
+from noisealign.data.npd import load_noise_pairs
+from noisealign.errors import ConfigError, DataError
+from noisealign.pipelines import load_pipeline
+
+PROMPTS = ["a red circle", "a blue square left of a yellow triangle", "a green triangle"]
+
+
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory):
+    from noisealign.testing.pipelines import build_tiny_sd_pipeline
+
+    root = tmp_path_factory.mktemp("image_npd")
+    build_tiny_sd_pipeline(root / "sd")
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    collect.main([
+        "--pipeline", str(root / "sd"), "--judge", "shapes", "--prompts", str(root / "prompts.txt"),
+        "--seeds", "0:2", "--num_inference_steps", "2", "--batch_size", "6", "--chunk_size", "6",
+        "--report_to", "none", "--output_dir", str(root / "collect"), "--save_images", "true",
+    ])  # fmt: skip
+    return root
+
+
+def _args(root, out, *extra):
+    return [
+        "--dataset", str(root / "collect" / "dataset"), "--pipeline", str(root / "sd"),
+        "--output_dir", str(out), "--report_to", "none", "--pairs_per_image", "3", *extra,
+    ]  # fmt: skip
+
+
+def test_targets_mix_the_accepted_images_latent_into_fresh_noise(collected, tmp_path):
+    # the tiny random pipeline's images are all rejected by the strict judge: accept every row
+    out = tmp_path / "npd"
+    pairs = image_npd.main(_args(collected, out, "--min_score", "0", "--gamma", "0.2"))
+    source_rows = datasets.load_from_disk(str(collected / "collect" / "dataset"))
+    assert pairs.num_rows == 3 * source_rows.num_rows
+    src = ExplorationSource(str(collected / "collect" / "dataset"), load_pipeline(str(collected / "sd")), 0.2)  # fmt: skip
+    for i, row in enumerate(pairs.select(range(6))):
+        z = src.latent(i // 3, row["latent_shape"])  # rows of one image are consecutive
+        eps, target = torch.tensor(row["source_noise"]), torch.tensor(row["target_noise"])
+        torch.testing.assert_close(target, 0.8**0.5 * eps + 0.2**0.5 * z, atol=1e-5, rtol=1e-5)
+        assert row["kept"] and row["prompt_id"] == source_rows[i // 3]["prompt_id"]
+        assert row["target_score"] == pytest.approx(source_rows[i // 3]["overall"])
+    first = torch.tensor(pairs[0]["source_noise"])
+    assert not torch.equal(first, torch.tensor(pairs[1]["source_noise"]))  # fresh noise per pair
+    assert abs(float(first.std()) - 1) < 0.2
+    assert json.loads((out / "recipe.json").read_text())["fingerprint"]["gamma"] == 0.2
+    # the format train_npnet reads, and trains on
+    assert load_noise_pairs(out).num_rows == pairs.num_rows
+    result = train_npnet.main([
+        "--pipeline", str(collected / "sd"), "--dataset", str(out), "--output_dir", str(tmp_path / "net"),
+        "--report_to", "none", "--batch_size", "4", "--max_steps", "3", "--save_steps", "3",
+        "--logging_steps", "1", "--eval_fraction", "0.34",
+        "--policy_kwargs", '{"hidden_dim": 16, "depth": 1, "num_heads": 2, "patch_size": 4}',
+    ])  # fmt: skip
+    assert [h["step"] for h in result.history] == [1, 2, 3]
+
+
+def test_bad_inputs_fail_clearly_and_write_nothing(collected, tmp_path):
+    out = tmp_path / "npd"
+    with pytest.raises(DataError, match="no row of .* has a judge score >= 2.0"):
+        image_npd.main(_args(collected, out, "--min_score", "2"))
+    assert not out.exists()
+    plain = tmp_path / "plain"
+    collect.main([
+        "--pipeline", str(collected / "sd"), "--judge", "shapes", "--prompts", str(collected / "prompts.txt"),
+        "--seeds", "0:1", "--num_inference_steps", "2", "--report_to", "none", "--output_dir", str(plain),
+    ])  # fmt: skip
+    with pytest.raises(DataError, match="save_images: true"):
+        image_npd.main([*_args(collected, out), "--dataset", str(plain / "dataset")])
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="'gamma' must be in"):
+        image_npd.main(_args(collected, out, "--gamma", "0"))
