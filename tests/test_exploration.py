@@ -124,6 +124,15 @@ def test_stored_rows_load_as_a_dataset(source):
     assert "image" in datasets.load_from_disk(images).column_names
 
 
+def test_verdicts_are_the_chosen_images_stored_scores(source):
+    _, _, images = source
+    src = ExplorationSource(images, None, 0.1)
+    overall = datasets.load_from_disk(images)["overall"]
+    ids, seeds = [src.table[0]["prompt_id"]] * 4, [0, 1, 2, 3]
+    expected = [overall[src.choose(p, s)[0]] for p, s in zip(ids, seeds)]
+    assert src.verdicts(ids, seeds).tolist() == pytest.approx(expected)
+
+
 def test_smooth_noise_is_keyed_unit_variance_and_low_frequency():
     from noisealign.losses.preference import lag1_autocorrelation
     from noisealign.noise import smooth_noise
@@ -183,6 +192,16 @@ def test_train_projector_with_image_candidates(tiny_pipeline, source, tmp_path):
         [*common, "--prompts", prompts, "--output_dir", str(tmp_path / "o")]
     )
     assert result.history[-1]["candidates/spread"] > 0
+    # offline preference pairs: candidates ranked by their source image's collected verdict
+    judged = train_projector.main(
+        [*common, "--prompts", prompts, "--output_dir", str(tmp_path / "j"), "--candidate_scores", "source_judge"]
+    )  # fmt: skip
+    assert 0 <= judged.history[-1]["candidates/spread"] <= 1  # verdicts, not logits
+    with pytest.raises(Exception, match="needs 'candidate_images'"):
+        train_projector.main(
+            [*common[:-4], *common[-2:], "--prompts", prompts, "--output_dir", str(tmp_path / "k"),
+             "--candidate_scores", "source_judge"]
+        )  # fmt: skip
     other = tmp_path / "other.txt"
     other.write_text("a red circle\na yellow square\n")
     with pytest.raises(DataError, match="has no image of 1 prompt"):

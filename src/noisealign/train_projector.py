@@ -50,6 +50,7 @@ class TrainProjectorConfig(BaseConfig):
     candidate_gamma: float = field(default=0.1, metadata={"help": "γ of the mix √(1−γ)·f_ref + √γ·ξ that draws candidates (their spread)."})  # fmt: skip
     candidate_grid: int = field(default=0, metadata={"help": "0: ξ is white N(0, I) noise; g > 0: ξ is a low-frequency field from a g×g grid (noisealign.noise.smooth_noise), so candidates differ in layout rather than in fine grain."})  # fmt: skip
     candidate_images: str | None = field(default=None, metadata={"help": "A collect dataset with images (save_images: true): ξ is then the standardised VAE latent of one of its images of the same prompt (noisealign.data.exploration), so candidates differ in layout. Prompt ids must match the dataset's."})  # fmt: skip
+    candidate_scores: str = field(default="reward_model", metadata={"help": "What ranks the K candidates: 'reward_model' (r_φ, DESIGN.md) or 'source_judge' (with candidate_images: the judge's collected score of each candidate's source image, i.e. offline preference pairs from the collect rows; r_φ then only feeds the logged reward metrics)."})  # fmt: skip
     pair_mode: str = field(default="best_worst", metadata={"help": "'best_worst' (one pair per sample) or 'all' (every pair above the margin)."})  # fmt: skip
     reward_margin: float = field(default=0.0, metadata={"help": "Pairs count only if r_φ's logits differ by more than this."})  # fmt: skip
     gaussianity_weight: float = field(default=1.0, metadata={"help": "λ of the Gaussianity penalty on ε′ (moments and lag-1 correlation)."})  # fmt: skip
@@ -99,11 +100,14 @@ class TrainProjectorConfig(BaseConfig):
             "loss_type": LOSS_TYPES,
             "pair_mode": ("best_worst", "all"),
             "reference": ("identity", "initial"),
+            "candidate_scores": ("reward_model", "source_judge"),
             "torch_dtype": ("float32", "float16", "bfloat16"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"recipe field '{name}' must be one of {allowed}, got {getattr(self, name)!r}")  # fmt: skip
+        if self.candidate_scores == "source_judge" and not self.candidate_images:
+            raise ConfigError("recipe field 'candidate_scores: source_judge' needs 'candidate_images' (a collect dataset with images)")  # fmt: skip
         if self.image_steps and not self.image_prompts:
             raise ConfigError("recipe field 'image_prompts' is required when image_steps > 0")
 
@@ -139,7 +143,13 @@ def step_loss(config, model, reference, reward_model, pipe, emb, noise, ids, see
             cands = draw_candidates(
                 ref, ids, seeds, k, config.candidate_gamma, config.candidate_grid, source
             )
-            scores = reward_logits(reward_model, cands.flatten(0, 1), repeat(emb, k), pipe)
+            if config.candidate_scores == "source_judge":  # the same keyed draw as draw_candidates
+                own = [pid for pid in ids for _ in range(k)]
+                scores = source.verdicts(own, [s * k + j for s in seeds for j in range(k)]).to(
+                    ref.device
+                )
+            else:
+                scores = reward_logits(reward_model, cands.flatten(0, 1), repeat(emb, k), pipe)
         b, win, lose = make_pairs(scores.view(-1, k), config.pair_mode, config.reward_margin)
         if len(b):
             loss, metrics = quasi_dpo_loss(

@@ -49,6 +49,11 @@ class ExplorationSource:
                 f"exploration dataset '{path}' lacks column(s) {missing}; collect it with save_images: true"
             )
         self.table = table.select_columns(["prompt_id", "image"])
+        self.scores = (
+            torch.tensor(table["overall"], dtype=torch.float32)
+            if "overall" in table.column_names
+            else None
+        )
         self.by_prompt: dict[str, list[int]] = {}
         for index, pid in enumerate(self.table["prompt_id"]):
             self.by_prompt.setdefault(pid, []).append(index)
@@ -88,6 +93,14 @@ class ExplorationSource:
         return torch.stack(
             [self.latent(self.choose(p, s)[0], shape) for p, s in zip(prompt_ids, seeds)]
         )
+
+    def verdicts(self, prompt_ids: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
+        """(B,) the judge's stored overall score of the image :meth:`choose` picks for each key."""
+        if self.scores is None:
+            raise DataError(
+                "the exploration dataset has no 'overall' column; use a collect stage dataset"
+            )
+        return self.scores[[self.choose(p, s)[0] for p, s in zip(prompt_ids, seeds)]]
 
     def mix(
         self, noise: torch.Tensor, prompt_ids: Sequence[str], seeds: Sequence[int]
