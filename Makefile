@@ -40,7 +40,8 @@ style: setup
 # resuming what an earlier `make demo` finished. collect, train_projector and collect_npd run
 # as 2 processes of one torch thread (train_projector with 2 x 4 = the recipe's global batch of
 # 8); collect takes 2 seeds per prompt instead of the recipe's 8 (the projector scores with the
-# committed reward_models/toy-k3-x0, which needs all 8: docs/distill.md). The report ends up
+# committed reward_models/toy-k3-x0, which needs all 8: docs/distill.md). image_npd turns the
+# collect's accepted images into golden-noise pairs for a second NPNet. The report ends up
 # in outputs/toy/evaluate/report.md.
 RUN_ENV  := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 LAUNCH_2 := $(RUN_ENV) ACCELERATE_USE_CPU=1 $(VENV)/bin/accelerate launch --multi_gpu \
@@ -53,6 +54,8 @@ demo: setup
 	  --batch_size 4 --resume_from_checkpoint latest
 	$(LAUNCH_2) src/noisealign/collect_npd.py --config recipes/toy/collect_npd.yaml
 	$(STAGE) train_npnet --config recipes/toy/train_npnet.yaml --resume_from_checkpoint latest
+	$(STAGE) image_npd --config recipes/toy/image_npd.yaml
+	$(STAGE) train_npnet --config recipes/toy/train_npnet_image.yaml --resume_from_checkpoint latest
 	$(STAGE) evaluate --config recipes/toy/evaluate.yaml --num_threads 2
 	@cat outputs/toy/evaluate/report.md
 
