@@ -55,7 +55,7 @@ demo: setup
 	$(LAUNCH_2) src/noisealign/collect_npd.py --config recipes/toy/collect_npd.yaml
 	$(STAGE) train_npnet --config recipes/toy/train_npnet.yaml --resume_from_checkpoint latest
 	$(STAGE) image_npd --config recipes/toy/image_npd.yaml
-	$(STAGE) train_npnet --config recipes/toy/train_npnet_image.yaml --resume_from_checkpoint latest
+	$(STAGE) train_npnet --config recipes/toy/image/train_npnet.yaml --resume_from_checkpoint latest
 	$(STAGE) evaluate --config recipes/toy/evaluate.yaml --num_threads 2
 	@cat outputs/toy/evaluate/report.md
 
