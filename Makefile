@@ -39,16 +39,17 @@ style: setup
 # The main job on the embedded default: the whole toy-world chain on a CPU, each stage
 # resuming what an earlier `make demo` finished. collect, train_projector and collect_npd run
 # as 2 processes of one torch thread (train_projector with 2 x 4 = the recipe's global batch of
-# 8); collect takes 2 seeds per prompt instead of the recipe's 8 (the projector scores with the
-# committed reward_models/toy-k3-x0, which needs all 8: docs/distill.md). image_npd turns the
-# collect's accepted images into golden-noise pairs for a second NPNet. The report ends up
-# in outputs/toy/evaluate/report.md.
+# 8). collect takes the recipe's 8 seeds per prompt: image_npd turns the ~570 images the judge
+# accepts into golden-noise pairs for a second NPNet (npnet_image), and with 2 seeds (~140
+# accepted images) that NPNet showed no gain (docs/npnet.md). The projector scores with the
+# committed reward_models/toy-k3-x0 (docs/distill.md). The report ends up in
+# outputs/toy/evaluate/report.md.
 RUN_ENV  := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 LAUNCH_2 := $(RUN_ENV) ACCELERATE_USE_CPU=1 $(VENV)/bin/accelerate launch --multi_gpu \
             --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no
 STAGE    := $(RUN_ENV) $(VENV)/bin/noisealign
 demo: setup
-	$(LAUNCH_2) src/noisealign/collect.py --config recipes/toy/collect.yaml --seeds 0:2
+	$(LAUNCH_2) src/noisealign/collect.py --config recipes/toy/collect.yaml --chunk_size 128
 	$(STAGE) distill --config recipes/toy/distill.yaml --resume_from_checkpoint latest
 	$(LAUNCH_2) src/noisealign/train_projector.py --config recipes/toy/train_projector.yaml \
 	  --batch_size 4 --resume_from_checkpoint latest
