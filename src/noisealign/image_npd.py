@@ -91,7 +91,7 @@ def main(args: Sequence[str] | None = None):
     missing = [c for c in needed if c not in table.column_names]
     if missing:
         raise DataError(f"dataset '{config.dataset}' lacks the columns {', '.join(missing)}; point 'dataset' at a collect stage's <output_dir>/dataset")  # fmt: skip
-    meta = table.select_columns([c for c in needed if c not in ("prompt",)] + ["prompt"])
+    meta = table.select_columns(list(needed))
     accepted = [
         i for i, (score, failed) in enumerate(zip(meta["overall"], meta["failed"]))
         if not failed and not math.isnan(score) and score >= config.min_score

@@ -130,7 +130,13 @@ def step_loss(config, model, reference, reward_model, pipe, emb, noise, ids, see
         quasi_dpo_loss,
         reward_gradient_loss,
     )
-    from noisealign.policies.training import draw_candidates, make_pairs, repeat, reward_logits
+    from noisealign.policies.training import (
+        draw_candidates,
+        image_candidate_keys,
+        make_pairs,
+        repeat,
+        reward_logits,
+    )
 
     projected = model(noise, emb.embeds, emb.mask, emb.pooled)
     metrics: dict[str, float] = {}
@@ -143,11 +149,8 @@ def step_loss(config, model, reference, reward_model, pipe, emb, noise, ids, see
             cands = draw_candidates(
                 ref, ids, seeds, k, config.candidate_gamma, config.candidate_grid, source
             )
-            if config.candidate_scores == "source_judge":  # the same keyed draw as draw_candidates
-                own = [pid for pid in ids for _ in range(k)]
-                scores = source.verdicts(own, [s * k + j for s in seeds for j in range(k)]).to(
-                    ref.device
-                )
+            if config.candidate_scores == "source_judge":  # the images draw_candidates mixed in
+                scores = source.verdicts(*image_candidate_keys(ids, seeds, k)).to(ref.device)
             else:
                 scores = reward_logits(reward_model, cands.flatten(0, 1), repeat(emb, k), pipe)
         b, win, lose = make_pairs(scores.view(-1, k), config.pair_mode, config.reward_margin)

@@ -65,6 +65,14 @@ def step_keys(
     return StepKeys(index[part], seeds[part])
 
 
+def image_candidate_keys(
+    ids: Sequence[str], seeds: Sequence[int], k: int
+) -> tuple[list[str], list[int]]:
+    """The (prompt id, seed) keys whose :class:`~noisealign.data.exploration.ExplorationSource`
+    draw gives candidate j of each sample: its own prompt, seed·K + j (B·K keys, sample-major)."""
+    return [p for p in ids for _ in range(k)], [s * k + j for s in seeds for j in range(k)]
+
+
 def draw_candidates(
     reference: torch.Tensor,
     ids: Sequence[str],
@@ -84,8 +92,7 @@ def draw_candidates(
     keys = [f"{pid}|candidate-{j}" for pid in ids for j in range(k)]
     key_seeds = [s for s in seeds for _ in range(k)]
     if source is not None:
-        own = [pid for pid in ids for _ in range(k)]
-        xi = source.fields(own, [s * k + j for s in seeds for j in range(k)], reference.shape[1:])
+        xi = source.fields(*image_candidate_keys(ids, seeds, k), reference.shape[1:])
     elif grid:
         xi = smooth_noise(keys, key_seeds, reference.shape[1:], grid)
     else:
