@@ -76,7 +76,7 @@ def main(args: Sequence[str] | None = None):
 
     from noisealign.data.exploration import ExplorationSource
     from noisealign.data.npd import npd_features
-    from noisealign.data.shards import claim_output_dir
+    from noisealign.data.shards import claim_output_dir, replace_dataset
     from noisealign.errors import DataError
     from noisealign.noise import batch_noise, distribution_preserving_mix
     from noisealign.pipelines import load_pipeline, pipeline_signature
@@ -85,7 +85,7 @@ def main(args: Sequence[str] | None = None):
         torch.set_num_threads(config.num_threads)
     pipe = load_pipeline(config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code)  # fmt: skip
     source = ExplorationSource(config.dataset, pipe, config.gamma)
-    table = datasets.load_from_disk(config.dataset)
+    table = source.dataset
     needed = ("prompt_id", "prompt", "seed", "overall", "failed", "latent_shape", "pipeline",
               "num_inference_steps", "guidance_scale", "height", "width", "judge")  # fmt: skip
     missing = [c for c in needed if c not in table.column_names]
@@ -124,17 +124,10 @@ def main(args: Sequence[str] | None = None):
                 "guidance_denoise": float("nan"), "guidance_invert": float("nan"),
             })  # fmt: skip
     shape = tuple(meta[accepted[0]]["latent_shape"])
-    dataset = datasets.Dataset.from_list(rows, features=npd_features(shape))
-    tmp = out / "dataset.tmp"
-    dataset.save_to_disk(str(tmp))
-    if (out / "dataset").exists():
-        import shutil
-
-        shutil.rmtree(out / "dataset")
-    tmp.rename(out / "dataset")
+    dataset = replace_dataset(datasets.Dataset.from_list(rows, features=npd_features(shape)), out / "dataset")  # fmt: skip
     prompts = len({r["prompt_id"] for r in rows})
     logger.info("%d pairs from %d accepted images of %d prompts (of %d rows) at %s", len(rows), len(accepted), prompts, len(table), out / "dataset")  # fmt: skip
-    return datasets.load_from_disk(str(out / "dataset"))
+    return dataset
 
 
 if __name__ == "__main__":

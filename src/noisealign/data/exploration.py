@@ -43,6 +43,7 @@ class ExplorationSource:
         import datasets
 
         table = datasets.load_from_disk(str(path))
+        self.dataset = table  # every column, for callers that need more than the images
         missing = [c for c in ("prompt_id", "image") if c not in table.column_names]
         if missing:
             raise DataError(

@@ -155,13 +155,21 @@ class ShardStore:
             raise DataError(
                 f"{len(missing)} keys were not collected (first: {missing[0]}); run the same command again"
             )
-        ordered = merged.select([position[k] for k in keys])
-        tmp = self.root / ".tmp-dataset"
-        shutil.rmtree(tmp, ignore_errors=True)
-        ordered.save_to_disk(str(tmp))
-        old = self.root / ".old-dataset"
-        if self.dataset_dir.exists():
-            os.rename(self.dataset_dir, old)
-        os.rename(tmp, self.dataset_dir)
-        shutil.rmtree(old, ignore_errors=True)
-        return datasets.load_from_disk(str(self.dataset_dir))
+        return replace_dataset(merged.select([position[k] for k in keys]), self.dataset_dir)
+
+
+def replace_dataset(dataset: datasets.Dataset, folder: str | Path) -> datasets.Dataset:
+    """Write ``dataset`` to ``folder`` (``save_to_disk``), replacing what is there by renames.
+
+    It is written beside the folder first, so a kill leaves the old dataset or the new one,
+    never half of either. Returns the dataset loaded back from ``folder``.
+    """
+    folder = Path(folder)
+    tmp, old = folder.parent / f".tmp-{folder.name}", folder.parent / f".old-{folder.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    dataset.save_to_disk(str(tmp))
+    if folder.exists():
+        os.rename(folder, old)
+    os.rename(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return datasets.load_from_disk(str(folder))
