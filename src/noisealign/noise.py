@@ -55,8 +55,7 @@ def smooth_noise(
     Keyed like :func:`batch_noise` (on a separate stream of the same key), so it is reproducible
     whatever the batch or process. Mixed into standard noise with
     :func:`distribution_preserving_mix` it moves where things appear (layout) far more per unit
-    of norm than white noise does: the exploration of ``collect``'s ``exploration_gamma`` and
-    the candidates of ``train_projector``'s ``candidate_grid``.
+    of norm than white noise does: the candidates of ``train_projector``'s ``candidate_grid``.
     """
     if len(prompt_ids) != len(seeds):
         raise ValueError(f"got {len(prompt_ids)} prompt ids but {len(seeds)} seeds")
