@@ -28,7 +28,7 @@ from noisealign.configs import BaseConfig, parse_config
 from noisealign.errors import ConfigError
 
 logger = logging.getLogger("noisealign.train_npnet")
-POLICY_TYPES = ("npnet", "npnet_compat")
+POLICY_TYPES = ("npnet", "npnet_compat", "noise_projector")
 
 
 @dataclass
@@ -39,8 +39,8 @@ class TrainNPNetConfig(BaseConfig):
     torch_dtype: str = field(default="float32", metadata={"help": "Pipeline dtype: float32, float16 or bfloat16 (the policy trains in float32)."})  # fmt: skip
     dataset: str = field(default="", metadata={"help": "collect_npd output folder (or its dataset/). Required."})  # fmt: skip
     margin: float | None = field(default=None, metadata={"help": "Re-filter the pairs with this m (target score > source score + m); None uses the 'kept' column."})  # fmt: skip
-    policy_type: str = field(default="npnet", metadata={"help": "'npnet' (improved, any latent size, per-token prompt attention) or 'npnet_compat' (official architecture, 4 x 128 x 128 only)."})  # fmt: skip
-    policy_kwargs: dict = field(default_factory=dict, metadata={"help": "Size of the policy (NPNetConfig / NPNetCompatConfig fields, e.g. hidden_dim, depth)."})  # fmt: skip
+    policy_type: str = field(default="npnet", metadata={"help": "'npnet' (improved, any latent size, per-token prompt attention), 'npnet_compat' (official architecture, 4 x 128 x 128 only) or 'noise_projector' (the quasi-DPO projector regressed onto the pairs, e.g. as train_projector's init_from)."})  # fmt: skip
+    policy_kwargs: dict = field(default_factory=dict, metadata={"help": "Size of the policy (NPNetConfig / NPNetCompatConfig / NoiseProjectorConfig fields, e.g. hidden_dim, depth)."})  # fmt: skip
     init_from: str | None = field(default=None, metadata={"help": "Start from this policy folder (e.g. a converted official checkpoint) instead of fresh weights."})  # fmt: skip
     eval_fraction: float = field(default=0.1, metadata={"help": "Share of the prompts held out (all their pairs) for the eval MSE."})  # fmt: skip
     min_eval_prompts: int = field(default=1, metadata={"help": "At least this many held-out prompts."})  # fmt: skip
@@ -89,11 +89,11 @@ class TrainNPNetResult:
 
 
 def build_policy(config: TrainNPNetConfig, signature: dict, shape: tuple[int, int, int]):
-    """A fresh NPNet whose input sizes come from the pipeline and the pairs, its size from the recipe."""
+    """A fresh policy (NPNet or noise projector) whose input sizes come from the pipeline and the pairs, its size from the recipe."""
     from noisealign.errors import PipelineError
     from noisealign.policies import POLICIES
 
-    if config.policy_type == "npnet":
+    if config.policy_type in ("npnet", "noise_projector"):
         fields = dict(latent_channels=shape[0], text_dim=signature["text_embed_dim"], pooled_dim=signature["pooled_dim"])  # fmt: skip
     else:  # the official architecture: one square 4-channel size, flattened (L, D) tokens
         if shape[0] != 4 or shape[1] != shape[2]:

@@ -45,6 +45,7 @@ class TrainProjectorConfig(BaseConfig):
     reference: str = field(default="identity", metadata={"help": "π_ref's mean: 'identity' (ε itself) or 'initial' (frozen copy of the starting projector)."})  # fmt: skip
     loss_type: str = field(default="sigmoid", metadata={"help": "'sigmoid' (DPO), 'ipo', 'hinge' (TRL's names) or 'reward_gradient' (the ablation)."})  # fmt: skip
     beta: float = field(default=0.1, metadata={"help": "β: strength of the implicit KL to π_ref; only β/σ² matters for sigmoid/hinge."})  # fmt: skip
+    rpo_alpha: float = field(default=0.0, metadata={"help": "TRL's rpo_alpha: weight of the winner's per-value NLL under N(f_θ, σ²I) added to the preference loss (0: plain quasi-DPO); see losses.preference."})  # fmt: skip
     sigma: float = field(default=0.3, metadata={"help": "σ of the surrogate policy N(f_θ, σ²I); √candidate_gamma is the natural choice."})  # fmt: skip
     num_candidates: int = field(default=8, metadata={"help": "K candidates drawn per (ε, e)."})  # fmt: skip
     candidate_gamma: float = field(default=0.1, metadata={"help": "γ of the mix √(1−γ)·f_ref + √γ·ξ that draws candidates (their spread)."})  # fmt: skip
@@ -96,6 +97,8 @@ class TrainProjectorConfig(BaseConfig):
         for name in ("beta", "sigma"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"recipe field '{name}' must be > 0, got {getattr(self, name)}")
+        if self.rpo_alpha < 0:
+            raise ConfigError(f"recipe field 'rpo_alpha' must be >= 0, got {self.rpo_alpha}")
         choices = {
             "loss_type": LOSS_TYPES,
             "pair_mode": ("best_worst", "all"),
@@ -157,7 +160,7 @@ def step_loss(config, model, reference, reward_model, pipe, emb, noise, ids, see
         if len(b):
             loss, metrics = quasi_dpo_loss(
                 projected[b], ref[b], cands[b, win], cands[b, lose],
-                sigma=config.sigma, beta=config.beta, loss_type=config.loss_type,
+                sigma=config.sigma, beta=config.beta, loss_type=config.loss_type, rpo_alpha=config.rpo_alpha,
             )  # fmt: skip
         else:  # no pair above the margin: only the penalty acts (the graph stays connected)
             loss = projected.sum() * 0.0

@@ -66,11 +66,26 @@ def test_gradient_moves_policy_towards_winner_minus_loser():
     assert torch.allclose(mean.grad, torch.tensor([[-1.0, -0.5]]))
 
 
+def test_rpo_alpha_adds_the_winners_per_value_nll():
+    # ||w - f||^2 = (1-1)^2 + (1-0)^2 = 1 over n = 2 values, sigma 1: NLL = 1 / (2 * 1 * 2) = 0.25
+    plain, _ = quasi_dpo_loss(**PAIR, sigma=1.0, beta=0.5)
+    loss, m = quasi_dpo_loss(**PAIR, sigma=1.0, beta=0.5, rpo_alpha=2.0)
+    assert m["loss/nll"] == pytest.approx(0.25)
+    assert loss.item() == pytest.approx(plain.item() + 2.0 * 0.25)
+    assert m["loss/preference"] == pytest.approx(plain.item())  # logged without the NLL
+    mean = torch.zeros(1, 2, requires_grad=True)
+    quasi_dpo_loss(mean, torch.zeros(1, 2), t(1.0, 1.0), t(-1.0, 0.0), sigma=1.0, beta=1.0, rpo_alpha=1.0)[0].backward()  # fmt: skip
+    # DPO part -0.5 * (2, 1) as above; NLL part d/df ||w - f||^2 / 4 = -(w - f) / 2 = (-0.5, -0.5)
+    assert torch.allclose(mean.grad, torch.tensor([[-1.5, -1.0]]))
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="loss_type"):
         quasi_dpo_loss(**PAIR, sigma=1.0, beta=1.0, loss_type="kto")
     with pytest.raises(ValueError, match="sigma and beta"):
         quasi_dpo_loss(**PAIR, sigma=0.0, beta=1.0)
+    with pytest.raises(ValueError, match="rpo_alpha"):
+        quasi_dpo_loss(**PAIR, sigma=1.0, beta=1.0, rpo_alpha=-1.0)
 
 
 def test_reward_gradient_loss_is_minus_mean_reward():

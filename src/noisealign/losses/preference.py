@@ -15,7 +15,14 @@ and, as in DPO (Rafailov et al. 2023, arXiv 2305.18290) with TRL's ``loss_type``
     hinge:   L = relu(1 − β·Δ)                           (SLiC, Zhao et al. 2023, arXiv 2305.10425)
 
 TRL's IPO divides the log-ratios by the sequence length; a noise has no length, so Δ is used
-as is. All functions are pure: tensors in, ``(loss, metrics)`` out; ``log σ`` is ``F.logsigmoid``.
+as is. ``rpo_alpha`` adds TRL's RPO term (Pang et al. 2024, arXiv 2404.19733): α times the
+negative log-likelihood of the winner under π_θ, averaged over the noise's n values as TRL
+averages over tokens,
+
+    L_RPO = L + α · ‖x_w − f_θ‖² / (2σ²·n),
+
+a regression of f_θ onto the chosen candidate that anchors the otherwise scale-free preference
+term. All functions are pure: tensors in, ``(loss, metrics)`` out; ``log σ`` is ``F.logsigmoid``.
 """
 
 from __future__ import annotations
@@ -40,11 +47,13 @@ def quasi_dpo_loss(
     sigma: float,
     beta: float,
     loss_type: str = "sigmoid",
+    rpo_alpha: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Quasi-DPO loss over P pairs; every tensor is ``(P, C, H, W)``, row p one pair of one (ε, e).
 
     Δ_p = [log π_θ(w) − log π_ref(w)] − [log π_θ(l) − log π_ref(l)] with log π from
-    :func:`gaussian_log_prob`; L = mean_p of −log σ(βΔ) | (Δ − 1/(2β))² | relu(1 − βΔ).
+    :func:`gaussian_log_prob`; L = mean_p of −log σ(βΔ) | (Δ − 1/(2β))² | relu(1 − βΔ),
+    plus ``rpo_alpha`` · mean_p ‖w − f_θ‖² / (2σ²·n) when ``rpo_alpha`` > 0 (``loss/nll``).
     Metrics (TRL's names): ``rewards/chosen`` = β·mean[log π_θ(w) − log π_ref(w)],
     ``rewards/rejected`` likewise for l, ``rewards/margins`` = β·mean Δ,
     ``rewards/accuracies`` = share of pairs with Δ > 0 (the implicit accuracy).
@@ -53,6 +62,8 @@ def quasi_dpo_loss(
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     if sigma <= 0 or beta <= 0:
         raise ValueError(f"sigma and beta must be > 0, got sigma={sigma}, beta={beta}")
+    if rpo_alpha < 0:
+        raise ValueError(f"rpo_alpha must be >= 0, got {rpo_alpha}")
     chosen_logratio = gaussian_log_prob(winners, policy_mean, sigma) - gaussian_log_prob(
         winners, ref_mean, sigma
     )
@@ -67,8 +78,12 @@ def quasi_dpo_loss(
     else:
         losses = F.relu(1 - beta * delta)
     loss = losses.mean()
-    metrics = {
-        "loss/preference": loss.item(),
+    metrics = {"loss/preference": loss.item()}
+    if rpo_alpha > 0:
+        nll = -gaussian_log_prob(winners, policy_mean, sigma) / winners[0].numel()
+        loss = loss + rpo_alpha * nll.mean()
+        metrics["loss/nll"] = nll.mean().item()
+    metrics |= {
         "rewards/chosen": beta * chosen_logratio.mean().item(),
         "rewards/rejected": beta * rejected_logratio.mean().item(),
         "rewards/margins": beta * delta.mean().item(),
