@@ -41,8 +41,9 @@ style: setup
 # as 2 processes of one torch thread (train_projector with 2 x 4 = the recipe's global batch of
 # 8). collect takes the recipe's 8 seeds per prompt: image_npd turns the ~570 images the judge
 # accepts into golden-noise pairs for a second NPNet (npnet_image), and with 2 seeds (~140
-# accepted images) that NPNet showed no gain (docs/npnet.md). The projector scores with the
-# committed reward_models/toy-k3-x0 (docs/distill.md). The report ends up in
+# accepted images) that NPNet showed no gain (docs/npnet.md). The projector scores its
+# candidates (mixes with the latents of the collect's images of the prompt) with the committed
+# reward_models/toy-k3-x0 (docs/distill.md, docs/projector.md). The report ends up in
 # outputs/toy/evaluate/report.md.
 RUN_ENV  := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 LAUNCH_2 := $(RUN_ENV) ACCELERATE_USE_CPU=1 $(VENV)/bin/accelerate launch --multi_gpu \
