@@ -86,6 +86,15 @@ def test_other_loss_types_and_all_pairs(tiny, tmp_path, loss_type):
     assert result.history[0]["pairs"] > 2  # several pairs per sample
 
 
+def test_rpo_alpha_adds_the_winners_nll_to_the_loss(tiny, tmp_path):
+    plain = train_projector.main(args(tiny, tmp_path / "a", "--max_steps", "1"))
+    rpo = train_projector.main(args(tiny, tmp_path / "b", "--max_steps", "1", "--rpo_alpha", "3"))
+    first, base = rpo.history[0], plain.history[0]
+    assert "loss/nll" in first and "loss/nll" not in base
+    # same draws at step 1 (identity projector): the loss grows by exactly alpha * NLL
+    assert first["loss"] == pytest.approx(base["loss"] + 3 * first["loss/nll"], rel=1e-5)
+
+
 def test_resume_gives_the_same_next_losses(tiny, tmp_path):
     out = tmp_path / "out"
     full = train_projector.main(args(tiny, out))
@@ -110,6 +119,8 @@ def test_image_grid_with_judge_scores(tiny, tmp_path):
 def test_bad_recipes_fail_clearly(tiny, tmp_path):
     with pytest.raises(ConfigError, match="'loss_type'"):
         train_projector.main(args(tiny, tmp_path / "o", "--loss_type", "kto"))
+    with pytest.raises(ConfigError, match="'rpo_alpha' must be >= 0"):
+        train_projector.main(args(tiny, tmp_path / "o", "--rpo_alpha", "-1"))
     with pytest.raises(ConfigError, match="'image_prompts'"):
         train_projector.main(args(tiny, tmp_path / "o", "--image_steps", "1"))
     with pytest.raises(PipelineError, match="reward model .* different pipeline"):
