@@ -1,8 +1,15 @@
 import json
 
+import pytest
 from PIL import Image
 
-from noisealign.evaluation.report import cost_plot, image_grid, markdown_table, write_report
+from noisealign.evaluation.report import (
+    cost_plot,
+    image_grid,
+    label_offsets,
+    markdown_table,
+    write_report,
+)
 
 
 def method(name, alignment, steps):
@@ -29,6 +36,17 @@ def test_grid_size_and_cost_plot(tmp_path):
     assert grid.getpixel((220 + 64 + 10, 16 + 10)) == (255, 0, 0)
     cost_plot([method("standard", 0.2, 20), method("b", 0.6, 80)], tmp_path / "c.png", "t")
     assert Image.open(tmp_path / "c.png").size == (720, 480)
+
+
+def test_cost_plot_labels_of_close_methods_at_one_cost_do_not_overlap():
+    methods = [method("standard", 0.195, 20), method("npnet", 0.188, 20), method("best", 0.5, 80), method("p", 0.3, 20)]  # fmt: skip
+    offsets = label_offsets(methods, gap=10, height=210)
+    span = 0.5 - 0.188
+    label = [m["alignment"] / span * 210 + dy for m, dy in zip(methods, offsets)]
+    assert (
+        offsets[1] == 4.0 and offsets[2] == 4.0 and offsets[3] == 4.0
+    )  # lowest / alone / far apart
+    assert label[0] - label[1] == pytest.approx(10.0)  # standard's label pushed above npnet's
 
 
 def test_write_report(tmp_path):

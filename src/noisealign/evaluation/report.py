@@ -71,6 +71,27 @@ def image_grid(
     return grid
 
 
+def label_offsets(methods: Sequence[dict], gap: float = 10.0, height: float = 210.0) -> list[float]:
+    """Vertical label offsets (points) that keep labels of methods at the same cost ≥ ``gap`` apart.
+
+    Each label sits 4 pt above its point unless the label below it (same ``denoising_steps``,
+    lower alignment) would overlap; ``height`` is the plot's y extent in points (a 4-inch figure's
+    axes), used to turn alignment differences into points.
+    """
+    values = [m["alignment"] for m in methods]
+    span = (max(values) - min(values)) or 1.0
+    offsets = [4.0] * len(methods)
+    for steps in {m["denoising_steps"] for m in methods}:
+        group = sorted((i for i, m in enumerate(methods) if m["denoising_steps"] == steps), key=lambda i: values[i])  # fmt: skip
+        previous = None  # label height (points) of the method below
+        for i in group:
+            at = values[i] / span * height
+            if previous is not None and at + 4.0 < previous + gap:
+                offsets[i] = previous + gap - at
+            previous = at + offsets[i]
+    return offsets
+
+
 def cost_plot(methods: Sequence[dict], path: Path, title: str) -> None:
     """Alignment vs denoising steps per image (log x), one labelled point per method."""
     import matplotlib
@@ -81,7 +102,8 @@ def cost_plot(methods: Sequence[dict], path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for m in methods:
         ax.scatter(m["denoising_steps"], m["alignment"], s=30)
-        ax.annotate(m["name"], (m["denoising_steps"], m["alignment"]), textcoords="offset points", xytext=(4, 4), fontsize=8)  # fmt: skip
+    for m, dy in zip(methods, label_offsets(methods)):
+        ax.annotate(m["name"], (m["denoising_steps"], m["alignment"]), textcoords="offset points", xytext=(4, dy), fontsize=8)  # fmt: skip
     ax.set_xscale("log")
     steps = sorted({m["denoising_steps"] for m in methods})
     ax.set_xticks(steps, [f"{s:g}" for s in steps])
