@@ -105,17 +105,12 @@ def test_noise_projector_is_regressed_onto_the_pairs(tiny, tmp_path):
     from noisealign.policies import NoiseProjector
 
     out = tmp_path / "proj"
-    result = train_npnet.main(
-        args(tiny, out, "--max_steps", "40", "--policy_type", "noise_projector")
-    )
-    assert result.history[0]["relative_mse"] == pytest.approx(
-        1.0, abs=1e-6
-    )  # zero-initialised head
+    result = train_npnet.main(args(tiny, out, "--max_steps", "40", "--policy_type", "noise_projector"))  # fmt: skip
+    assert result.history[0]["relative_mse"] == pytest.approx(1.0, abs=1e-6)  # zero head: identity
     assert result.history[-1]["relative_mse"] < 0.9
     policy = load_policy(str(out), tiny["pipe"])
-    assert (
-        isinstance(policy, NoiseProjector) and policy.config.pipeline_signature == tiny["signature"]
-    )
+    assert isinstance(policy, NoiseProjector)
+    assert policy.config.pipeline_signature == tiny["signature"]
     assert policy.config.hidden_dim == 16  # policy_kwargs sized it
 
 
