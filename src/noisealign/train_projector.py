@@ -9,8 +9,9 @@ Each step draws fresh noise ε for prompts of the prompt file (or the collected 
 candidates around the reference output with the distribution-preserving mix, scores them with
 r_φ, forms (winner, loser) pairs and minimises the quasi-DPO loss (docs/method.md) — with
 ``rpo_alpha`` > 0 plus the winner's NLL (TRL's RPO term) — and a Gaussianity penalty on ε′.
-``loss_type: reward_gradient`` is the ablation that maximises r_φ(f_θ(ε, e)) directly. Saves a projector folder (config.json + model.safetensors) that
-records its pipeline; resume with ``--resume_from_checkpoint latest``.
+``loss_type: reward_gradient`` is the ablation that maximises r_φ(f_θ(ε, e)) directly. Saves
+a projector folder (config.json + model.safetensors) that records its pipeline; resume with
+``--resume_from_checkpoint latest``.
 """
 
 from __future__ import annotations
