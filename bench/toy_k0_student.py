@@ -66,6 +66,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--center", action="store_true")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="student initialisation and batch order"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     pipe = load_pipeline(str(pipeline_path()))
@@ -108,11 +111,11 @@ def main() -> None:
     fields = {
         k: v for k, v in json.loads(open(STUDENT_CONFIG).read()).items() if k != "architecture"
     }
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model = build_reward_model("transformer", **fields)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 1e-3, total_steps=args.steps, pct_start=0.05)  # fmt: skip
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(args.seed)
     print(f"{len(ids)} teacher-labelled noises of {len(set(ids))} training prompts")
     for step in range(1, args.steps + 1):
         b = torch.randint(0, len(ids), (args.batch_size,), generator=generator).tolist()
