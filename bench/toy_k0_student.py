@@ -131,6 +131,8 @@ def main() -> None:
             accuracy, pairs = held_out_accuracy(model, pipe, rows, eval_ids, prompt_of)
             model.train()
             print(json.dumps({"step": step, "loss": round(loss.item(), 4), "pairwise_accuracy": round(accuracy, 4), "pairs": pairs}))  # fmt: skip
+    if args.save:
+        model.eval().save_pretrained(args.save)
 
 
 if __name__ == "__main__":
