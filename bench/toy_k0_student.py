@@ -69,6 +69,9 @@ def main() -> None:
     parser.add_argument(
         "--seed", type=int, default=0, help="student initialisation and batch order"
     )
+    parser.add_argument(
+        "--save", default=None, help="save the trained student here (a reward model folder)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     pipe = load_pipeline(str(pipeline_path()))
