@@ -109,7 +109,7 @@ def main(args: Sequence[str] | None = None):
         shape = tuple(row["latent_shape"])
         seeds = [(config.seed * 1_000_003 + row["seed"]) * k + j for j in range(k)]
         eps = batch_noise([f"{row['prompt_id']}\x1fimage_npd"] * k, seeds, shape)
-        z = source.latent(i, shape).expand_as(eps)
+        z = source.latent(i, shape, cache=False).expand_as(eps)  # each image is used once
         target = distribution_preserving_mix(eps, z, config.gamma)
         for j in range(k):
             rows.append({

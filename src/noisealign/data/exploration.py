@@ -69,11 +69,13 @@ class ExplorationSource:
         return pool[rng.randrange(len(pool))], self.gamma_max * rng.random()
 
     @torch.no_grad()
-    def latent(self, index: int, shape: Sequence[int]) -> torch.Tensor:
+    def latent(self, index: int, shape: Sequence[int], cache: bool = True) -> torch.Tensor:
         """The standardised VAE latent (C, H, W) of source row ``index``, float32 on CPU.
 
         The image is resized to the latent size × the VAE scale factor first (as diffusers'
-        img2img pipelines do), so a source of another resolution still fits.
+        img2img pipelines do), so a source of another resolution still fits. With ``cache``
+        the latent is kept for the next call (collect and train_projector reuse images);
+        callers that use each image once pass ``cache=False``.
         """
         key = (index, tuple(int(s) for s in shape))
         if key not in self._latents:
@@ -84,7 +86,10 @@ class ExplorationSource:
             )
             pixels = pixels.to(vae.device, vae.dtype)
             z = vae.encode(pixels).latent_dist.mean[0].float().cpu()
-            self._latents[key] = (z - z.mean()) / z.std().clamp_min(1e-6)
+            z = (z - z.mean()) / z.std().clamp_min(1e-6)
+            if not cache:
+                return z
+            self._latents[key] = z
         return self._latents[key]
 
     def fields(

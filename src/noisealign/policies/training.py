@@ -89,14 +89,15 @@ def draw_candidates(
     :class:`~noisealign.data.exploration.ExplorationSource`): ξ_k is the standardised latent of
     an image of the same prompt, so the K candidates differ in layout the way images do.
     """
-    keys = [f"{pid}|candidate-{j}" for pid in ids for j in range(k)]
-    key_seeds = [s for s in seeds for _ in range(k)]
     if source is not None:
         xi = source.fields(*image_candidate_keys(ids, seeds, k), reference.shape[1:])
-    elif grid:
-        xi = smooth_noise(keys, key_seeds, reference.shape[1:], grid)
     else:
-        xi = batch_noise(keys, key_seeds, reference.shape[1:])
+        keys = [f"{pid}|candidate-{j}" for pid in ids for j in range(k)]
+        key_seeds = [s for s in seeds for _ in range(k)]
+        if grid:
+            xi = smooth_noise(keys, key_seeds, reference.shape[1:], grid)
+        else:
+            xi = batch_noise(keys, key_seeds, reference.shape[1:])
     xi = xi.view(len(ids), k, *reference.shape[1:]).to(reference.device, reference.dtype)
     return distribution_preserving_mix(reference[:, None], xi, gamma)
 
