@@ -63,6 +63,30 @@ class DistillConfig(BaseConfig):
         default="latent",
         metadata={"help": "For k > 0: 'latent' (x_{T-k}) or 'x0' (predicted clean latent)."},
     )
+    teacher: str | None = field(
+        default=None,
+        metadata={
+            "help": "A distilled k-step reward model folder. When set, the student trains on its "
+            "token and overall scores of teacher_seeds fresh noises per training prompt instead "
+            "of the judge's rows (held-out evaluation stays against the judge)."
+        },
+    )
+    teacher_seeds: int = field(
+        default=150, metadata={"help": "Fresh seeds the teacher labels per training prompt."}
+    )
+    teacher_seed_start: int = field(
+        default=1_000_000,
+        metadata={
+            "help": "First seed of the teacher's noises (keep it above the collect's seeds)."
+        },
+    )
+    seeds_per_group: int = field(
+        default=0,
+        metadata={
+            "help": "Seeds of one prompt per batch group (0: all of them); with a teacher, e.g. 8 "
+            "keeps batches at prompts_per_batch x 8 rows."
+        },
+    )
     eval_fraction: float = field(
         default=0.1, metadata={"help": "Fraction of prompts held out for evaluation."}
     )
@@ -140,10 +164,16 @@ class DistillConfig(BaseConfig):
             "save_steps",
             "feature_batch_size",
             "min_eval_prompts",
+            "teacher_seeds",
         )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"recipe field '{name}' must be >= 1, got {getattr(self, name)}")
+        if self.seeds_per_group < 0 or self.teacher_seed_start < 0:
+            raise ConfigError(
+                "recipe fields 'seeds_per_group' and 'teacher_seed_start' must be >= 0, got "
+                f"{self.seeds_per_group} and {self.teacher_seed_start}"
+            )
         if not 0 < self.eval_fraction < 1:
             raise ConfigError(
                 f"recipe field 'eval_fraction' must be in (0, 1), got {self.eval_fraction}"
@@ -171,12 +201,14 @@ CONFIG_CLASS = DistillConfig  # read by `noisealign.cli` and the recipe tests
 
 @dataclass
 class DistillResult:
-    """What :func:`main` returns: per-step train metrics and held-out metrics of model and baseline."""
+    """What :func:`main` returns: per-step train metrics, held-out metrics of model and baseline
+    (and of the teacher, when one labelled the training rows)."""
 
     history: list[dict[str, float]]
     metrics: dict[str, float]
     baseline: dict[str, float]
     model_dir: str
+    teacher: dict[str, float] | None = None
 
 
 def main(args: Sequence[str] | None = None) -> DistillResult:
@@ -224,6 +256,14 @@ def main(args: Sequence[str] | None = None) -> DistillResult:
     )
     check_rows_fit_pipeline(rows, table, prompt_order, latent_shape(pipe)[0], config.pipeline)
     signature = pipeline_signature(pipe)
+    teacher = None
+    if config.teacher:
+        from noisealign.rewards.loading import load_reward_model
+        from noisealign.rewards.teacher import check_teacher_split
+
+        teacher = load_reward_model(config.teacher, expected_signature=signature)
+        check_teacher_split(config.teacher, eval_ids)
+        teacher.to(accelerator.device)
     model_config = stage.model_fields(config, rows, signature)
     set_seed(config.seed)  # the model's initial weights, identical on every process
     model = build_reward_model(config.reward_model, **model_config)
@@ -233,26 +273,44 @@ def main(args: Sequence[str] | None = None) -> DistillResult:
         config.reward_model, sum(p.numel() for p in model.parameters()),
     )  # fmt: skip
 
-    # ---- 3. inputs: k-step features with the frozen UNet, prompt-only baseline ----------
+    # ---- 3. training rows (the judge's, or the teacher's labels of fresh noises) ---------
+    eval_rows = rows.select(stage.indices(rows, eval_ids))
+    train_rows = rows.select(stage.indices(rows, train_ids))
+    teacher_metrics = None
+    if teacher is not None:
+        train_rows, teacher_metrics = stage.teacher_training_rows(
+            accelerator, config, teacher, pipe, table, prompt_order, rows, train_ids, eval_rows
+        )
+        del teacher
+
+    # ---- 4. inputs: k-step features with the frozen UNet, prompt-only baseline ----------
     started = time.perf_counter()
-    features = precompute_features(
-        pipe, rows, table, prompt_order, steps=config.input_steps, kind=config.input_kind,
-        batch_size=config.feature_batch_size,
-    )  # fmt: skip
-    if features is not None:
+    features = tuple(
+        precompute_features(
+            pipe,
+            part,
+            table,
+            prompt_order,
+            steps=config.input_steps,
+            kind=config.input_kind,
+            batch_size=config.feature_batch_size,
+        )  # fmt: skip
+        for part in (train_rows, eval_rows)
+    )
+    if features[0] is not None:
         logger.info(
             "k = %d features of %d rows in %.1f s",
             config.input_steps,
-            len(rows),
+            len(train_rows) + len(eval_rows),
             time.perf_counter() - started,
         )
     del pipe  # the UNet variant copied what it needs
     baseline = stage.baseline_metrics(rows, table, prompt_order, train_ids, eval_ids)
     logger.info("prompt-only baseline on held-out prompts: %s", stage.rounded(baseline))
 
-    # ---- 4. data loaders, optimizer, resume; trackers start once all checks passed ------
+    # ---- 5. data loaders, optimizer, resume; trackers start once all checks passed ------
     parts = stage.build_parts(
-        config, rows, prompt_order, features, train_ids, eval_ids, model, accelerator.num_processes
+        config, train_rows, eval_rows, prompt_order, features, model, accelerator.num_processes
     )
     # the eval loader stays unprepared: every process scores the whole (small) held-out set
     names = ("model", "optimizer", "train_loader", "lr_scheduler")
@@ -267,7 +325,7 @@ def main(args: Sequence[str] | None = None) -> DistillResult:
     accelerator.wait_for_everyone()
     start_tracking(accelerator, config, "distill")
 
-    # ---- 5. train ------------------------------------------------------------------------
+    # ---- 6. train ------------------------------------------------------------------------
     started = time.perf_counter()
     history = train(
         accelerator,
@@ -281,11 +339,12 @@ def main(args: Sequence[str] | None = None) -> DistillResult:
     )
     train_seconds = time.perf_counter() - started
 
-    # ---- 6. held-out evaluation, model folder with its card ------------------------------
+    # ---- 7. held-out evaluation, model folder with its card ------------------------------
     metrics = evaluate(accelerator, parts["model"], parts["eval_loader"], device_table)
     accelerator.log(
         {f"eval/{k}": v for k, v in metrics.items()}
-        | {f"baseline/{k}": v for k, v in baseline.items()},
+        | {f"baseline/{k}": v for k, v in baseline.items()}
+        | {f"teacher/{k}": v for k, v in (teacher_metrics or {}).items()},
         step=state["step"],
     )
     logger.info(
@@ -294,11 +353,16 @@ def main(args: Sequence[str] | None = None) -> DistillResult:
         stage.rounded(baseline),
     )
     if accelerator.is_main_process:
-        info = stage.card_info(config, rows, signature, train_ids, eval_ids, model, train_seconds)
-        stage.save_model(accelerator.unwrap_model(parts["model"]), config, info, metrics, baseline)
+        info = stage.card_info(
+            config, rows, signature, train_ids, eval_ids, model, train_seconds, len(train_rows)
+        )
+        stage.save_model(
+            accelerator.unwrap_model(parts["model"]), config, info, metrics, baseline,
+            teacher_metrics,
+        )  # fmt: skip
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return DistillResult(history, metrics, baseline, str(Path(config.output_dir)))
+    return DistillResult(history, metrics, baseline, str(Path(config.output_dir)), teacher_metrics)
 
 
 if __name__ == "__main__":

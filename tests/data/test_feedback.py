@@ -99,3 +99,26 @@ def test_dataset_rederives_noise_and_batches_hold_whole_prompts(rows, tmp_path):
     assert list(sampler) == batches
     sampler.use_epoch(1)
     assert list(sampler) != batches
+
+
+def test_sampler_splits_large_prompt_groups():
+    """seeds_per_group bounds a prompt's share of a batch; each epoch still visits every row once."""
+    groups = [p for p in range(5) for _ in range(10)]  # 5 prompts x 10 seeds
+    sampler = PromptBatchSampler(
+        groups, prompts_per_batch=3, shuffle=True, seed=2, seeds_per_group=4
+    )
+    batches = list(sampler)
+    assert len(sampler) == len(batches) == 5  # 5 x ceil(10 / 4) = 15 groups, 3 per batch
+    assert sorted(i for b in batches for i in b) == list(range(50))
+    assert all(len(b) <= 3 * 4 for b in batches)
+    for batch in batches:  # groups of one prompt: at most 4 seeds of it per group
+        counts = {}
+        for i in batch:
+            counts[groups[i]] = counts.get(groups[i], 0) + 1
+        assert max(counts.values()) <= 3 * 4 and sum(counts.values()) == len(batch)
+    assert list(sampler) == batches  # reproducible from (seed, epoch)
+    first = [sorted(b) for b in batches]
+    sampler.use_epoch(1)
+    assert [sorted(b) for b in sampler] != first  # seeds are regrouped each epoch
+    whole = PromptBatchSampler(groups, prompts_per_batch=3, shuffle=True, seed=2)
+    assert [len(b) for b in whole] == [30, 20]  # seeds_per_group 0 keeps whole prompts

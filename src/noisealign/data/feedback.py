@@ -12,7 +12,7 @@ import logging
 import math
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import datasets
@@ -53,6 +53,25 @@ class FeedbackRows:
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
+
+    def select(self, indices: Sequence[int]) -> FeedbackRows:
+        """The rows ``indices`` (in that order); the dataset-wide facts are kept."""
+        idx = list(indices)
+
+        def pick(values: list) -> list:
+            return [values[i] for i in idx]
+
+        return replace(
+            self,
+            prompt_ids=pick(self.prompt_ids),
+            prompts=pick(self.prompts),
+            seeds=pick(self.seeds),
+            tokens=pick(self.tokens),
+            overall=self.overall[idx],
+            token_targets=self.token_targets[idx],
+            token_mask=self.token_mask[idx],
+            noise=None if self.noise is None else self.noise[idx],
+        )
 
 
 def load_feedback(path: str | Path) -> datasets.Dataset:
@@ -196,15 +215,23 @@ class FeedbackDataset(Dataset):
 
 
 class PromptBatchSampler(Sampler[list[int]]):
-    """Batches of ``prompts_per_batch`` whole prompt groups (all their seeds), reshuffled per epoch.
+    """Batches of ``prompts_per_batch`` prompt groups, reshuffled per epoch.
 
+    A group is all seeds of one prompt, or, with ``seeds_per_group`` > 0, at most that many of
+    them (a prompt with 150 teacher-labelled seeds gives 19 groups of 8, reshuffled each
+    epoch), so batch size stays bounded while every batch still holds seed pairs to rank.
     The order depends only on ``(seed, epoch)``, so a resumed run replays the same batches.
     The method is deliberately not called ``set_epoch``: accelerate's prepared loaders call
     that with their own iteration count, which restarts at 0 after a resume.
     """
 
     def __init__(
-        self, groups: Sequence[int], prompts_per_batch: int, shuffle: bool, seed: int = 0
+        self,
+        groups: Sequence[int],
+        prompts_per_batch: int,
+        shuffle: bool,
+        seed: int = 0,
+        seeds_per_group: int = 0,
     ) -> None:
         self.members: dict[int, list[int]] = {}
         for position, group in enumerate(groups):
@@ -213,18 +240,30 @@ class PromptBatchSampler(Sampler[list[int]]):
         self.prompts_per_batch, self.shuffle, self.seed, self.epoch = (
             prompts_per_batch, shuffle, seed, 0,
         )  # fmt: skip
+        self.seeds_per_group = seeds_per_group
 
     def use_epoch(self, epoch: int) -> None:
         """Shuffle the next pass as epoch ``epoch``."""
         self.epoch = epoch
 
+    def _chunks(self, members: list[int]) -> list[list[int]]:
+        size = self.seeds_per_group or len(members)
+        return [members[i : i + size] for i in range(0, len(members), size)]
+
     def __len__(self) -> int:
-        return math.ceil(len(self.keys) / self.prompts_per_batch)
+        groups = sum(len(self._chunks(self.members[k])) for k in self.keys)
+        return math.ceil(groups / self.prompts_per_batch)
 
     def __iter__(self) -> Iterator[list[int]]:
-        keys = list(self.keys)
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        groups = []
+        for key in self.keys:
+            members = self.members[key]
+            if self.shuffle and self.seeds_per_group:
+                order = torch.randperm(len(members), generator=generator).tolist()
+                members = [members[i] for i in order]
+            groups += self._chunks(members)
         if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            keys = [keys[i] for i in torch.randperm(len(keys), generator=generator).tolist()]
-        for start in range(0, len(keys), self.prompts_per_batch):
-            yield [i for k in keys[start : start + self.prompts_per_batch] for i in self.members[k]]
+            groups = [groups[i] for i in torch.randperm(len(groups), generator=generator).tolist()]
+        for start in range(0, len(groups), self.prompts_per_batch):
+            yield [i for group in groups[start : start + self.prompts_per_batch] for i in group]

@@ -17,8 +17,14 @@ def _fmt(value: float) -> str:
     return "n/a" if value != value else f"{value:.3f}"
 
 
-def card_body(info: dict[str, Any], metrics: dict[str, float], baseline: dict[str, float]) -> str:
-    """Markdown body; ``info`` holds the data and run facts, the metrics are held-out ones."""
+def card_body(
+    info: dict[str, Any],
+    metrics: dict[str, float],
+    baseline: dict[str, float],
+    teacher: dict[str, float] | None = None,
+) -> str:
+    """Markdown body; ``info`` holds the data and run facts, the metrics are held-out ones
+    (``teacher``: those of the model whose labels it was trained on, if any)."""
     k = info["input_steps"]
     inputs = "the initial noise ε" if k == 0 else f"{info['input_kind']} after {k} DDIM steps"
     rows = [
@@ -36,9 +42,21 @@ def card_body(info: dict[str, Any], metrics: dict[str, float], baseline: dict[st
             "                  guidance_scale=model.config.guidance_scale)  # noisealign.rewards.features\n"
         ),
     }
+    columns = [metrics, baseline] + ([] if teacher is None else [teacher])
     table = "\n".join(
-        f"| {name} | {_fmt(metrics[key])} | {_fmt(baseline[key])} |" for name, key in rows
+        "| " + " | ".join([name, *(_fmt(c[key]) for c in columns)]) + " |" for name, key in rows
     )
+    names = ["metric", "this model", "prompt-only baseline"] + (
+        [] if teacher is None else ["teacher"]
+    )
+    header = "| " + " | ".join(names) + " |\n" + "|---" * len(names) + "|"
+    source = ""
+    if info.get("teacher"):
+        source = (
+            f"- training targets: the teacher `{info['teacher']}`'s token and overall scores of "
+            f"{info['train_rows']} fresh noises ({info['teacher_seeds']} seeds per training "
+            "prompt), not the judge's rows; held-out metrics are against the judge\n"
+        )
     return f"""# noisealign reward model: {info["name"]}
 
 A distilled reward model r_φ(ε, e) → (per-token logits, overall logit) that predicts the
@@ -61,7 +79,7 @@ model = load_reward_model("{info["name"]}", expected_signature=pipeline_signatur
 - judge: `{", ".join(info["judges"])}`
 - pipeline: `{info["pipeline"]}` ({info["num_inference_steps"]} steps, CFG {info["guidance_scale"]})
 - split by prompt: {info["train_prompts"]} training prompts, {info["eval_prompts"]} held-out prompts
-- architecture: `{info["architecture"]}`, {info["parameters"]:,} parameters, input steps k = {k}
+{source}- architecture: `{info["architecture"]}`, {info["parameters"]:,} parameters, input steps k = {k}
 - training: {info["max_steps"]} optimizer steps, {info["train_seconds"]:.0f} s
 
 ## Held-out metrics
@@ -71,8 +89,7 @@ judge scores differently). The prompt-only baseline predicts from the prompt emb
 (ridge regression), so it gives every seed of a prompt the same score: its pairwise accuracy
 is 0.5 by construction.
 
-| metric | this model | prompt-only baseline |
-|---|---|---|
+{header}
 {table}
 
 ## Expected pipeline

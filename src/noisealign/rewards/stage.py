@@ -6,6 +6,7 @@ Kept out of :mod:`noisealign.distill` so its ``main`` reads as the stage's steps
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from .baseline import PromptOnlyBaseline
 from .card import card_body
 from .metrics import reward_metrics
 from .trainer import LossSettings, PromptTable, Schedule
+
+logger = logging.getLogger(__name__)
 
 
 def rounded(values: dict[str, float]) -> dict[str, float]:
@@ -44,29 +47,33 @@ def model_fields(config: Any, rows: FeedbackRows, signature: dict[str, Any]) -> 
     return fields
 
 
-def _indices(rows: FeedbackRows, prompt_ids: list[str]) -> list[int]:
+def indices(rows: FeedbackRows, prompt_ids: list[str]) -> list[int]:
+    """Positions of the rows of ``prompt_ids``."""
     keep = set(prompt_ids)
     return [i for i, pid in enumerate(rows.prompt_ids) if pid in keep]
 
 
 def build_parts(
     config: Any,
-    rows: FeedbackRows,
+    train_rows: FeedbackRows,
+    eval_rows: FeedbackRows,
     prompt_order: list[str],
-    features: torch.Tensor | None,
-    train_ids: list[str],
-    eval_ids: list[str],
+    features: tuple[torch.Tensor | None, torch.Tensor | None],
     model: torch.nn.Module,
     num_processes: int,
 ) -> dict[str, Any]:
-    """Unprepared model, loaders (grouped by prompt), sampler, AdamW and a warm-up + cosine schedule."""
+    """Unprepared model, loaders (grouped by prompt), sampler, AdamW and a warm-up + cosine schedule.
+
+    ``features``: the (train, eval) k-step inputs, or ``None`` where the noise is the input.
+    """
     from transformers import get_cosine_schedule_with_warmup
 
-    train_set = FeedbackDataset(rows, _indices(rows, train_ids), prompt_order, features)
-    eval_set = FeedbackDataset(rows, _indices(rows, eval_ids), prompt_order, features)
+    train_set = FeedbackDataset(train_rows, range(len(train_rows)), prompt_order, features[0])
+    eval_set = FeedbackDataset(eval_rows, range(len(eval_rows)), prompt_order, features[1])
     sampler = PromptBatchSampler(
-        train_set.prompt, config.prompts_per_batch, shuffle=True, seed=config.seed
-    )
+        train_set.prompt, config.prompts_per_batch, shuffle=True, seed=config.seed,
+        seeds_per_group=config.seeds_per_group,
+    )  # fmt: skip
     eval_sampler = PromptBatchSampler(eval_set.prompt, config.prompts_per_batch, shuffle=False)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
@@ -129,7 +136,7 @@ def baseline_metrics(
         table.embeds[train_p], table.mask[train_p], mean_tokens[train_p], scored[train_p] > 0,
         mean_overall[train_p],
     )  # fmt: skip
-    eval_rows = torch.tensor(_indices(rows, eval_ids))
+    eval_rows = torch.tensor(indices(rows, eval_ids))
     tokens, overall = baseline.predict(table.embeds[group[eval_rows]], table.mask[group[eval_rows]])
     return reward_metrics(
         tokens, overall, rows.token_targets[eval_rows], rows.token_mask[eval_rows],
@@ -137,7 +144,48 @@ def baseline_metrics(
     )  # fmt: skip
 
 
-def card_info(config, rows, signature, train_ids, eval_ids, model, train_seconds) -> dict:
+def teacher_training_rows(
+    accelerator: Any,
+    config: Any,
+    teacher: torch.nn.Module,
+    pipe: Any,
+    table: PromptEmbeddings,
+    prompt_order: list[str],
+    rows: FeedbackRows,
+    train_ids: list[str],
+    eval_rows: FeedbackRows,
+) -> tuple[FeedbackRows, dict[str, float]]:
+    """The teacher's labels of fresh noises as training rows, and its own held-out metrics."""
+    from .features import precompute_features
+    from .teacher import label_plan, teacher_labels, teacher_rows
+    from .trainer import evaluate
+
+    ids, seeds = label_plan(train_ids, config.teacher_seeds, config.teacher_seed_start)
+    labels = teacher_labels(
+        accelerator, teacher, config.teacher, pipe, table, prompt_order, ids, seeds,
+        rows.latent_shape, config.output_dir, batch_size=config.feature_batch_size,
+        overwrite=config.overwrite_output_dir,
+    )  # fmt: skip
+    cfg = teacher.config
+    inputs = precompute_features(
+        pipe, eval_rows, table, prompt_order, steps=cfg.input_steps, kind=cfg.input_kind,
+        batch_size=config.feature_batch_size,
+    )  # fmt: skip
+    held_out = FeedbackDataset(eval_rows, range(len(eval_rows)), prompt_order, inputs)
+    loader = DataLoader(
+        held_out, batch_sampler=PromptBatchSampler(held_out.prompt, config.prompts_per_batch, False)
+    )
+    metrics = evaluate(accelerator, teacher, loader, device_table(table, accelerator.device))
+    logger.info(
+        "%d noises (%d seeds x %d training prompts) labelled by the teacher; its held-out metrics: %s",
+        len(ids), config.teacher_seeds, len(train_ids), rounded(metrics),
+    )  # fmt: skip
+    return teacher_rows(rows, ids, seeds, labels, config.teacher), metrics
+
+
+def card_info(
+    config, rows, signature, train_ids, eval_ids, model, train_seconds, train_rows
+) -> dict:
     return {
         "name": config.hub_model_id or config.output_dir,
         "dataset": config.dataset,
@@ -158,23 +206,37 @@ def card_info(config, rows, signature, train_ids, eval_ids, model, train_seconds
         "max_steps": config.max_steps,
         "train_seconds": train_seconds,
         "pipeline_signature": signature,
+        "train_rows": train_rows,
+        "teacher": config.teacher,
+        "teacher_seeds": config.teacher_seeds if config.teacher else None,
+        "eval_fraction": config.eval_fraction,
+        "split_seed": config.seed,
+        "eval_prompt_ids": sorted(eval_ids),
     }
 
 
 def save_model(
-    model: Any, config: Any, info: dict, metrics: dict[str, float], baseline: dict[str, float]
+    model: Any,
+    config: Any,
+    info: dict,
+    metrics: dict[str, float],
+    baseline: dict[str, float],
+    teacher: dict[str, float] | None = None,
 ) -> None:
     """config.json + model.safetensors + README.md (and metrics.json) into ``output_dir``."""
     out = Path(config.output_dir)
     (out / "README.md").unlink(missing_ok=True)  # the mixin keeps an existing card
-    body = card_body(info, metrics, baseline)
+    body = card_body(info, metrics, baseline, teacher)
     model.save_pretrained(out, model_card_kwargs={"card_body": body})
-    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
-    base = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in baseline.items()}
-    (out / "metrics.json").write_text(
-        json.dumps(
-            {"model": clean, "prompt_only_baseline": base, **{"info": info}}, indent=2, default=str
-        )
-    )
+
+    def clean(values: dict[str, float]) -> dict:
+        return {
+            k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in values.items()
+        }
+
+    payload = {"model": clean(metrics), "prompt_only_baseline": clean(baseline)}
+    if teacher is not None:
+        payload["teacher"] = clean(teacher)
+    (out / "metrics.json").write_text(json.dumps({**payload, "info": info}, indent=2, default=str))
     if config.push_to_hub:
         model.push_to_hub(config.hub_model_id, model_card_kwargs={"card_body": body})

@@ -1,0 +1,241 @@
+"""Teacher labels for the distill stage: a k-step reward model scores fresh noises of the training prompts.
+
+A pure-noise (k = 0) model learns little from a few judged seeds per prompt, but a k-step
+model (scoring x0 after k DDIM steps) ranks seeds well and costs only UNet calls to query.
+With ``teacher`` set, distill draws ``teacher_seeds`` fresh seeds for every *training*
+prompt, labels each noise with the teacher's token and overall logits, and trains the
+student on those soft targets (σ of the logits) instead of the judge's few rows. The held-out
+prompts are never labelled: the student is still evaluated against the judge.
+
+Labelling is the expensive part (k CFG UNet calls per noise), so it is split into blocks of
+:data:`BATCHES_PER_BLOCK` batches of noises, each written atomically under ``output_dir/teacher_labels`` and shared
+round-robin over the processes. A killed run keeps its finished blocks; a rerun, with any
+number of processes, labels only the missing ones and gets the same labels.
+
+Example:
+    >>> ids, seeds = label_plan(["p1", "p2"], seeds_per_prompt=2, seed_start=1_000_000)
+    >>> list(zip(ids, seeds))
+    [('p1', 1000000), ('p2', 1000000), ('p1', 1000001), ('p2', 1000001)]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..data.feedback import FeedbackRows
+from ..errors import DataError
+from ..noise import batch_noise
+from ..pipelines import PromptEmbeddings
+from .features import step_features
+
+logger = logging.getLogger(__name__)
+
+BATCHES_PER_BLOCK = 8  # labelling batches per label file
+LABEL_DIR = "teacher_labels"
+MANIFEST = "manifest.json"
+
+
+def label_plan(
+    train_ids: Sequence[str], seeds_per_prompt: int, seed_start: int
+) -> tuple[list[str], list[int]]:
+    """``(prompt_ids, seeds)`` to label: every training prompt with each of the seeds, seed-major."""
+    ids = [pid for _ in range(seeds_per_prompt) for pid in train_ids]
+    seeds = [seed_start + s for s in range(seeds_per_prompt) for _ in train_ids]
+    return ids, seeds
+
+
+def check_teacher_split(teacher: str, eval_ids: Sequence[str]) -> None:
+    """:class:`DataError` when the teacher was trained on one of this run's held-out prompts.
+
+    A teacher saved by distill records its held-out prompt ids in ``metrics.json``; the
+    student's held-out prompts must be among them, or the evaluation would reward a leak.
+    """
+    path = Path(teacher, "metrics.json")
+    try:
+        held_out = json.loads(path.read_text())["info"]["eval_prompt_ids"]
+    except (OSError, ValueError, KeyError, TypeError):
+        logger.warning(
+            "teacher '%s' does not record its held-out prompts (metrics.json info.eval_prompt_ids); "
+            "make sure it was distilled with the same eval_fraction and seed as this run",
+            teacher,
+        )
+        return
+    leaked = sorted(set(eval_ids) - set(held_out))
+    if leaked:
+        raise DataError(
+            f"the teacher '{teacher}' was trained on {len(leaked)} of this run's held-out prompts "
+            f"(e.g. {', '.join(leaked[:3])}); use the teacher's split (its eval_fraction and seed) "
+            "so the student is evaluated on prompts neither model saw"
+        )
+
+
+def _fingerprint(teacher: str) -> str:
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        file = Path(teacher, name)
+        if file.is_file():
+            with file.open("rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_manifest(folder: Path, manifest: dict, overwrite: bool, is_main: bool) -> None:
+    """Keep matching labels; refuse (or, with ``overwrite``, delete) labels of another plan."""
+    file = folder / MANIFEST
+    if file.is_file():
+        try:
+            found = json.loads(file.read_text())
+        except ValueError:
+            found = {}
+        if found == manifest:
+            return
+        if not overwrite:
+            diff = sorted(k for k in set(found) | set(manifest) if found.get(k) != manifest.get(k))
+            raise DataError(
+                f"'{folder}' holds teacher labels of another teacher or plan (differs in: "
+                f"{', '.join(diff) or 'unreadable manifest'}); pass --overwrite_output_dir true "
+                "to relabel, or choose another output_dir"
+            )
+        if is_main:
+            shutil.rmtree(folder)
+    if is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        file.write_text(json.dumps(manifest, indent=2))
+
+
+@torch.no_grad()
+def _label_block(
+    teacher: Any,
+    pipe: Any,
+    table: PromptEmbeddings,
+    position: dict[str, int],
+    ids: Sequence[str],
+    seeds: Sequence[int],
+    latent_shape: Sequence[int],
+    batch_size: int,
+) -> dict[str, torch.Tensor]:
+    cfg, tokens, overall = teacher.config, [], []
+    for start in range(0, len(ids), batch_size):
+        part_ids, part_seeds = ids[start : start + batch_size], seeds[start : start + batch_size]
+        emb = table.select([position[p] for p in part_ids]).to(pipe.device, pipe.dtype)
+        x = batch_noise(part_ids, part_seeds, latent_shape).to(pipe.device, pipe.dtype)
+        x = step_features(
+            pipe, x, emb, steps=cfg.input_steps, kind=cfg.input_kind,
+            num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+        )  # fmt: skip
+        dtype = next(teacher.parameters()).dtype
+        scored = emb.to(dtype=dtype)
+        out = teacher(x.to(dtype), scored.embeds, scored.mask, scored.pooled)
+        tokens.append(out.token_logits.float().cpu())
+        overall.append(out.overall_logit.float().cpu())
+    return {"token_logits": torch.cat(tokens), "overall_logit": torch.cat(overall)}
+
+
+def teacher_labels(
+    accelerator: Any,
+    teacher: Any,
+    teacher_path: str,
+    pipe: Any,
+    table: PromptEmbeddings,
+    prompt_order: Sequence[str],
+    ids: Sequence[str],
+    seeds: Sequence[int],
+    latent_shape: Sequence[int],
+    output_dir: str,
+    *,
+    batch_size: int = 64,
+    overwrite: bool = False,
+) -> dict[str, torch.Tensor]:
+    """The teacher's ``token_logits`` (N, L) and ``overall_logit`` (N,) of each (prompt, seed) noise.
+
+    Blocks already under ``output_dir/teacher_labels`` (same teacher weights, prompts and
+    seeds) are reused; each process labels the missing blocks ``b`` with
+    ``b % num_processes == process_index``; every process returns all labels.
+    """
+    folder = Path(output_dir, LABEL_DIR)
+    block = BATCHES_PER_BLOCK * batch_size
+    manifest = {
+        "teacher": str(teacher_path),
+        "teacher_sha256": _fingerprint(teacher_path),
+        "prompt_ids": list(ids),
+        "seeds": list(seeds),
+        "latent_shape": list(latent_shape),
+        "block": block,
+    }
+    _check_manifest(folder, manifest, overwrite, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    position = {pid: i for i, pid in enumerate(prompt_order)}
+    blocks = range(0, -(-len(ids) // block))
+    mine = [
+        b
+        for b in blocks
+        if b % accelerator.num_processes == accelerator.process_index
+        and not (folder / f"block-{b:05d}.safetensors").is_file()
+    ]
+    teacher.eval()
+    for b in tqdm(mine, desc="teacher labels", disable=not accelerator.is_local_main_process):
+        span = slice(b * block, (b + 1) * block)
+        labels = _label_block(
+            teacher, pipe, table, position, ids[span], seeds[span], latent_shape, batch_size
+        )
+        bad = (~torch.isfinite(labels["overall_logit"])).sum() + (
+            ~torch.isfinite(labels["token_logits"]).all(1)
+        ).sum()
+        if bad:
+            raise DataError(
+                f"the teacher '{teacher_path}' gave NaN/Inf scores for noises of block {b}; "
+                "check the teacher folder (load it with load_reward_model) or distill it again"
+            )
+        target = folder / f"block-{b:05d}.safetensors"
+        tmp = target.with_suffix(f".tmp{accelerator.process_index}")
+        save_file(labels, str(tmp))
+        os.replace(tmp, target)  # a killed run never leaves a half-written block behind
+    accelerator.wait_for_everyone()
+    parts = [load_file(str(folder / f"block-{b:05d}.safetensors")) for b in blocks]
+    return {key: torch.cat([p[key] for p in parts]) for key in ("token_logits", "overall_logit")}
+
+
+def teacher_rows(
+    rows: FeedbackRows,
+    ids: Sequence[str],
+    seeds: Sequence[int],
+    labels: dict[str, torch.Tensor],
+    teacher_path: str,
+) -> FeedbackRows:
+    """Synthetic rows: the prompt's tokens and scored-token mask, σ of the teacher's logits as targets.
+
+    Their noise is re-derived from (prompt id, seed), like collected rows without stored noise.
+    """
+    first = {}
+    for i, pid in enumerate(rows.prompt_ids):
+        first.setdefault(pid, i)
+    index = [first[pid] for pid in ids]
+    return FeedbackRows(
+        prompt_ids=list(ids),
+        prompts=[rows.prompts[i] for i in index],
+        seeds=list(seeds),
+        tokens=[rows.tokens[i] for i in index],
+        overall=torch.sigmoid(labels["overall_logit"]),
+        token_targets=torch.sigmoid(labels["token_logits"]),
+        token_mask=rows.token_mask[index],
+        noise=None,
+        latent_shape=rows.latent_shape,
+        judges=[f"teacher {teacher_path}"],
+        pipelines=rows.pipelines,
+        num_inference_steps=rows.num_inference_steps,
+        guidance_scale=rows.guidance_scale,
+        skipped_failed=0,
+        skipped_nonfinite=[],
+    )
