@@ -74,21 +74,21 @@ def test_student_trains_on_the_teachers_labels_of_fresh_training_noises(tiny, tm
     train_ids, eval_ids = split_by_prompt(column(tiny, "prompt_id"), 0.34, 2, 0)
     manifest = json.loads((out / "teacher_labels" / "manifest.json").read_text())
     # 5 fresh seeds for each of the 4 training prompts, none of the held-out ones
-    assert manifest["prompt_ids"] == train_ids * 5 and not set(manifest["prompt_ids"]) & set(
-        eval_ids
-    )
-    assert manifest["seeds"] == [1_000_000 + s for s in range(5) for _ in train_ids]
+    plan_ids, plan_seeds = teacher_module.label_plan(train_ids, 5, 1_000_000)
+    assert plan_ids == train_ids * 5 and not set(plan_ids) & set(eval_ids)
+    assert plan_seeds == [1_000_000 + s for s in range(5) for _ in train_ids]
+    assert (manifest["noises"], manifest["prompts"], manifest["first_seed"]) == (20, 4, 1_000_000)
     assert len(list((out / "teacher_labels").glob("block-*"))) == 3  # blocks of 8 noises
     # the stored labels are the teacher's scores of x0 after its one DDIM step
     teacher = load_reward_model(str(tiny / "teacher")).eval()
     pipe = load_pipeline(str(tiny / "sd"))
     got, pick = labels(out), [0, 9, 19]
-    ids = [manifest["prompt_ids"][i] for i in pick]
+    ids = [plan_ids[i] for i in pick]
     prompt_of = dict(zip(column(tiny, "prompt_id"), column(tiny, "prompt")))
     emb = encode_prompts(pipe, [prompt_of[p] for p in ids])
     with torch.no_grad():
         x = step_features(
-            pipe, batch_noise(ids, [manifest["seeds"][i] for i in pick], (4, 16, 16)), emb,
+            pipe, batch_noise(ids, [plan_seeds[i] for i in pick], (4, 16, 16)), emb,
             steps=1, kind="x0", num_inference_steps=2, guidance_scale=teacher.config.guidance_scale,
         )  # fmt: skip
         want = teacher(x, emb.embeds, emb.mask, emb.pooled)
@@ -128,7 +128,7 @@ def test_labels_survive_a_killed_run_and_are_checked(tiny, tmp_path, monkeypatch
     # labels of another plan are refused, nothing is touched
     before = sorted(p.stat().st_mtime_ns for p in (out / "teacher_labels").iterdir())
     with pytest.raises(
-        DataError, match="another teacher or plan \\(differs in: prompt_ids, seeds\\)"
+        DataError, match="another teacher or plan \\(differs in: noises, plan_sha256\\)"
     ):
         distill.main(
             student(tiny, out, "--teacher_seeds", "4", "--resume_from_checkpoint", "latest")
@@ -151,6 +151,14 @@ def test_bad_teachers_fail_clearly(tiny, tmp_path):
     with pytest.raises(DataError, match="trained on .* of this run's held-out prompts"):
         distill.main(student(tiny, tmp_path / "b", "--teacher", str(other)))
     assert not (tmp_path / "b").exists()
+    # the teacher's split, with this run's own initialisation seed, is accepted
+    result = distill.main(
+        student(
+            tiny, tmp_path / "c", "--teacher", str(other), "--split_seed", "3", "--max_steps", "1"
+        )
+    )
+    saved = json.loads((tmp_path / "c" / "metrics.json").read_text())["info"]
+    assert saved["split_seed"] == 3 and result.metrics["rows"] == 8
 
 
 @pytest.mark.slow

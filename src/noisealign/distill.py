@@ -90,6 +90,13 @@ class DistillConfig(BaseConfig):
     eval_fraction: float = field(
         default=0.1, metadata={"help": "Fraction of prompts held out for evaluation."}
     )
+    split_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Seed of the held-out prompt split (default: seed), so runs with other "
+            "initialisation seeds can share one split."
+        },
+    )
     min_eval_prompts: int = field(
         default=2, metadata={"help": "Fewest held-out prompts; fewer usable prompts is an error."}
     )
@@ -241,7 +248,7 @@ def main(args: Sequence[str] | None = None) -> DistillResult:
     # ---- 2. rows, split, pipeline checks (all before any output is written) ----------
     rows = clean_feedback(load_feedback(config.dataset))
     train_ids, eval_ids = split_by_prompt(
-        rows.prompt_ids, config.eval_fraction, config.min_eval_prompts, config.seed
+        rows.prompt_ids, config.eval_fraction, config.min_eval_prompts, stage.split_seed(config)
     )
     check_output_dir(config.output_dir, config.resume_from_checkpoint, config.overwrite_output_dir)
     resume = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)

@@ -28,6 +28,11 @@ def rounded(values: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 4) for k, v in values.items()}
 
 
+def split_seed(config: Any) -> int:
+    """The held-out split's seed: ``split_seed`` if set, else the run's ``seed``."""
+    return config.seed if config.split_seed is None else config.split_seed
+
+
 def model_fields(config: Any, rows: FeedbackRows, signature: dict[str, Any]) -> dict[str, Any]:
     """Config fields of the reward model: shapes from the pipeline, k-step inputs from the recipe."""
     fields = {
@@ -210,7 +215,7 @@ def card_info(
         "teacher": config.teacher,
         "teacher_seeds": config.teacher_seeds if config.teacher else None,
         "eval_fraction": config.eval_fraction,
-        "split_seed": config.seed,
+        "split_seed": split_seed(config),
         "eval_prompt_ids": sorted(eval_ids),
     }
 

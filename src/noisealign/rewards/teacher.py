@@ -67,7 +67,7 @@ def check_teacher_split(teacher: str, eval_ids: Sequence[str]) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         logger.warning(
             "teacher '%s' does not record its held-out prompts (metrics.json info.eval_prompt_ids); "
-            "make sure it was distilled with the same eval_fraction and seed as this run",
+            "make sure it was distilled with the same eval_fraction and split_seed as this run",
             teacher,
         )
         return
@@ -75,8 +75,8 @@ def check_teacher_split(teacher: str, eval_ids: Sequence[str]) -> None:
     if leaked:
         raise DataError(
             f"the teacher '{teacher}' was trained on {len(leaked)} of this run's held-out prompts "
-            f"(e.g. {', '.join(leaked[:3])}); use the teacher's split (its eval_fraction and seed) "
-            "so the student is evaluated on prompts neither model saw"
+            f"(e.g. {', '.join(leaked[:3])}); use the teacher's split (its eval_fraction and "
+            "split_seed, see its metrics.json) so the student is evaluated on prompts neither model saw"
         )
 
 
@@ -166,11 +166,14 @@ def teacher_labels(
     """
     folder = Path(output_dir, LABEL_DIR)
     block = BATCHES_PER_BLOCK * batch_size
+    plan = hashlib.sha256(json.dumps([list(ids), list(seeds)]).encode()).hexdigest()
     manifest = {
         "teacher": str(teacher_path),
         "teacher_sha256": _fingerprint(teacher_path),
-        "prompt_ids": list(ids),
-        "seeds": list(seeds),
+        "noises": len(ids),
+        "prompts": len(set(ids)),
+        "first_seed": min(seeds, default=0),
+        "plan_sha256": plan,  # the (prompt id, seed) of every noise, in order
         "latent_shape": list(latent_shape),
         "block": block,
     }
