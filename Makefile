@@ -43,8 +43,9 @@ style: setup
 # accepts into golden-noise pairs for a second NPNet (npnet_image), and with 2 seeds (~140
 # accepted images) that NPNet showed no gain (docs/npnet.md). The projector scores its
 # candidates (mixes with the latents of the collect's images of the prompt) with the committed
-# reward_models/toy-k3-x0 (docs/distill.md, docs/projector.md). The report ends up in
-# outputs/toy/evaluate/report.md.
+# reward_models/toy-k0-student, a k = 0 model taught by the k = 3 one; remaking it
+# (recipes/toy/student/distill.yaml, ~18 min) is left out of the demo (docs/distill.md,
+# docs/projector.md). The report ends up in outputs/toy/evaluate/report.md.
 RUN_ENV  := HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
 LAUNCH_2 := $(RUN_ENV) ACCELERATE_USE_CPU=1 $(VENV)/bin/accelerate launch --multi_gpu \
             --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no

@@ -91,7 +91,7 @@ def _fingerprint(teacher: str) -> str:
     return digest.hexdigest()
 
 
-def _check_manifest(folder: Path, manifest: dict, overwrite: bool, is_main: bool) -> None:
+def _check_manifest(folder: Path, manifest: dict, overwrite: bool) -> None:
     """Keep matching labels; refuse (or, with ``overwrite``, delete) labels of another plan."""
     file = folder / MANIFEST
     if file.is_file():
@@ -108,11 +108,11 @@ def _check_manifest(folder: Path, manifest: dict, overwrite: bool, is_main: bool
                 f"{', '.join(diff) or 'unreadable manifest'}); pass --overwrite_output_dir true "
                 "to relabel, or choose another output_dir"
             )
-        if is_main:
-            shutil.rmtree(folder)
-    if is_main:
-        folder.mkdir(parents=True, exist_ok=True)
-        file.write_text(json.dumps(manifest, indent=2))
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, file)
 
 
 @torch.no_grad()
@@ -177,7 +177,8 @@ def teacher_labels(
         "latent_shape": list(latent_shape),
         "block": block,
     }
-    _check_manifest(folder, manifest, overwrite, accelerator.is_main_process)
+    if accelerator.is_main_process:  # the others wait; a refusal stops the whole launch
+        _check_manifest(folder, manifest, overwrite)
     accelerator.wait_for_everyone()
     position = {pid: i for i, pid in enumerate(prompt_order)}
     blocks = range(0, -(-len(ids) // block))
