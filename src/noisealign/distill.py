@@ -294,16 +294,11 @@ def main(args: Sequence[str] | None = None) -> DistillResult:
     started = time.perf_counter()
     features = tuple(
         precompute_features(
-            pipe,
-            part,
-            table,
-            prompt_order,
-            steps=config.input_steps,
-            kind=config.input_kind,
+            pipe, part, table, prompt_order, steps=config.input_steps, kind=config.input_kind,
             batch_size=config.feature_batch_size,
         )  # fmt: skip
         for part in (train_rows, eval_rows)
-    )
+    )  # fmt: skip
     if features[0] is not None:
         logger.info(
             "k = %d features of %d rows in %.1f s",
