@@ -125,6 +125,16 @@ def test_labels_survive_a_killed_run_and_are_checked(tiny, tmp_path, monkeypatch
     assert calls == [8]
     again = labels(out)
     assert all(torch.equal(first[k], again[k]) for k in first)
+    # a corrupt block is named, with the fix
+    (out / "teacher_labels" / "block-00002.safetensors").write_bytes(b"garbage")
+    with pytest.raises(
+        DataError, match="block-00002.safetensors' is corrupt .*delete it and rerun"
+    ):
+        distill.main(student(tiny, out, "--overwrite_output_dir", "true"))
+    (out / "teacher_labels" / "block-00002.safetensors").unlink()
+    distill.main(student(tiny, out, "--overwrite_output_dir", "true"))
+    assert calls == [8, 4]  # the last block holds the remaining 4 noises
+    assert all(torch.equal(first[k], labels(out)[k]) for k in first)
     # labels of another plan are refused, nothing is touched
     before = sorted(p.stat().st_mtime_ns for p in (out / "teacher_labels").iterdir())
     with pytest.raises(

@@ -8,8 +8,8 @@ student on those soft targets (σ of the logits) instead of the judge's few rows
 prompts are never labelled: the student is still evaluated against the judge.
 
 Labelling is the expensive part (k CFG UNet calls per noise), so it is split into blocks of
-:data:`BATCHES_PER_BLOCK` batches of noises, each written atomically under ``output_dir/teacher_labels`` and shared
-round-robin over the processes. A killed run keeps its finished blocks; a rerun, with any
+:data:`BATCHES_PER_BLOCK` batches of noises, each written atomically under
+``output_dir/teacher_labels`` and shared round-robin over the processes. A killed run keeps its finished blocks; a rerun, with any
 number of processes, labels only the missing ones and gets the same labels.
 
 Example:
@@ -207,8 +207,22 @@ def teacher_labels(
         save_file(labels, str(tmp))
         os.replace(tmp, target)  # a killed run never leaves a half-written block behind
     accelerator.wait_for_everyone()
-    parts = [load_file(str(folder / f"block-{b:05d}.safetensors")) for b in blocks]
+    parts = [_read_block(folder, b, min(block, len(ids) - b * block)) for b in blocks]
     return {key: torch.cat([p[key] for p in parts]) for key in ("token_logits", "overall_logit")}
+
+
+def _read_block(folder: Path, b: int, size: int) -> dict[str, torch.Tensor]:
+    path = folder / f"block-{b:05d}.safetensors"
+    try:
+        labels = load_file(str(path))
+        if labels["overall_logit"].shape != (size,) or len(labels["token_logits"]) != size:
+            raise ValueError(f"holds {len(labels['overall_logit'])} labels, expected {size}")
+    except Exception as exc:  # unreadable header, missing tensor, wrong length
+        raise DataError(
+            f"teacher label block '{path}' is corrupt ({str(exc)[:120]}); delete it and rerun, "
+            "which labels that block again"
+        ) from exc
+    return labels
 
 
 def teacher_rows(
