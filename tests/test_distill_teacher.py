@@ -191,3 +191,20 @@ def test_two_processes_share_the_labelling_and_get_the_same_labels(tiny, tmp_pat
     a, b = labels(single), labels(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
     shutil.rmtree(out)
+
+
+def test_sdxl_teacher_and_student(tmp_path):
+    """The teacher path with SDXL-style inputs: pooled embeddings and text_time conditioning."""
+    from noisealign.testing.feedback import build_feedback_dataset
+    from noisealign.testing.pipelines import build_tiny_sdxl_pipeline
+
+    pipe = build_tiny_sdxl_pipeline(tmp_path / "sd")  # args() reads the pipeline from <root>/sd
+    build_feedback_dataset(
+        pipe, tmp_path / "data", PROMPTS, range(2), pipeline=str(tmp_path / "sd")
+    )
+    distill.main(args(tmp_path, tmp_path / "teacher", "--input_steps", "1", "--max_steps", "1"))
+    result = distill.main(student(tmp_path, tmp_path / "out", "--max_steps", "2"))
+    assert load_reward_model(str(tmp_path / "out")).config.pooled_dim is not None
+    got = labels(tmp_path / "out")
+    assert got["token_logits"].shape[0] == got["overall_logit"].shape[0] == 20
+    assert torch.isfinite(got["token_logits"]).all() and result.teacher["rows"] == 4
