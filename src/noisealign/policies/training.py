@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from ..errors import DataError
 from ..noise import batch_noise, distribution_preserving_mix, gaussian_stats, smooth_noise
 from ..pipelines import PromptEmbeddings
-from ..rewards.features import step_features
+from ..rewards.features import score_noise
 from .projector import NoiseProjector
 
 PAIR_MODES = ("best_worst", "all")
@@ -129,13 +129,7 @@ def reward_logits(
     pipe: Any | None = None,
 ) -> torch.Tensor:
     """r_φ's overall logit (B,) of noises ``x`` (B, C, H, W); runs the model's k DDIM steps first if k > 0."""
-    cfg = reward_model.config
-    if cfg.input_steps > 0:
-        x = step_features(
-            pipe, x, emb, steps=cfg.input_steps, kind=cfg.input_kind,
-            num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-        )  # fmt: skip
-    return reward_model(x, emb.embeds, emb.mask, emb.pooled).overall_logit
+    return score_noise(reward_model, x, emb, pipe).overall_logit
 
 
 def repeat(emb: PromptEmbeddings, k: int) -> PromptEmbeddings:

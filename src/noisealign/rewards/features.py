@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
@@ -136,6 +137,22 @@ def step_features(
     if kind == "latent":
         return x
     return _x0_from_ddim_step(pipe, x_prev, x, steps, num_inference_steps)
+
+
+def score_noise(
+    model: torch.nn.Module, x: torch.Tensor, embeds: PromptEmbeddings, pipe: Any | None = None
+) -> Any:
+    """A reward model's output for noises ``x``: its own k DDIM steps first (k > 0 needs ``pipe``),
+    then the forward in the model's dtype; ``.token_logits`` (B, L), ``.overall_logit`` (B,)."""
+    cfg = model.config
+    if cfg.input_steps > 0:
+        x = step_features(
+            pipe, x, embeds, steps=cfg.input_steps, kind=cfg.input_kind,
+            num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+        )  # fmt: skip
+    dtype = next(model.parameters()).dtype
+    embeds = embeds.to(dtype=dtype)
+    return model(x.to(dtype), embeds.embeds, embeds.mask, embeds.pooled)
 
 
 def precompute_features(

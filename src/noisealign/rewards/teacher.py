@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from ..data.feedback import FeedbackRows
 from ..errors import DataError
 from ..noise import batch_noise
 from ..pipelines import PromptEmbeddings
-from .features import step_features
+from .features import score_noise
 
 logger = logging.getLogger(__name__)
 
@@ -126,18 +127,12 @@ def _label_block(
     latent_shape: Sequence[int],
     batch_size: int,
 ) -> dict[str, torch.Tensor]:
-    cfg, tokens, overall = teacher.config, [], []
+    tokens, overall = [], []
     for start in range(0, len(ids), batch_size):
         part_ids, part_seeds = ids[start : start + batch_size], seeds[start : start + batch_size]
         emb = table.select([position[p] for p in part_ids]).to(pipe.device, pipe.dtype)
         x = batch_noise(part_ids, part_seeds, latent_shape).to(pipe.device, pipe.dtype)
-        x = step_features(
-            pipe, x, emb, steps=cfg.input_steps, kind=cfg.input_kind,
-            num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-        )  # fmt: skip
-        dtype = next(teacher.parameters()).dtype
-        scored = emb.to(dtype=dtype)
-        out = teacher(x.to(dtype), scored.embeds, scored.mask, scored.pooled)
+        out = score_noise(teacher, x, emb, pipe)
         tokens.append(out.token_logits.float().cpu())
         overall.append(out.overall_logit.float().cpu())
     return {"token_logits": torch.cat(tokens), "overall_logit": torch.cat(overall)}
@@ -236,24 +231,16 @@ def teacher_rows(
 
     Their noise is re-derived from (prompt id, seed), like collected rows without stored noise.
     """
-    first = {}
+    first: dict[str, int] = {}
     for i, pid in enumerate(rows.prompt_ids):
         first.setdefault(pid, i)
-    index = [first[pid] for pid in ids]
-    return FeedbackRows(
-        prompt_ids=list(ids),
-        prompts=[rows.prompts[i] for i in index],
+    return replace(
+        rows.select([first[pid] for pid in ids]),  # each prompt's text, tokens and token mask
         seeds=list(seeds),
-        tokens=[rows.tokens[i] for i in index],
         overall=torch.sigmoid(labels["overall_logit"]),
         token_targets=torch.sigmoid(labels["token_logits"]),
-        token_mask=rows.token_mask[index],
         noise=None,
-        latent_shape=rows.latent_shape,
         judges=[f"teacher {teacher_path}"],
-        pipelines=rows.pipelines,
-        num_inference_steps=rows.num_inference_steps,
-        guidance_scale=rows.guidance_scale,
         skipped_failed=0,
         skipped_nonfinite=[],
     )
