@@ -49,9 +49,12 @@ def run_stage(
     main: Callable[[Sequence[str] | None], object], args: Sequence[str] | None = None
 ) -> None:
     """Run a stage's ``main``; a user error becomes one line on stderr and exit status 2."""
+    from .dry_run import report
+
     setup_logging()
     try:
         main(args)
+        report()  # a dry run's report (nothing otherwise)
     except NoiseAlignError as exc:
         logger.error("%s", exc)
         sys.exit(2)

@@ -87,6 +87,20 @@ class BaseConfig:
         default=False,
         metadata={"help": "Allow models whose code lives on the hub. Off unless you set it."},
     )
+    dry_run: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the recipe as written on tiny random models of the same classes (built offline), "
+            "a few prompts, seeds and steps, with every path mirrored under dry_run_dir; ends with a report."
+        },
+    )
+    dry_run_dir: str = field(
+        default="dry_run",
+        metadata={
+            "help": "Folder a dry run writes into (outputs, replicas, report), mirroring the recipe's "
+            "paths: output_dir outputs/x becomes dry_run/outputs/x. A chain of dry runs shares it."
+        },
+    )
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -158,4 +172,8 @@ def parse_config(config_cls: type[T], args: Sequence[str] | None = None) -> T:
             known = sorted(f.name for f in dataclasses.fields(config_cls))
             message = f"{message.split('. Please')[0]}; known fields: {', '.join(known)}"
         raise ConfigError(f"cannot read the recipe: {message}") from exc
+    if isinstance(config, BaseConfig) and config.dry_run:
+        from .dry_run import prepare
+
+        config = prepare(config)
     return config

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
+from .. import dry_run
 from ..errors import JudgeError
 from .base import Concept, Feedback, Judge, spans_to_token_scores
 from .concepts import split_concepts
@@ -93,8 +94,9 @@ def build_judge(name: str, **kwargs: Any) -> Judge:
             )
         factory = plugins[name].load()
     try:
-        return factory(**kwargs)
+        judge = factory(**kwargs)
     except TypeError as exc:
         raise JudgeError(
             f"judge '{name}' does not accept judge_kwargs {sorted(kwargs)}: {exc}"
         ) from exc
+    return dry_run.track(f"judge {name}", judge)

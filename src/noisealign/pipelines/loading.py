@@ -10,6 +10,7 @@ import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
 from packaging.version import Version
 
+from .. import dry_run
 from ..errors import PipelineError
 from .adapters import adapter_for, adapter_for_name
 
@@ -107,4 +108,4 @@ def load_pipeline(
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     logger.info("loaded %s from %s (%s, %s)", type(pipe).__name__, name_or_path, dtype, device)
-    return pipe
+    return dry_run.track("pipeline", pipe)

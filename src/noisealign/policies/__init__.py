@@ -34,6 +34,7 @@ from diffusers import DiffusionPipeline
 from torch import nn
 
 from ..data.prompts import prompt_hash_id
+from .. import dry_run
 from ..errors import DataError, NoiseAlignError
 from ..noise import batch_noise, check_finite
 from ..pipelines import PromptEmbeddings, check_compatible, encode_prompts, latent_shape
@@ -131,7 +132,7 @@ def load_policy(
         ) from exc
     if pipe is not None:
         check_pipeline(policy, pipe, f"{what} '{path_or_id}'")
-    return policy.eval()
+    return dry_run.track(what, policy.eval())
 
 
 def load_projector(

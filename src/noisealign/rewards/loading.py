@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from huggingface_hub import constants, hf_hub_download
 
+from .. import dry_run
 from ..errors import DataError, NoiseAlignError
 
 CONFIG_NAME = constants.CONFIG_NAME  # "config.json"
@@ -132,4 +133,4 @@ def load_reward_model(
         check_compatible(
             model.config.pipeline_signature, expected_signature, f"reward model '{path_or_id}'"
         )
-    return model
+    return dry_run.track("reward model", model)

@@ -1,0 +1,154 @@
+"""The report a dry run ends with: replicas built, models per rank, peak memory, outputs read back."""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import NoiseAlignError
+
+logger = logging.getLogger("noisealign.dry_run")
+
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+
+
+class DryRunFailure(NoiseAlignError):
+    """A dry run whose outputs did not read back (missing, empty or non-finite)."""
+
+
+def _module(role: str, cls: str, module: nn.Module) -> dict[str, str]:
+    param = next(module.parameters(), None)
+    dtype, device = (str(param.dtype), str(param.device)) if param is not None else ("-", "-")
+    return {"role": role, "class": cls, "dtype": dtype.removeprefix("torch."), "device": device}
+
+
+def describe(role: str, obj: Any) -> list[dict[str, str]]:
+    """Class, dtype and device of a tracked pipeline, judge or model."""
+    from diffusers import DiffusionPipeline
+
+    if isinstance(obj, DiffusionPipeline):
+        parts = [(name, getattr(obj, name, None)) for name in PIPELINE_PARTS]
+        return [
+            _module(f"{role}.{name}", f"{type(obj).__name__}.{type(m).__name__}", m)
+            for name, m in parts
+            if isinstance(m, nn.Module)
+        ]
+    if isinstance(obj, nn.Module):
+        return [_module(role, type(obj).__name__, obj)]
+    model = getattr(obj, "model", None)  # VLMJudge / CLIPJudge hold their transformers model
+    if isinstance(model, nn.Module):
+        return [_module(role, f"{type(obj).__name__}.{type(model).__name__}", model)]
+    return [{"role": role, "class": type(obj).__name__, "dtype": "-", "device": "-"}]
+
+
+def peak_memory_mb() -> dict[str, float]:
+    """Peak resident memory of this process, and peak CUDA memory when a GPU was used."""
+    peak = {"cpu_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
+
+
+def _check_safetensors(path: Path) -> tuple[str, str | None]:
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    values = sum(t.numel() for t in tensors.values())
+    finite = all(torch.isfinite(t.float()).all() for t in tensors.values())
+    line = f"{path}: {len(tensors)} tensors, {values:,} values"
+    if not tensors:
+        return line, f"{path} holds no tensor"
+    return line + ("" if finite else ", NOT FINITE"), None if finite else f"{path} is not finite"
+
+
+def check_outputs(folder: Path) -> tuple[list[str], list[str]]:
+    """Read back what the stage wrote: datasets (rows), safetensors (finite), reports, checkpoints."""
+    import datasets
+
+    lines, problems = [], []
+    if not folder.is_dir():
+        return lines, [f"the stage wrote no output folder {folder}"]
+    for path in sorted(folder.rglob("*")):
+        if "wandb" in path.parts:
+            continue
+        if path.is_dir() and (path / "dataset_info.json").is_file():
+            rows = len(datasets.load_from_disk(str(path)))
+            lines.append(f"{path}: dataset of {rows} rows")
+            if rows == 0:
+                problems.append(f"{path} holds no row")
+        elif path.suffix == ".safetensors" and "checkpoint" not in path.parent.name:
+            line, problem = _check_safetensors(path)
+            lines.append(line)
+            problems += [problem] if problem else []
+        elif path.name in ("report.json", "metrics.json"):
+            json.loads(path.read_text())
+            lines.append(f"{path}: valid JSON")
+    checkpoints = sorted(p.name for p in folder.rglob("checkpoint-*") if p.is_dir())
+    if checkpoints:
+        lines.append(f"{folder}: checkpoints {', '.join(checkpoints)}")
+    images = len(list(folder.rglob("*.png")))
+    if images:
+        lines.append(f"{folder}: {images} PNG images")
+    if not lines:
+        problems.append(f"{folder} holds no dataset, weights or report")
+    return lines, problems
+
+
+def report() -> dict[str, Any] | None:
+    """Gather every rank's models and memory; the main process logs and saves the report.
+
+    Called by :func:`noisealign.cli.run_stage` after the stage returned (a no-op outside a
+    dry run). Raises :class:`DryRunFailure` when an output does not read back.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    from . import _PLAN, _TRACKED, slug
+
+    if _PLAN is None:
+        return None
+    state = PartialState()
+    mine = {
+        "rank": state.process_index,
+        "device": str(state.device),
+        "models": [m for role, obj in _TRACKED for m in describe(role, obj)],
+        "peak_memory": peak_memory_mb(),
+    }
+    ranks = gather_object([mine]) if state.num_processes > 1 else [mine]
+    if not state.is_main_process:
+        return None
+    output_dir = Path(_PLAN.changed.get("output_dir", [None, _PLAN.output_dir])[1])
+    outputs, problems = check_outputs(output_dir)
+    result = {
+        "stage": _PLAN.stage, "recipe_output_dir": _PLAN.output_dir, "output_dir": str(output_dir),
+        "replicas": _PLAN.built, "changed": _PLAN.changed, "ranks": ranks,
+        "outputs": outputs, "problems": problems,
+    }  # fmt: skip
+    path = _PLAN.root / "reports" / f"{slug(str(output_dir))}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str))
+    logger.info("%s", format_report(result, path))
+    if problems:
+        raise DryRunFailure(f"dry run of {_PLAN.stage} failed its output checks: {'; '.join(problems)}")  # fmt: skip
+    return result
+
+
+def format_report(result: dict[str, Any], path: Path) -> str:
+    lines = [f"dry run of {result['stage']} finished; report saved to {path}"]
+    for built in result["replicas"]:
+        lines.append(f"  replica {built['role']}: tiny {built['class']} for {built['replaces']}")
+    for name, (before, after) in result["changed"].items():
+        if name not in ("pipeline", "judge_kwargs", "methods"):
+            lines.append(f"  {name}: {before} -> {after}")
+    for rank in result["ranks"]:
+        memory = ", ".join(f"{k} {v:.0f}" for k, v in rank["peak_memory"].items())
+        lines.append(f"  rank {rank['rank']} on {rank['device']} (peak {memory}):")
+        lines += [f"    {m['role']}: {m['class']} {m['dtype']} on {m['device']}" for m in rank["models"]]  # fmt: skip
+    lines += [f"  checked {line}" for line in result["outputs"]]
+    return "\n".join(lines)
