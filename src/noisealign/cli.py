@@ -33,6 +33,7 @@ STAGES: dict[str, str] = {
 # commands that are not recipe stages (no YAML, plain arguments) -> module holding ``main(args)``
 TOOLS: dict[str, str] = {
     "convert_npnet": "noisealign.policies.npnet_convert",  # official NPNet checkpoint -> policy folder
+    "dry_run_chain": "noisealign.dry_run.chain",  # dry-run every stage recipe of a folder, in order
 }
 
 

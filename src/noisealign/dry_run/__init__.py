@@ -104,6 +104,13 @@ def track(role: str, obj: Any) -> Any:
     return obj
 
 
+def reset() -> None:
+    """Leave dry-run mode (the next stage in this process runs for real unless it asks again)."""
+    global _PLAN
+    _PLAN = None
+    _TRACKED.clear()
+
+
 def mirror(root: Path, path: str) -> Path:
     """``path`` under ``root``: ``outputs/sd15/collect`` -> ``<root>/outputs/sd15/collect``."""
     p = Path(path)
@@ -212,7 +219,7 @@ def _replace_judges(config: Any, plan: Plan, names: set[str]) -> None:
         for judge in config.judges:
             _judge_kwargs(plan, judge, {})  # an API judge without kwargs is refused too
         _set(config, plan, "judge_kwargs", kwargs)
-    elif "judge" in names and config.judge:
+    elif "judge_kwargs" in names and config.judge:
         _set(config, plan, "judge_kwargs", _judge_kwargs(plan, config.judge, dict(config.judge_kwargs)))  # fmt: skip
 
 

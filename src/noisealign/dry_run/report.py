@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..errors import NoiseAlignError
+
+if TYPE_CHECKING:
+    from . import Plan
 
 logger = logging.getLogger("noisealign.dry_run")
 
@@ -67,6 +71,20 @@ def _check_safetensors(path: Path) -> tuple[str, str | None]:
     return line + ("" if finite else ", NOT FINITE"), None if finite else f"{path} is not finite"
 
 
+def _load_folder(folder: Path) -> str:
+    """Load a saved reward model or policy folder with the loaders later stages use."""
+    config = json.loads((folder / "config.json").read_text())
+    if "architecture" in config:
+        from ..rewards import load_reward_model
+
+        return type(load_reward_model(str(folder))).__name__
+    if "policy_type" in config or "pipeline_signature" in config:
+        from ..policies import load_policy
+
+        return type(load_policy(str(folder))).__name__
+    return "an unknown folder (not checked)"
+
+
 def check_outputs(folder: Path) -> tuple[list[str], list[str]]:
     """Read back what the stage wrote: datasets (rows), safetensors (finite), reports, checkpoints."""
     import datasets
@@ -86,6 +104,8 @@ def check_outputs(folder: Path) -> tuple[list[str], list[str]]:
             line, problem = _check_safetensors(path)
             lines.append(line)
             problems += [problem] if problem else []
+        elif path.name == "config.json" and (path.parent / "model.safetensors").is_file():
+            lines.append(f"{path.parent}: loads as {_load_folder(path.parent)}")
         elif path.name in ("report.json", "metrics.json"):
             json.loads(path.read_text())
             lines.append(f"{path}: valid JSON")
@@ -106,36 +126,45 @@ def report() -> dict[str, Any] | None:
     Called by :func:`noisealign.cli.run_stage` after the stage returned (a no-op outside a
     dry run). Raises :class:`DryRunFailure` when an output does not read back.
     """
-    from accelerate import PartialState
-    from accelerate.utils import gather_object
-
-    from . import _PLAN, _TRACKED, slug
+    from . import _PLAN, _TRACKED, reset  # read at call time: prepare() set them
 
     if _PLAN is None:
         return None
+    try:
+        return _report(_PLAN, _TRACKED)
+    finally:
+        reset()
+
+
+def _report(plan: Plan, tracked: list[tuple[str, Any]]) -> dict[str, Any] | None:
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    from . import slug
+
     state = PartialState()
     mine = {
         "rank": state.process_index,
         "device": str(state.device),
-        "models": [m for role, obj in _TRACKED for m in describe(role, obj)],
+        "models": [m for role, obj in tracked for m in describe(role, obj)],
         "peak_memory": peak_memory_mb(),
     }
     ranks = gather_object([mine]) if state.num_processes > 1 else [mine]
     if not state.is_main_process:
         return None
-    output_dir = Path(_PLAN.changed.get("output_dir", [None, _PLAN.output_dir])[1])
+    output_dir = Path(plan.changed.get("output_dir", [None, plan.output_dir])[1])  # mirrored
     outputs, problems = check_outputs(output_dir)
     result = {
-        "stage": _PLAN.stage, "recipe_output_dir": _PLAN.output_dir, "output_dir": str(output_dir),
-        "replicas": _PLAN.built, "changed": _PLAN.changed, "ranks": ranks,
+        "stage": plan.stage, "recipe_output_dir": plan.output_dir, "output_dir": str(output_dir),
+        "replicas": plan.built, "changed": plan.changed, "ranks": ranks,
         "outputs": outputs, "problems": problems,
     }  # fmt: skip
-    path = _PLAN.root / "reports" / f"{slug(str(output_dir))}.json"
+    path = plan.root / "reports" / f"{slug(os.path.relpath(output_dir, plan.root))}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str))
     logger.info("%s", format_report(result, path))
     if problems:
-        raise DryRunFailure(f"dry run of {_PLAN.stage} failed its output checks: {'; '.join(problems)}")  # fmt: skip
+        raise DryRunFailure(f"dry run of {plan.stage} failed its output checks: {'; '.join(problems)}")  # fmt: skip
     return result
 
 

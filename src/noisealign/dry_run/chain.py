@@ -1,0 +1,96 @@
+"""``noisealign dry_run_chain RECIPE_FOLDER``: dry-run every stage recipe of a folder, in order.
+
+Each stage reads the previous stages' dry-run outputs (they share ``--dry_run_dir``), exactly
+as the real chain reads the real outputs. With ``--num_processes N`` (N > 1) each stage is
+started through ``accelerate launch``; without a GPU as N CPU processes (gloo).
+
+Example:
+    noisealign dry_run_chain recipes/sd15
+    noisealign dry_run_chain recipes/sdxl --num_processes 2 --dry_run_dir /tmp/dry_run
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import ConfigError
+
+logger = logging.getLogger("noisealign.dry_run")
+
+# the order in which a chain's stages read each other's outputs
+STAGE_ORDER = (
+    "collect", "collect_npd", "image_npd", "distill", "train_npnet", "train_projector",
+    "evaluate", "generate",
+)  # fmt: skip
+
+
+def chain(folder: str | Path) -> list[Path]:
+    """The stage recipes of ``folder`` (``<stage>.yaml``) in :data:`STAGE_ORDER`."""
+    folder = Path(folder)
+    recipes = [folder / f"{stage}.yaml" for stage in STAGE_ORDER]
+    recipes = [r for r in recipes if r.is_file()]
+    if not recipes:
+        raise ConfigError(
+            f"'{folder}' holds no stage recipe ({', '.join(s + '.yaml' for s in STAGE_ORDER)}); "
+            "pass a recipe folder such as recipes/sd15"
+        )
+    return recipes
+
+
+def stage_command(recipe: Path, num_processes: int, port: int) -> list[str]:
+    """The command that dry-runs one stage recipe with ``num_processes`` processes."""
+    script = Path(__file__).resolve().parents[1] / f"{recipe.stem}.py"
+    if num_processes == 1:
+        return [sys.executable, str(script)]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+    launch += ["--num_processes", str(num_processes), "--num_machines", "1"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]  # fmt: skip
+    return [*launch, str(script)]
+
+
+def run_chain(
+    folder: str | Path, dry_run_dir: str, num_processes: int = 1, port: int = 29533
+) -> list[float]:
+    """Dry-run each stage of ``folder``; returns the seconds each took. Stops at the first failure."""
+    env = dict(os.environ)
+    if num_processes > 1 and "CUDA_VISIBLE_DEVICES" not in env:
+        import torch
+
+        if not torch.cuda.is_available():
+            env["ACCELERATE_USE_CPU"] = "1"
+    seconds = []
+    for recipe in chain(folder):
+        command = stage_command(recipe, num_processes, port)
+        command += ["--config", str(recipe), "--dry_run", "true", "--dry_run_dir", dry_run_dir]
+        logger.info("dry run %s (%d process%s)", recipe, num_processes, "es" * (num_processes > 1))
+        started = time.perf_counter()
+        if subprocess.run(command, env=env).returncode != 0:
+            raise ConfigError(f"the dry run of {recipe} failed (its output is above); fix it and rerun")  # fmt: skip
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="noisealign dry_run_chain", description=__doc__.split("\n")[0])  # fmt: skip
+    parser.add_argument("folder", help="recipe folder, e.g. recipes/sd15")
+    parser.add_argument("--num_processes", type=int, default=1, help="processes per stage")
+    parser.add_argument("--dry_run_dir", default="dry_run", help="folder the dry runs share")
+    parser.add_argument("--main_process_port", type=int, default=29533, help="for N > 1")
+    options = parser.parse_args(args)
+    if options.num_processes < 1:
+        raise ConfigError(f"--num_processes must be >= 1, got {options.num_processes}")
+    seconds = run_chain(options.folder, options.dry_run_dir, options.num_processes, options.main_process_port)  # fmt: skip
+    logger.info("dry-run chain of %s passed: %s", options.folder, ", ".join(f"{s:.0f} s" for s in seconds))  # fmt: skip
+
+
+if __name__ == "__main__":
+    from noisealign.cli import run_stage
+
+    run_stage(main)
