@@ -198,14 +198,20 @@ def main(args: Sequence[str] | None = None):
     """Run the collect stage; returns the merged dataset (on the main process)."""
     # ---- 1. recipe, prompts, work list --------------------------------------------
     config = parse_config(CollectConfig, args)
-    from noisealign.data.prompts import load_prompts, parse_seeds
+    from noisealign.data.prompts import (
+        heldout_record,
+        load_training_prompts,
+        parse_seeds,
+        save_heldout_record,
+    )
     from noisealign.data.schema import collect_features
     from noisealign.data.shards import ShardStore
     from noisealign.judges import build_judge
     from noisealign.pipelines import latent_shape, load_pipeline
     from noisealign.tracking import make_accelerator, start_tracking
 
-    records = {r.prompt_id: r for r in load_prompts(config.prompts, config.prompt_column)}
+    # held-out prompts (split 'eval') never reach a training input; heldout.json records them
+    records = {r.prompt_id: r for r in load_training_prompts(config.prompts, config.prompt_column)}
     seeds = parse_seeds(config.seeds)
     keys = [(pid, seed) for pid in records for seed in seeds]
 
@@ -226,6 +232,7 @@ def main(args: Sequence[str] | None = None):
         explore = ExplorationSource(config.exploration_images, pipe, config.exploration_gamma)
     if accelerator.is_main_process:
         store.prepare(config.fingerprint(), overwrite=config.overwrite_output_dir)
+        save_heldout_record(store.root, heldout_record(config.prompts, config.prompt_column))
     accelerator.wait_for_everyone()
     start_tracking(accelerator, config, "collect")
     shape = latent_shape(pipe, config.height, config.width)

@@ -137,13 +137,19 @@ def main(args: Sequence[str] | None = None):
     # ---- 1. recipe, prompts, work list --------------------------------------------
     config = parse_config(CollectNPDConfig, args)
     from noisealign.data.npd import npd_features
-    from noisealign.data.prompts import load_prompts, parse_seeds
+    from noisealign.data.prompts import (
+        heldout_record,
+        load_training_prompts,
+        parse_seeds,
+        save_heldout_record,
+    )
     from noisealign.data.shards import ShardStore
     from noisealign.judges import build_judge
     from noisealign.pipelines import latent_shape, load_pipeline, pipeline_signature
     from noisealign.tracking import make_accelerator, start_tracking
 
-    records = {r.prompt_id: r for r in load_prompts(config.prompts, config.prompt_column)}
+    # held-out prompts (split 'eval') never reach a training input; heldout.json records them
+    records = {r.prompt_id: r for r in load_training_prompts(config.prompts, config.prompt_column)}
     keys = [(pid, seed) for pid in records for seed in parse_seeds(config.seeds)]
 
     # ---- 2. output folder, models, processes (all checks before any tracker run) ----
@@ -152,6 +158,7 @@ def main(args: Sequence[str] | None = None):
     accelerator = make_accelerator(config)
     if accelerator.is_main_process:
         store.prepare(config.fingerprint(), overwrite=config.overwrite_output_dir)
+        save_heldout_record(store.root, heldout_record(config.prompts, config.prompt_column))
     accelerator.wait_for_everyone()
     pipe = load_pipeline(config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code)  # fmt: skip
     pipe.to(accelerator.device)

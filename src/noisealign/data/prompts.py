@@ -8,8 +8,15 @@ replace the rule-based splitter. GenEval metadata files (JSONL rows with an ``in
 ``{"class", "count", "color", "position"}``) get their concepts from ``include``; DrawBench's
 CSV loads with ``column="Prompts"``.
 
+Held-out prompts: rows whose ``split`` column is :data:`HELDOUT_SPLIT` (``"eval"``) are the
+evaluation prompts. Training stages read prompt files with :func:`load_training_prompts`,
+which leaves them out (a file without a ``split`` column is read whole), and record the
+left-out ids beside what they write (:func:`save_heldout_record`), so a stage reading a
+collected dataset can refuse rows of held-out prompts (:func:`check_not_heldout`).
+
 Example:
     >>> records = load_prompts("prompts.txt")  # doctest: +SKIP
+    >>> train = load_training_prompts("recipes/prompts/compositional.jsonl")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,14 +36,20 @@ from ..judges.base import Concept
 
 logger = logging.getLogger(__name__)
 
+# The one definition of "held out", shared by every stage: a per-stage setting would let two
+# stages of a chain disagree, which is exactly how evaluation prompts leak into training.
+HELDOUT_SPLIT = "eval"
+HELDOUT_FILE = "heldout.json"  # written by collect / collect_npd / image_npd beside dataset/
+
 
 @dataclass(frozen=True)
 class PromptRecord:
-    """One prompt: a stable id, the text, and optional concept annotations."""
+    """One prompt: a stable id, the text, optional concept annotations and its ``split`` value."""
 
     prompt_id: str
     prompt: str
     concepts: tuple[Concept, ...] | None = None
+    split: str | None = None
 
 
 def prompt_hash_id(prompt: str) -> str:
@@ -147,7 +160,8 @@ def load_prompts(
     """Read prompts; raises :class:`DataError` when the file is missing, empty or lacks ``column``.
 
     With ``split``, only rows whose ``split`` column equals it are kept (e.g. the ``eval``
-    rows of ``recipes/prompts/compositional.jsonl``).
+    rows of ``recipes/prompts/compositional.jsonl``). A prompt both in a held-out row and in
+    another row is an error whatever ``split`` is.
     """
     path = Path(path)
     if not path.exists():
@@ -163,13 +177,19 @@ def load_prompts(
         raise DataError(
             f"prompt file '{path}' has no '{column}' column (columns: {', '.join(rows[0])}); set 'prompt_column'"
         )
+    records = _records(rows, path, column)
     if split is not None:
         if "split" not in rows[0]:
             raise DataError(f"prompt file '{path}' has no 'split' column; remove the split setting")
-        rows = [row for row in rows if row["split"] == split]
-        if not rows:
+        records = [r for r in records if r.split == split]
+        if not records:
             raise DataError(f"prompt file '{path}' has no rows with split '{split}'")
+    return records
+
+
+def _records(rows: list[dict[str, Any]], path: Path, column: str) -> list[PromptRecord]:
     records: dict[str, PromptRecord] = {}
+    held_out: dict[str, bool] = {}  # prompt text -> whether its rows are held out
     for n, row in enumerate(rows, 1):
         prompt = str(row[column] or "").strip()
         if not prompt:
@@ -178,7 +198,13 @@ def load_prompts(
         concepts = _concepts(row.get("concepts"), prompt, f"{path}: row {n}")
         if concepts is None and isinstance(row.get("include"), list):
             concepts = geneval_concepts(row["include"], prompt)
-        record = PromptRecord(prompt_id, prompt, concepts)
+        split = None if row.get("split") in (None, "") else str(row["split"])
+        if held_out.setdefault(prompt, split == HELDOUT_SPLIT) != (split == HELDOUT_SPLIT):
+            raise DataError(
+                f"{path}: row {n}: prompt '{prompt[:60]}' is both in a held-out row (split "
+                f"'{HELDOUT_SPLIT}') and in a training row; remove one of the two"
+            )
+        record = PromptRecord(prompt_id, prompt, concepts, split)
         if prompt_id in records:
             if records[prompt_id].prompt != prompt:
                 raise DataError(
@@ -188,6 +214,84 @@ def load_prompts(
             continue
         records[prompt_id] = record
     return list(records.values())
+
+
+def load_training_prompts(path: str | Path, column: str = "prompt") -> list[PromptRecord]:
+    """The prompts a training stage reads: every row except the held-out ones (split ``eval``).
+
+    A file without a ``split`` column is read whole (the toy world keeps its held-out prompts
+    in a file of their own). A file of held-out rows only is a :class:`DataError`.
+    """
+    records = load_prompts(path, column)
+    kept = [r for r in records if r.split != HELDOUT_SPLIT]
+    if not kept:
+        raise DataError(
+            f"prompt file '{path}' holds only held-out prompts (split '{HELDOUT_SPLIT}'), which no "
+            "training stage reads; set 'prompts' to a file with training rows"
+        )
+    if len(kept) < len(records):
+        logger.info(
+            "%s: %d held-out prompts (split '%s') left out of training, %d kept",
+            path, len(records) - len(kept), HELDOUT_SPLIT, len(kept),
+        )  # fmt: skip
+    return kept
+
+
+def load_heldout_prompts(path: str | Path, column: str = "prompt") -> list[PromptRecord]:
+    """The evaluation prompts of a file: its held-out rows (split ``eval``), or every row of a
+    file without a ``split`` column. A file with splits but no held-out row is a :class:`DataError`."""
+    records = load_prompts(path, column)
+    if all(r.split is None for r in records):
+        return records
+    held_out = [r for r in records if r.split == HELDOUT_SPLIT]
+    if not held_out:
+        raise DataError(
+            f"prompt file '{path}' has a 'split' column but no held-out rows (split "
+            f"'{HELDOUT_SPLIT}'); mark the evaluation prompts or choose the split to evaluate"
+        )
+    return held_out
+
+
+def heldout_record(path: str | Path, column: str = "prompt") -> dict[str, Any]:
+    """What a collecting stage records of its prompt file: the ids it left out as held out."""
+    ids = sorted(r.prompt_id for r in load_prompts(path, column) if r.split == HELDOUT_SPLIT)
+    return {"prompts": str(path), "heldout_split": HELDOUT_SPLIT, "heldout_prompt_ids": ids}
+
+
+def save_heldout_record(folder: str | Path, record: dict[str, Any]) -> None:
+    """Write ``record`` to ``folder/heldout.json`` (the output folder that holds ``dataset/``)."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    Path(folder, HELDOUT_FILE).write_text(json.dumps(record, indent=2))
+
+
+def load_heldout_record(dataset: str | Path) -> dict[str, Any] | None:
+    """The record of a collected dataset: ``heldout.json`` in its folder or the folder above; None if absent."""
+    for folder in (Path(dataset), Path(dataset).parent):
+        if (folder / HELDOUT_FILE).is_file():
+            return json.loads((folder / HELDOUT_FILE).read_text())
+    return None
+
+
+def check_not_heldout(dataset: str | Path, prompt_ids: Iterable[str]) -> dict[str, Any] | None:
+    """Refuse a dataset with rows of prompts its collecting stage recorded as held out.
+
+    A dataset without a record (collected before held-out prompts were left out, or built
+    by hand) is read as it is, with a warning. Returns the record.
+    """
+    record = load_heldout_record(dataset)
+    if record is None:
+        logger.warning(
+            "dataset '%s' records no held-out prompts (%s): every row is trained on; if its prompt "
+            "file has rows with split '%s', collect it again", dataset, HELDOUT_FILE, HELDOUT_SPLIT,
+        )  # fmt: skip
+        return None
+    leaked = sorted(set(prompt_ids) & set(record["heldout_prompt_ids"]))
+    if leaked:
+        raise DataError(
+            f"dataset '{dataset}' holds rows of {len(leaked)} held-out prompt(s) (e.g. '{leaked[0]}', "
+            f"split '{record['heldout_split']}' of {record['prompts']}); collect it again into a fresh output_dir"
+        )
+    return record
 
 
 def parse_seeds(seeds: str | list[int]) -> list[int]:
