@@ -216,15 +216,24 @@ def main(args: Sequence[str] | None = None):
     keys = [(pid, seed) for pid in records for seed in seeds]
 
     # ---- 2. output folder, models, processes (all checks before any tracker run) ----
-    judge = build_judge(config.judge, **config.judge_kwargs)
     store = ShardStore(config.output_dir, key_columns=("prompt_id", "seed"))
     accelerator = make_accelerator(config)
+    # after the Accelerator, so a judge's default device is this rank's; before the folder
+    # is claimed, so an unknown judge or a bad judge_kwargs leaves no recipe.json behind
+    judge = build_judge(config.judge, **config.judge_kwargs)
     # the pipeline loads before the folder is claimed: a mistyped path must not leave a
     # recipe.json that refuses the corrected recipe
     pipe = load_pipeline(
         config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code
     )
     pipe.to(accelerator.device)
+    logger.info(
+        "process %d on %s: pipeline on %s, judge %r",
+        accelerator.process_index,
+        accelerator.device,
+        pipe.device,
+        judge,
+    )
     explore = None
     if config.exploration_images:
         from noisealign.data.exploration import ExplorationSource

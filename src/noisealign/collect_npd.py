@@ -153,15 +153,18 @@ def main(args: Sequence[str] | None = None):
     keys = [(pid, seed) for pid in records for seed in parse_seeds(config.seeds)]
 
     # ---- 2. output folder, models, processes (all checks before any tracker run) ----
-    judge = build_judge(config.judge, **config.judge_kwargs)
     store = ShardStore(config.output_dir, key_columns=("prompt_id", "seed"))
     accelerator = make_accelerator(config)
+    # after the Accelerator, so a judge's default device is this rank's; before the folder
+    # is claimed, so an unknown judge or a bad judge_kwargs leaves no recipe.json behind
+    judge = build_judge(config.judge, **config.judge_kwargs)
     if accelerator.is_main_process:
         store.prepare(config.fingerprint(), overwrite=config.overwrite_output_dir)
         save_heldout_record(store.root, heldout_record(config.prompts, config.prompt_column))
     accelerator.wait_for_everyone()
     pipe = load_pipeline(config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code)  # fmt: skip
     pipe.to(accelerator.device)
+    logger.info("process %d on %s: pipeline on %s, judge %r", accelerator.process_index, accelerator.device, pipe.device, judge)  # fmt: skip
     start_tracking(accelerator, config, "collect_npd")
     shape = latent_shape(pipe, config.height, config.width)
     signature = json.dumps(pipeline_signature(pipe), sort_keys=True)

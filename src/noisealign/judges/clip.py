@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
 
@@ -37,7 +38,7 @@ class CLIPJudge:
 
     Args:
         model: hub id or local folder of a ``CLIPModel`` with tokenizer and image processor.
-        device: torch device; ``None`` picks CUDA when available.
+        device: torch device; ``None`` is this process's (``accelerate.PartialState().device``).
         torch_dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         scale: CLIPScore's weight w; cosines above ``1 / scale`` saturate at 1.
     """
@@ -53,7 +54,10 @@ class CLIPJudge:
             raise JudgeError(
                 f"CLIPJudge torch_dtype must be one of {sorted(DTYPES)}, got '{torch_dtype}'"
             )
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # PartialState is this rank's device once an Accelerator exists (cuda:<rank> on
+        # 8 GPUs, not cuda:0), and the CPU without a GPU; stages build judges after their
+        # Accelerator, because a PartialState made first ignores ACCELERATE_USE_CPU
+        self.device = torch.device(device or PartialState().device)
         self.scale = scale
         self.model = (
             CLIPModel.from_pretrained(model, dtype=DTYPES[torch_dtype]).to(self.device).eval()

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
@@ -94,7 +95,7 @@ class VLMJudge:
         model: hub id or local folder of an image-text-to-text model with a chat template.
         method: ``"concepts"`` (yes/no questions) or ``"caption"`` (caption PMI).
         torch_dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
-        device: torch device; ``None`` picks CUDA when available.
+        device: torch device; ``None`` is this process's (``accelerate.PartialState().device``).
         batch_size: (image, text) sequences per forward pass.
         question: the yes/no question; ``{text}`` is replaced by the concept or prompt.
         caption_instruction: the user turn that the prompt answers in ``"caption"``.
@@ -122,7 +123,10 @@ class VLMJudge:
             raise JudgeError("VLMJudge question must contain '{text}'")
         self.method, self.question, self.caption_instruction = method, question, caption_instruction
         self.batch_size = batch_size
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # PartialState is this rank's device once an Accelerator exists (cuda:<rank> on
+        # 8 GPUs, not cuda:0), and the CPU without a GPU; stages build judges after their
+        # Accelerator, because a PartialState made first ignores ACCELERATE_USE_CPU
+        self.device = torch.device(device or PartialState().device)
         try:
             model_type = AutoConfig.from_pretrained(
                 model, trust_remote_code=trust_remote_code
