@@ -225,6 +225,7 @@ def main(args: Sequence[str] | None = None) -> DistillResult:
     from accelerate.utils import set_seed
 
     from noisealign.data.feedback import clean_feedback, load_feedback, split_by_prompt
+    from noisealign.data.prompts import check_not_heldout
     from noisealign.pipelines import latent_shape, load_pipeline, pipeline_signature
     from noisealign.rewards import build_reward_model, stage
     from noisealign.rewards.features import (
@@ -247,6 +248,8 @@ def main(args: Sequence[str] | None = None) -> DistillResult:
 
     # ---- 2. rows, split, pipeline checks (all before any output is written) ----------
     rows = clean_feedback(load_feedback(config.dataset))
+    check_not_heldout(config.dataset, rows.prompt_ids)  # the evaluation prompts stay unseen
+    # the validation split below is drawn from the collected (training) prompts only
     train_ids, eval_ids = split_by_prompt(
         rows.prompt_ids, config.eval_fraction, config.min_eval_prompts, stage.split_seed(config)
     )

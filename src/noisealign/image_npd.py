@@ -76,6 +76,7 @@ def main(args: Sequence[str] | None = None):
 
     from noisealign.data.exploration import ExplorationSource
     from noisealign.data.npd import npd_features
+    from noisealign.data.prompts import check_not_heldout, save_heldout_record
     from noisealign.data.shards import claim_output_dir, replace_dataset
     from noisealign.errors import DataError
     from noisealign.noise import batch_noise, distribution_preserving_mix
@@ -92,6 +93,7 @@ def main(args: Sequence[str] | None = None):
     if missing:
         raise DataError(f"dataset '{config.dataset}' lacks the columns {', '.join(missing)}; point 'dataset' at a collect stage's <output_dir>/dataset")  # fmt: skip
     meta = table.select_columns(list(needed))
+    heldout = check_not_heldout(config.dataset, meta["prompt_id"])  # evaluation prompts stay unseen
     accepted = [
         i for i, (score, failed) in enumerate(zip(meta["overall"], meta["failed"]))
         if not failed and not math.isnan(score) and score >= config.min_score
@@ -101,6 +103,8 @@ def main(args: Sequence[str] | None = None):
     signature = json.dumps(pipeline_signature(pipe))
     out = Path(config.output_dir)
     claim_output_dir(out, config.fingerprint(), config.overwrite_output_dir, derived=[out / "dataset"])  # fmt: skip
+    if heldout is not None:  # passed on, so train_npnet can check the pairs too
+        save_heldout_record(out, heldout)
 
     rows = []
     k = config.pairs_per_image

@@ -231,6 +231,7 @@ def main(args: Sequence[str] | None = None) -> TrainNPNetResult:
     config = parse_config(TrainNPNetConfig, args)
     from noisealign.data.feedback import split_by_prompt
     from noisealign.data.npd import check_pairs_fit_pipeline, load_noise_pairs
+    from noisealign.data.prompts import check_not_heldout
     from noisealign.pipelines import load_pipeline, pipeline_signature
     from noisealign.rewards.trainer import check_output_dir, load_checkpoint, resolve_checkpoint
     from noisealign.tracking import make_accelerator, start_tracking
@@ -239,6 +240,7 @@ def main(args: Sequence[str] | None = None) -> TrainNPNetResult:
 
     # ---- 2. pairs, split, pipeline checks (all before any output is written) ----------
     pairs = load_noise_pairs(config.dataset, config.margin)
+    check_not_heldout(config.dataset, pairs.prompt_ids)  # the evaluation prompts stay unseen
     train_ids, eval_ids = split_by_prompt(pairs.prompt_ids, config.eval_fraction, config.min_eval_prompts, config.seed)  # fmt: skip
     held_out = set(eval_ids)
     train_rows = [i for i, pid in enumerate(pairs.prompt_ids) if pid not in held_out]

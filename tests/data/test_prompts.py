@@ -3,6 +3,7 @@ import json
 import datasets
 import pytest
 
+from noisealign.data import prompts
 from noisealign.data.prompts import load_prompts, parse_seeds
 from noisealign.errors import DataError
 
@@ -106,6 +107,51 @@ def test_split_filter(tmp_path):
     plain.write_text("a cat\n")
     with pytest.raises(DataError, match="has no 'split' column"):
         load_prompts(plain, split="eval")
+
+
+def _split_file(path, rows):
+    path.write_text("".join(json.dumps(dict(zip(("prompt_id", "prompt", "split"), r))) + "\n" for r in rows))  # fmt: skip
+    return path
+
+
+def test_training_stages_never_read_heldout_rows_and_evaluate_reads_only_them(tmp_path):
+    path = _split_file(tmp_path / "p.jsonl", [("t0", "a cat", "train"), ("e0", "a dog", "eval"), ("v0", "a cow", "val"), ("e1", "a pig", "eval")])  # fmt: skip
+    assert [(r.prompt_id, r.split) for r in prompts.load_training_prompts(path)] == [("t0", "train"), ("v0", "val")]  # fmt: skip
+    assert [r.prompt_id for r in prompts.load_heldout_prompts(path)] == ["e0", "e1"]
+    assert prompts.heldout_record(path)["heldout_prompt_ids"] == ["e0", "e1"]
+    plain = tmp_path / "p.txt"  # no split column (the toy world's separate files): read whole
+    plain.write_text("a cat\na dog\n")
+    for load in (prompts.load_training_prompts, prompts.load_heldout_prompts):
+        assert [r.prompt for r in load(plain)] == ["a cat", "a dog"]
+    assert prompts.heldout_record(plain)["heldout_prompt_ids"] == []
+
+
+def test_heldout_selection_errors_name_the_file_and_the_fix(tmp_path):
+    only_eval = _split_file(tmp_path / "eval.jsonl", [("e0", "a dog", "eval"), ("e1", "a pig", "eval")])  # fmt: skip
+    with pytest.raises(DataError, match=r"'.*eval\.jsonl' holds only held-out prompts \(split 'eval'\).*set 'prompts' to a file with training rows"):  # fmt: skip
+        prompts.load_training_prompts(only_eval)
+    no_eval = _split_file(tmp_path / "train.jsonl", [("t0", "a cat", "train")])
+    with pytest.raises(DataError, match=r"'.*train\.jsonl' has a 'split' column but no held-out rows"):  # fmt: skip
+        prompts.load_heldout_prompts(no_eval)
+    # a held-out prompt repeated as a training row would leak: under another id or the same one
+    for second_id in ("t1", "e0"):
+        both = _split_file(tmp_path / "both.jsonl", [("e0", "a dog", "eval"), (second_id, "a dog", "train")])  # fmt: skip
+        with pytest.raises(DataError, match=r"both\.jsonl: row 2: prompt 'a dog' is both in a held-out row"):  # fmt: skip
+            load_prompts(both, split="train")
+
+
+def test_datasets_with_rows_of_recorded_heldout_prompts_are_refused(tmp_path, caplog):
+    path = _split_file(tmp_path / "p.jsonl", [("t0", "a cat", "train"), ("e0", "a dog", "eval")])
+    collected = tmp_path / "collect"
+    prompts.save_heldout_record(collected, prompts.heldout_record(path))
+    # found from <output_dir>/dataset (distill, image_npd) and from <output_dir> (train_npnet)
+    for dataset in (collected / "dataset", collected):
+        assert prompts.check_not_heldout(dataset, ["t0"])["heldout_prompt_ids"] == ["e0"]
+        with pytest.raises(DataError, match=r"holds rows of 1 held-out prompt\(s\) \(e\.g\. 'e0', split 'eval' of .*p\.jsonl\); collect it again"):  # fmt: skip
+            prompts.check_not_heldout(dataset, ["t0", "e0"])
+    with caplog.at_level("WARNING", logger="noisealign.data.prompts"):
+        assert prompts.check_not_heldout(tmp_path / "old" / "dataset", ["t0", "e0"]) is None
+    assert "records no held-out prompts" in caplog.text
 
 
 def test_drawbench_csv_column(tmp_path):

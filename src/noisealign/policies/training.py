@@ -25,11 +25,12 @@ PAIR_MODES = ("best_worst", "all")
 
 
 def read_prompts(prompts: str | None, dataset: str | None) -> tuple[list[str], list[str]]:
-    """(prompt ids, prompts) from a prompt file (``noisealign.data.prompts``) or a collected dataset."""
-    if prompts:
-        from ..data.prompts import load_prompts
+    """(prompt ids, prompts) to train on: a prompt file's training rows, or a collected dataset's
+    prompts; held-out prompts never come back (:mod:`noisealign.data.prompts`)."""
+    from ..data.prompts import check_not_heldout, load_training_prompts
 
-        records = load_prompts(prompts)
+    if prompts:
+        records = load_training_prompts(prompts)
         return [r.prompt_id for r in records], [r.prompt for r in records]
     path = Path(str(dataset))
     if not (path / "dataset_info.json").is_file():
@@ -39,6 +40,7 @@ def read_prompts(prompts: str | None, dataset: str | None) -> tuple[list[str], l
     table = datasets.load_from_disk(str(path)).select_columns(["prompt_id", "prompt"])
     unique = dict(zip(table["prompt_id"], table["prompt"]))
     ids = sorted(unique)
+    check_not_heldout(path, ids)
     return ids, [unique[i] for i in ids]
 
 
