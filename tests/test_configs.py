@@ -111,3 +111,35 @@ def test_yaml_env_block_is_not_a_field(tmp_path):
     )
     assert config.judge == "shapes"
     assert yaml.safe_load(Path(write(tmp_path, BASE)).read_text())["judge"] == "shapes"
+
+
+# latent values n of each real model (4 x 64 x 64, 4 x 128 x 128), for the RPO balance below
+REAL_PROJECTOR_RECIPES = {"sd15": 4 * 64 * 64, "sdxl": 4 * 128 * 128}
+
+
+@pytest.mark.parametrize("model", sorted(REAL_PROJECTOR_RECIPES))
+def test_real_projector_recipes_carry_the_toy_lessons_and_a_buildable_judge(model, tmp_path):
+    from noisealign.judges import build_judge
+    from noisealign.testing.vlms import build_tiny_clip
+    from noisealign.train_projector import TrainProjectorConfig
+
+    path = ROOT / "recipes" / model / "train_projector.yaml"
+    config = parse_config(TrainProjectorConfig, ["--config", str(path)])
+    # the toy world learned only with the RPO term, at 2*alpha/(beta*n) ~ 2 (docs/method.md)
+    assert config.rpo_alpha > 0
+    assert 1.5 < 2 * config.rpo_alpha / (config.beta * REAL_PROJECTOR_RECIPES[model]) < 2.5
+    assert config.judge == "clip" and config.judge_kwargs.get("model")
+    # every other judge argument of the recipe is one the factory takes
+    tiny = str(build_tiny_clip(tmp_path / "clip"))
+    judge = build_judge(config.judge, **{**config.judge_kwargs, "model": tiny})
+    assert judge.name == "clip:clip"
+
+
+def test_shipped_recipes_with_a_model_judge_name_its_model():
+    for path in RECIPES:
+        if path.stem not in ("collect", "collect_npd", "train_projector"):
+            continue
+        module = importlib.import_module(STAGES[path.stem])
+        config = parse_config(module.CONFIG_CLASS, ["--config", str(path)])
+        if config.judge in ("clip", "vlm"):  # their factories require 'model'
+            assert config.judge_kwargs.get("model"), f"{path}: judge '{config.judge}' needs judge_kwargs.model"  # fmt: skip

@@ -70,6 +70,7 @@ class TrainProjectorConfig(BaseConfig):
     image_prompts: list[str] = field(default_factory=list, metadata={"help": "Fixed prompts of the image grid."})  # fmt: skip
     image_seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds of the image grid (each prompt with each seed)."})  # fmt: skip
     judge: str | None = field(default=None, metadata={"help": "Judge that scores the grid's images (e.g. 'shapes'); None: no scores."})  # fmt: skip
+    judge_kwargs: dict = field(default_factory=dict, metadata={"help": "Arguments of the judge factory (JSON on the command line), e.g. {model: openai/clip-vit-large-patch14} for 'clip'."})  # fmt: skip
     num_inference_steps: int = field(default=20, metadata={"help": "Sampling steps of the image grid."})  # fmt: skip
     guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale of the image grid."})  # fmt: skip
 
@@ -262,7 +263,7 @@ def main(args: Sequence[str] | None = None) -> TrainProjectorResult:
     # float32 whatever the pipeline dtype: the projector and reward model train in float32
     table = encode_prompt_table(pipe, prompts).to(accelerator.device, torch.float32)
     shape = latent_shape(pipe)
-    judge = build_judge(config.judge) if config.judge else None
+    judge = build_judge(config.judge, **config.judge_kwargs) if config.judge else None
     source = None
     if config.candidate_images:
         from noisealign.data.exploration import ExplorationSource
