@@ -3,12 +3,17 @@
 Launch (any of):
     noisealign generate --projector outputs/toy/train_projector --prompt "a red circle left of a blue square" --seed 0 1 2
     python -m noisealign.generate --projector ... --prompt ... --seed 0 --side_by_side true --output_dir out/
+    accelerate launch --num_processes 8 src/noisealign/generate.py --projector ... --prompt ... --seed 0 1 2 3
 
 The pipeline defaults to the one recorded in the projector folder; a pipeline whose text
 embeddings or latent shape differ from it fails with a one-line :class:`PipelineError`. Each
 (prompt, seed) gives ``NNN_seedS.png`` (projected), plus ``NNN_seedS_standard.png`` or, with
 ``side_by_side``, one ``NNN_seedS_side_by_side.png`` (standard | projected). In Python:
 ``pipe(prompts, latents=noisealign.policies.apply_policy(pipe, projector, prompts, seeds))``.
+
+The device is accelerate's (a GPU when there is one; ``accelerate launch --cpu`` or
+``ACCELERATE_USE_CPU=1`` for the CPU). Launched with N processes, process r renders the
+(prompt, seed) pairs r, r+N, ... under the same file names a single process gives them.
 """
 
 from __future__ import annotations
@@ -40,7 +45,6 @@ class GenerateConfig(BaseConfig):
     guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale."})  # fmt: skip
     height: int | None = field(default=None, metadata={"help": "Image height in pixels (default: the pipeline's)."})  # fmt: skip
     width: int | None = field(default=None, metadata={"help": "Image width in pixels (default: the pipeline's)."})  # fmt: skip
-    device: str = field(default="cpu", metadata={"help": "torch device of the pipeline and projector, e.g. 'cuda'."})  # fmt: skip
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,44 +65,27 @@ class GenerateConfig(BaseConfig):
 CONFIG_CLASS = GenerateConfig
 
 
-def main(args: Sequence[str] | None = None) -> list[Path]:
-    """Write the PNGs; returns their paths."""
-    config = parse_config(GenerateConfig, args)
+def render(
+    config: GenerateConfig, pipe, projector, keys: Sequence[tuple[int, str, int]]
+) -> list[Path]:
+    """Write the PNGs of ``keys`` = (index in prompt × seed order, prompt, seed); returns their paths."""
     from PIL import Image
 
-    from noisealign.pipelines import encode_prompts, generate, load_pipeline
-    from noisealign.policies import apply_policy, check_pipeline, load_projector
-    from noisealign.tracking import apply_num_threads
+    from noisealign.pipelines import encode_prompts, generate
+    from noisealign.policies import apply_policy
 
-    apply_num_threads(config)
-    # ---- 1. projector and its pipeline (checked against each other) ---------------------
-    projector = load_projector(config.projector)
-    recorded = projector.config.pipeline
-    pipeline = config.pipeline or recorded
-    if not pipeline:
-        raise ConfigError("the projector records no pipeline; pass --pipeline FOLDER")
-    pipe = load_pipeline(pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code)  # fmt: skip
-    pipe.to(config.device)
-    pipe.set_progress_bar_config(disable=True)
-    check_pipeline(projector, pipe, f"projector '{config.projector}'")
-    projector = projector.to(config.device)
-
-    # ---- 2. every prompt with every seed: projected (and standard) images ---------------
-    prompts = [p for p in config.prompt for _ in config.seed]
-    seeds = [s for _ in config.prompt for s in config.seed]
+    index, prompts, seeds = (list(column) for column in zip(*keys))
     size = dict(height=config.height, width=config.width)
     projected, standard = apply_policy(pipe, projector, prompts, seeds, return_standard=True, **size)  # fmt: skip
     emb = encode_prompts(pipe, prompts)
     settings = dict(num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale)  # fmt: skip
     images = generate(pipe, emb, projected, **settings)
     plain = generate(pipe, emb, standard, **settings) if config.side_by_side else None
-
-    # ---- 3. PNGs -------------------------------------------------------------------------
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for i, (seed, image) in enumerate(zip(seeds, images)):
-        stem = f"{i // len(config.seed):03d}_seed{seed}"
+        stem = f"{index[i] // len(config.seed):03d}_seed{seed}"
         if plain is None:
             path = out / f"{stem}.png"
             image.save(path)
@@ -109,7 +96,37 @@ def main(args: Sequence[str] | None = None) -> list[Path]:
             path = out / f"{stem}_side_by_side.png"
             pair.save(path)
         written.append(path)
-    logger.info("wrote %d images to %s", len(written), out)
+    return written
+
+
+def main(args: Sequence[str] | None = None) -> list[Path]:
+    """Write the PNGs; returns the paths this process wrote (all of them with one process)."""
+    config = parse_config(GenerateConfig, args)
+    from noisealign.pipelines import load_pipeline
+    from noisealign.policies import check_pipeline, load_projector
+    from noisealign.tracking import make_accelerator
+
+    accelerator = make_accelerator(config)
+    # ---- 1. projector and its pipeline (checked against each other) ---------------------
+    projector = load_projector(config.projector)
+    pipeline = config.pipeline or projector.config.pipeline
+    if not pipeline:
+        raise ConfigError("the projector records no pipeline; pass --pipeline FOLDER")
+    pipe = load_pipeline(pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code)  # fmt: skip
+    pipe.to(accelerator.device)
+    pipe.set_progress_bar_config(disable=True)
+    check_pipeline(projector, pipe, f"projector '{config.projector}'")
+    projector = projector.to(accelerator.device)
+    logger.info("process %d on %s: pipeline on %s, projector on %s", accelerator.process_index, accelerator.device, pipe.device, next(projector.parameters()).device)  # fmt: skip
+
+    # ---- 2. this process's share of every prompt with every seed, as PNGs ----------------
+    pairs = [(p, s) for p in config.prompt for s in config.seed]
+    rank, world = accelerator.process_index, accelerator.num_processes
+    keys = [(i, *pairs[i]) for i in range(rank, len(pairs), world)]
+    written = render(config, pipe, projector, keys) if keys else []
+    logger.info("process %d wrote %d of %d images to %s", rank, len(written), len(pairs), config.output_dir)  # fmt: skip
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     return written
 
 

@@ -20,6 +20,9 @@ encodes each accepted image once.
 
 Stored scores: ``target_score`` is the accepted image's judge score, ``source_score`` is NaN
 (the image of ε itself was never generated) and every pair is ``kept``.
+
+One process on accelerate's device (a GPU when there is one); launched with more it stops
+with a ConfigError, since each would write the whole dataset.
 """
 
 from __future__ import annotations
@@ -71,7 +74,6 @@ def main(args: Sequence[str] | None = None):
     from pathlib import Path
 
     import datasets
-    import torch
     from tqdm.auto import tqdm
 
     from noisealign.data.exploration import ExplorationSource
@@ -81,10 +83,14 @@ def main(args: Sequence[str] | None = None):
     from noisealign.errors import DataError
     from noisealign.noise import batch_noise, distribution_preserving_mix
     from noisealign.pipelines import load_pipeline, pipeline_signature
+    from noisealign.tracking import make_accelerator
 
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
+    accelerator = make_accelerator(config)
+    if accelerator.num_processes > 1:  # N copies would each write the whole dataset
+        raise ConfigError(f"image_npd runs in one process (it writes one dataset), got {accelerator.num_processes} processes; run it as 'noisealign image_npd' or launch it with --num_processes 1")  # fmt: skip
     pipe = load_pipeline(config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code)  # fmt: skip
+    pipe.to(accelerator.device)
+    logger.info("process %d on %s: pipeline on %s", accelerator.process_index, accelerator.device, pipe.device)  # fmt: skip
     source = ExplorationSource(config.dataset, pipe, config.gamma)
     table = source.dataset
     needed = ("prompt_id", "prompt", "seed", "overall", "failed", "latent_shape", "pipeline",
