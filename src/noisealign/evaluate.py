@@ -10,6 +10,10 @@ noise ``batch_noise(prompt_id, seed)``. The final images are scored by every jud
 ``judges`` (the first gives the alignment columns). Writes ``report.md``, ``report.json``,
 ``grid_<set>.png`` and ``cost_<set>.png`` to ``output_dir`` and logs them to wandb. Finished
 methods are kept in ``rows/`` and skipped when the same recipe runs again.
+
+With N processes (``accelerate launch --num_processes N src/noisealign/evaluate.py ...``) each
+runs a share of the batches one process would run, and the main process merges them into the
+same report (see :mod:`noisealign.evaluation.runner`).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ class EvaluateConfig(BaseConfig):
 
     pipeline: str = field(default="", metadata={"help": "Diffusers pipeline folder or hub id. Required."})  # fmt: skip
     torch_dtype: str = field(default="float32", metadata={"help": "Pipeline dtype: float32, float16 or bfloat16."})  # fmt: skip
-    device: str = field(default="cpu", metadata={"help": "torch device of the pipeline, policies and judges' inputs, e.g. 'cuda'."})  # fmt: skip
+    device: str | None = field(default=None, metadata={"help": "torch device of the pipeline, policies and judges' inputs; unset: accelerate's device of each process. With several processes only a type without index ('cuda') is accepted."})  # fmt: skip
     prompt_sets: dict = field(default_factory=dict, metadata={"help": "Prompt sets to evaluate: name -> prompt file (.txt, .jsonl with optional concepts, GenEval metadata .jsonl, DrawBench-style .csv). Required."})  # fmt: skip
     prompt_split: str | None = field(default=None, metadata={"help": "Keep only rows whose 'split' column equals this (e.g. 'eval' of recipes/prompts/compositional.jsonl)."})  # fmt: skip
     prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt in JSONL/CSV files (DrawBench: 'Prompts')."})  # fmt: skip
@@ -65,22 +69,21 @@ class EvaluateConfig(BaseConfig):
 CONFIG_CLASS = EvaluateConfig
 
 
-def main(args: Sequence[str] | None = None) -> dict:
-    """Run the evaluation and write the report; returns the report dict (as in report.json)."""
+def main(args: Sequence[str] | None = None) -> dict | None:
+    """Run the evaluation and write the report; returns the report dict (as in report.json) on
+    the main process, ``None`` on the others."""
     config = parse_config(EvaluateConfig, args)
-    import torch
-
     from noisealign.data.prompts import load_prompts, parse_seeds
     from noisealign.data.shards import claim_output_dir
+    from noisealign.evaluation import runner
     from noisealign.evaluation.methods import EvalContext, build_method
     from noisealign.evaluation.report import write_report
-    from noisealign.evaluation.runner import load_method, run_method, save_method
     from noisealign.pipelines import latent_shape, load_pipeline
     from noisealign.tracking import make_accelerator, start_tracking
 
     accelerator = make_accelerator(config)
-    if accelerator.num_processes > 1:
-        raise ConfigError("evaluate runs in one process; launch it without --num_processes")
+    device = runner.process_device(config.device, accelerator, "device")
+    judge_kwargs = runner.judge_devices(config.judge_kwargs, accelerator)
 
     # ---- 1. prompts and seeds (checked before any model loads) ---------------------------
     seeds = parse_seeds(config.seeds)
@@ -91,42 +94,39 @@ def main(args: Sequence[str] | None = None) -> dict:
 
     # ---- 2. pipeline, judges, methods (policies load and are checked against the pipe) --
     pipe = load_pipeline(config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code)  # fmt: skip
-    pipe.to(config.device)
+    pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     ctx = EvalContext(
         pipe, tuple(latent_shape(pipe)), config.num_inference_steps, config.guidance_scale,
-        default_judge=config.judges[0], judge_kwargs=config.judge_kwargs,
+        default_judge=config.judges[0], judge_kwargs=judge_kwargs,
     )  # fmt: skip
     judges = {name: ctx.judge(name) for name in config.judges}
     runs = {label: build_method(label, s, ctx) for label, s in config.methods.items()}
     # only a recipe that passed every check claims the folder
     out = Path(config.output_dir)
     fingerprint = {k: v for k, v in config.to_dict().items() if k not in _NOT_FINGERPRINTED}
-    claim_output_dir(out, fingerprint, config.overwrite_output_dir, derived=[out / "rows"])
+    if accelerator.is_main_process:
+        claim_output_dir(out, fingerprint, config.overwrite_output_dir, derived=[out / "rows"])
+    accelerator.wait_for_everyone()  # nobody reads rows/ before an overwrite has cleared it
     start_tracking(accelerator, config, "evaluate")
 
-    # ---- 3. every method over every prompt set (finished methods are read back) ---------
+    # ---- 3. this process's share of the unfinished methods' batches ---------------------
+    work = runner.plan_work(out / "rows", prompt_sets, seeds, list(runs), batch_size=config.batch_size, grid_prompts=config.grid_prompts)  # fmt: skip
+    runner.run_share(work, runs, judges, process_index=accelerator.process_index, num_processes=accelerator.num_processes, device=device)  # fmt: skip
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        accelerator.end_training()
+        return None
     report = {
         "pipeline": config.pipeline, "judges": list(config.judges), "seeds": seeds,
         "num_inference_steps": config.num_inference_steps, "guidance_scale": config.guidance_scale,
-        "device": str(pipe._execution_device), "prompt_sets": {},
+        "device": str(pipe._execution_device), "num_processes": accelerator.num_processes,
+        "prompt_sets": {},
     }  # fmt: skip
     samples = {}  # per prompt set: the grid's prompts, images and scores, for the tracker
+    merged = runner.merged_results(out / "rows", work, list(prompt_sets), list(runs))
     for set_name, records in prompt_sets.items():
-        folder = out / "rows" / set_name
-        keys = [(r, s) for r in records for s in seeds]
-        grid_keys = {(r.prompt_id, seeds[0]) for r in records[: config.grid_prompts]}
-        results = {}
-        for label, run in runs.items():
-            results[label] = load_method(folder, label)
-            if results[label] is None:
-                results[label] = run_method(
-                    run, keys, judges, batch_size=config.batch_size, device=torch.device(config.device),
-                    grid_keys=grid_keys, desc=f"{set_name}/{label}",
-                )  # fmt: skip
-                save_method(folder, label, *results[label])
-            else:
-                logger.info("%s/%s: finished in an earlier run, read from %s", set_name, label, folder)  # fmt: skip
+        results = merged[set_name]
         summary = report["prompt_sets"][set_name] = _summarise(config, records, seeds, results)
         samples[set_name] = _write_figures(out, set_name, config, records[: config.grid_prompts], seeds[0], results, summary["methods"])  # fmt: skip
 

@@ -1,28 +1,49 @@
-"""Running one method over a prompt set: batches, cost accounting, judging, cached rows.
+"""Running the methods over prompt sets: batches shared out to processes, cost accounting, judging, cached rows.
 
-A method's rows are written to ``rows/<set>/<label>.json`` (atomically) when the method has
-finished, with the grid images beside them, so a re-run of the same recipe skips finished
-methods and a killed run loses at most the method it was running.
+A method's work on a prompt set is cut into the batches one process makes (``batch_size``
+consecutive (prompt, seed) keys). With N processes, process r runs units r, r+N, ... of the
+list of every unfinished (method, batch), so each key goes through the same batch, at the same
+position, as in one process: its images and scores do not depend on N (all methods draw their
+noise per key; only floating-point results could depend on a batch's other members).
+
+Each finished batch is written atomically to ``rows/<set>/<label>.parts/``. When every process
+is done, the main process merges a method's parts into ``rows/<set>/<label>.json`` (grid
+images in ``rows/<set>/<label>/``) and removes the parts. A re-run, with any process count,
+reads finished methods back and skips finished batches, so a killed run loses at most the
+batch each process was in.
+
+Cost of a merged method: steps and judge calls per image; ``seconds_per_image``, the seconds
+of every batch (on whichever process) over the images, i.e. compute time per image rather
+than the run's wall time; ``peak_memory_mb``, the largest batch peak on any process.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
+import shutil
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError, DataError
 from ..judges import Judge
 from ..judges.base import score_robustly
 from .methods import Run
 from .report import write_json
+
+logger = logging.getLogger(__name__)
+
+Grid = dict[tuple[str, int], Image.Image]
 
 
 class PeakMemory:
@@ -61,6 +82,98 @@ class PeakMemory:
         self.peak_mb = max(0.0, (peak - self._start) / 2**20)
 
 
+def process_device(requested: str | None, accelerator: Any, what: str) -> torch.device:
+    """The device this process puts ``what`` on: accelerate's unless a recipe names one.
+
+    One process honours any device. With N processes each has its own device, so only a
+    device type without index (``cuda``, ``cpu``) matching accelerate's is accepted.
+    """
+    if requested is None:
+        return accelerator.device
+    try:
+        asked = torch.device(requested)
+    except RuntimeError as exc:
+        raise ConfigError(f"{what} '{requested}' is not a torch device; use e.g. 'cuda' or 'cpu', or leave it unset") from exc  # fmt: skip
+    if accelerator.num_processes == 1:
+        return asked
+    if asked.index is None and asked.type == accelerator.device.type:
+        return accelerator.device
+    raise ConfigError(
+        f"{what} is '{requested}', but each of the {accelerator.num_processes} processes runs on "
+        f"its own {accelerator.device.type} device; leave {what} unset (accelerate picks it)"
+    )
+
+
+def judge_devices(judge_kwargs: dict, accelerator: Any) -> dict:
+    """``judge_kwargs`` with each explicit ``device`` checked and resolved by :func:`process_device`
+    (a judge without one picks accelerate's device itself)."""
+    return {
+        name: {**kw, "device": str(process_device(kw["device"], accelerator, f"judge_kwargs.{name}.device"))}
+        if isinstance(kw, dict) and "device" in kw else kw
+        for name, kw in judge_kwargs.items()
+    }  # fmt: skip
+
+
+@dataclass
+class MethodWork:
+    """One unfinished method on one prompt set: the one-process batches of (record, seed) keys."""
+
+    folder: Path  # rows/<set>
+    label: str
+    batches: list[list[tuple]]
+    grid_keys: set[tuple[str, int]]
+
+    @property
+    def parts(self) -> Path:
+        return self.folder / f"{self.label}.parts"
+
+
+def plan_work(
+    rows_dir: Path,
+    prompt_sets: dict[str, list],
+    seeds: Sequence[int],
+    labels: Sequence[str],
+    *,
+    batch_size: int,
+    grid_prompts: int,
+) -> list[MethodWork]:
+    """Every (prompt set, method) without a ``rows/<set>/<label>.json``, in recipe order."""
+    work = []
+    for set_name, records in prompt_sets.items():
+        folder = rows_dir / set_name
+        keys = [(r, s) for r in records for s in seeds]
+        batches = [keys[i : i + batch_size] for i in range(0, len(keys), batch_size)]
+        grid_keys = {(r.prompt_id, seeds[0]) for r in records[:grid_prompts]}
+        for label in labels:
+            if (folder / f"{label}.json").is_file():
+                logger.info("%s/%s: finished in an earlier run, read from %s", set_name, label, folder)  # fmt: skip
+            else:
+                work.append(MethodWork(folder, label, batches, grid_keys))
+    return work
+
+
+def run_share(
+    work: Sequence[MethodWork],
+    runs: dict[str, Run],
+    judges: dict[str, Judge],
+    *,
+    process_index: int,
+    num_processes: int,
+    device: torch.device,
+) -> None:
+    """This process's units r, r+N, ... of all (method, batch) in ``work``; finished ones are skipped."""
+    units = [(w, i) for w in work for i in range(len(w.batches))]
+    mine = units[process_index::num_processes]
+    todo = [(w, i) for w, i in mine if _read_part(w, i) is None]
+    logger.info(
+        "%d batches of unfinished methods; process %d takes %d (%d done in an earlier run)",
+        len(units), process_index, len(mine), len(mine) - len(todo),
+    )  # fmt: skip
+    for w, i in tqdm(todo, desc=f"evaluate (process {process_index})", unit="batch", disable=process_index != 0):  # fmt: skip
+        part, grid = run_batch(runs[w.label], w.batches[i], judges, device, w.grid_keys)
+        _save_part(w, i, part, grid)
+
+
 def _judge_rows(
     judges: dict[str, Judge],
     images: list[Image.Image],
@@ -85,47 +198,90 @@ def _judge_rows(
     return rows
 
 
-def run_method(
+def run_batch(
     run: Run,
-    keys: Sequence[tuple],
+    batch: Sequence[tuple],
     judges: dict[str, Judge],
-    *,
-    batch_size: int,
     device: torch.device,
     grid_keys: set[tuple[str, int]],
-    desc: str,
-) -> tuple[list[dict], dict, dict[tuple[str, int], Image.Image]]:
-    """Rows, per-image cost and the grid images of one method over ``keys`` = [(record, seed)]."""
-    rows, steps, calls, seconds, peak = [], [], [], 0.0, 0.0
-    grid: dict[tuple[str, int], Image.Image] = {}
-    for start in tqdm(range(0, len(keys), batch_size), desc=desc, unit="batch"):
-        batch = keys[start : start + batch_size]
-        prompts = [r.prompt for r, _ in batch]
-        ids = [r.prompt_id for r, _ in batch]
-        concepts = [list(r.concepts) if r.concepts else None for r, _ in batch]
-        seeds = [s for _, s in batch]
-        with PeakMemory(device) as memory:
-            began = time.perf_counter()
-            out = run(prompts, ids, concepts, seeds)
-            seconds += time.perf_counter() - began
-        peak = max(peak, memory.peak_mb)
-        steps += list(out.denoising_steps)
-        calls += list(out.judge_calls)
-        rows += _judge_rows(judges, list(out.images), batch, seeds)
-        for (record, seed), image in zip(batch, out.images):
-            if (record.prompt_id, seed) in grid_keys:
-                grid[(record.prompt_id, seed)] = image
-    n = max(1, len(keys))
+) -> tuple[dict, Grid]:
+    """Rows and cost of one batch of (record, seed) keys, and its images among ``grid_keys``."""
+    prompts = [r.prompt for r, _ in batch]
+    ids = [r.prompt_id for r, _ in batch]
+    concepts = [list(r.concepts) if r.concepts else None for r, _ in batch]
+    seeds = [s for _, s in batch]
+    with PeakMemory(device) as memory:
+        began = time.perf_counter()
+        out = run(prompts, ids, concepts, seeds)
+        seconds = time.perf_counter() - began
+    part = {
+        "keys": [[p, s] for p, s in zip(ids, seeds)],
+        "rows": _judge_rows(judges, list(out.images), batch, seeds),
+        "denoising_steps": [float(x) for x in out.denoising_steps],
+        "judge_calls": [int(x) for x in out.judge_calls],
+        "seconds": seconds,
+        "peak_memory_mb": memory.peak_mb,
+    }
+    grid = {(p, s): image for p, s, image in zip(ids, seeds, out.images) if (p, s) in grid_keys}
+    return part, grid
+
+
+def _save_part(work: MethodWork, index: int, part: dict, grid: Grid) -> None:
+    """Grid PNGs first, then the part's JSON (atomic; its presence marks the batch as done)."""
+    work.parts.mkdir(parents=True, exist_ok=True)
+    names = {}
+    for j, ((prompt_id, seed), image) in enumerate(sorted(grid.items())):
+        names[f"{prompt_id}|{seed}"] = name = f"{index:05d}-{j:03d}.png"
+        image.save(work.parts / name)
+    write_json(work.parts / f"{index:05d}.json", {**part, "grid": names})
+
+
+def _read_part(work: MethodWork, index: int) -> dict | None:
+    """A batch's saved part, or ``None`` if missing or cut with another ``batch_size``."""
+    path = work.parts / f"{index:05d}.json"
+    if not path.is_file():
+        return None
+    part = json.loads(path.read_text())
+    keys = [[r.prompt_id, s] for r, s in work.batches[index]]
+    return part if part["keys"] == keys else None
+
+
+def merge_method(work: MethodWork) -> None:
+    """Main process, after every process ran its share: the parts -> ``<label>.json``, parts removed."""
+    rows, steps, calls, seconds, peak, grid = [], [], [], 0.0, 0.0, {}
+    for index in range(len(work.batches)):
+        part = _read_part(work, index)
+        if part is None:
+            raise DataError(f"{work.parts} lacks batch {index}; run the same command again to finish it")  # fmt: skip
+        rows += part["rows"]
+        steps += part["denoising_steps"]
+        calls += part["judge_calls"]
+        seconds += part["seconds"]
+        peak = max(peak, part["peak_memory_mb"])
+        for key, name in part["grid"].items():
+            prompt_id, _, seed = key.rpartition("|")
+            grid[(prompt_id, int(seed))] = Image.open(work.parts / name).convert("RGB")
+    n = max(1, len(rows))
     cost = {
         "denoising_steps": sum(steps) / n,
         "judge_calls": sum(calls) / n,
         "seconds_per_image": seconds / n,
         "peak_memory_mb": peak,
     }
-    return rows, cost, grid
+    save_method(work.folder, work.label, rows, cost, grid)
+    shutil.rmtree(work.parts)
 
 
-def save_method(folder: Path, label: str, rows: list[dict], cost: dict, grid: dict) -> None:
+def merged_results(
+    rows_dir: Path, work: Sequence[MethodWork], set_names: Sequence[str], labels: Sequence[str]
+) -> dict[str, dict[str, tuple[list[dict], dict, Grid]]]:
+    """Main process: merge ``work``'s parts, then every method's rows, cost and grid, per prompt set."""
+    for method in work:
+        merge_method(method)
+    return {s: {label: load_method(rows_dir / s, label) for label in labels} for s in set_names}
+
+
+def save_method(folder: Path, label: str, rows: list[dict], cost: dict, grid: Grid) -> None:
     """Grid PNGs first, then the rows file (its presence marks the method as finished)."""
     image_dir = folder / label
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -136,9 +292,7 @@ def save_method(folder: Path, label: str, rows: list[dict], cost: dict, grid: di
     write_json(folder / f"{label}.json", {"rows": rows, "cost": cost, "grid": names})
 
 
-def load_method(
-    folder: Path, label: str
-) -> tuple[list[dict], dict, dict[tuple[str, int], Image.Image]] | None:
+def load_method(folder: Path, label: str) -> tuple[list[dict], dict, Grid] | None:
     """A finished method's rows, cost and grid images, or ``None`` when it has not finished."""
     path = folder / f"{label}.json"
     if not path.is_file():
