@@ -152,6 +152,9 @@ def test_datasets_with_rows_of_recorded_heldout_prompts_are_refused(tmp_path, ca
     with caplog.at_level("WARNING", logger="noisealign.data.prompts"):
         assert prompts.check_not_heldout(tmp_path / "old" / "dataset", ["t0", "e0"]) is None
     assert "records no held-out prompts" in caplog.text
+    (collected / "heldout.json").write_text("{")
+    with pytest.raises(DataError, match=r"heldout\.json is corrupt; collect the dataset again"):
+        prompts.check_not_heldout(collected / "dataset", ["t0"])
 
 
 def test_drawbench_csv_column(tmp_path):

@@ -40,6 +40,7 @@ logger = logging.getLogger(__name__)
 # stages of a chain disagree, which is exactly how evaluation prompts leak into training.
 HELDOUT_SPLIT = "eval"
 HELDOUT_FILE = "heldout.json"  # written by collect / collect_npd / image_npd beside dataset/
+_RECORD_KEYS = {"prompts", "heldout_split", "heldout_prompt_ids"}
 
 
 @dataclass(frozen=True)
@@ -266,9 +267,15 @@ def save_heldout_record(folder: str | Path, record: dict[str, Any]) -> None:
 
 def load_heldout_record(dataset: str | Path) -> dict[str, Any] | None:
     """The record of a collected dataset: ``heldout.json`` in its folder or the folder above; None if absent."""
-    for folder in (Path(dataset), Path(dataset).parent):
-        if (folder / HELDOUT_FILE).is_file():
-            return json.loads((folder / HELDOUT_FILE).read_text())
+    for path in (Path(dataset, HELDOUT_FILE), Path(dataset).parent / HELDOUT_FILE):
+        if path.is_file():
+            try:
+                record = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict) or not _RECORD_KEYS <= record.keys():
+                raise DataError(f"{path} is corrupt; collect the dataset again")
+            return record
     return None
 
 
