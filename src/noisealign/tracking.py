@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from . import dry_run
 from .configs import BaseConfig
 
 # WANDB_*_DIR values this module set, so a second stage in one process moves them to its folder
@@ -45,7 +46,9 @@ def make_accelerator(config: BaseConfig, **kwargs: Any) -> Accelerator:
     """
     apply_num_threads(config)
     log_with = "wandb" if config.report_to == "wandb" else None
-    return Accelerator(log_with=log_with, project_dir=config.output_dir, **kwargs)
+    accelerator = Accelerator(log_with=log_with, project_dir=config.output_dir, **kwargs)
+    dry_run.watch(accelerator)  # a dry run's report gathers the ranks before end_training
+    return accelerator
 
 
 def start_tracking(accelerator: Accelerator, config: BaseConfig, stage: str) -> None:

@@ -26,9 +26,14 @@ class DryRunFailure(NoiseAlignError):
     """A dry run whose outputs did not read back (missing, empty or non-finite)."""
 
 
+def _device(device: torch.device) -> str:
+    """``cuda:1`` stays; every CPU device is ``cpu`` (accelerate calls it ``cpu:0`` on every rank)."""
+    return "cpu" if device.type == "cpu" else str(device)
+
+
 def _module(role: str, cls: str, module: nn.Module) -> dict[str, str]:
     param = next(module.parameters(), None)
-    dtype, device = (str(param.dtype), str(param.device)) if param is not None else ("-", "-")
+    dtype, device = (str(param.dtype), _device(param.device)) if param is not None else ("-", "-")
     return {"role": role, "class": cls, "dtype": dtype.removeprefix("torch."), "device": device}
 
 
@@ -126,30 +131,45 @@ def report() -> dict[str, Any] | None:
     Called by :func:`noisealign.cli.run_stage` after the stage returned (a no-op outside a
     dry run). Raises :class:`DryRunFailure` when an output does not read back.
     """
-    from . import _PLAN, _TRACKED, reset  # read at call time: prepare() set them
+    from . import _PLAN, _RANKS, _TRACKED, reset  # read at call time: prepare() set them
 
     if _PLAN is None:
         return None
     try:
-        return _report(_PLAN, _TRACKED)
+        return _report(_PLAN, _TRACKED, _RANKS)
     finally:
         reset()
 
 
-def _report(plan: Plan, tracked: list[tuple[str, Any]]) -> dict[str, Any] | None:
+def rank_summary(tracked: list[tuple[str, Any]]) -> dict[str, Any]:
+    """This process's rank, device, tracked models and peak memory."""
     from accelerate import PartialState
+
+    state = PartialState()
+    return {
+        "rank": state.process_index,
+        "device": _device(state.device),
+        "models": [m for role, obj in tracked for m in describe(role, obj)],
+        "peak_memory": peak_memory_mb(),
+    }
+
+
+def gather_ranks(tracked: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+    """Every rank's :func:`rank_summary` (collective: call it on all ranks while they are joined)."""
     from accelerate.utils import gather_object
+
+    mine = rank_summary(tracked)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return gather_object([mine]) if distributed else [mine]
+
+
+def _report(plan: Plan, tracked: list[tuple[str, Any]], ranks: list | None) -> dict[str, Any] | None:
+    from accelerate import PartialState
 
     from . import slug
 
     state = PartialState()
-    mine = {
-        "rank": state.process_index,
-        "device": str(state.device),
-        "models": [m for role, obj in tracked for m in describe(role, obj)],
-        "peak_memory": peak_memory_mb(),
-    }
-    ranks = gather_object([mine]) if state.num_processes > 1 else [mine]
+    ranks = ranks or gather_ranks(tracked)
     if not state.is_main_process:
         return None
     output_dir = Path(plan.changed.get("output_dir", [None, plan.output_dir])[1])  # mirrored
