@@ -107,6 +107,51 @@ def test_rerun_skips_finished_methods_and_redoes_a_missing_one(folders, tmp_path
     assert numbers(second) == numbers(first)
 
 
+@pytest.mark.slow
+def test_two_processes_write_the_report_of_one_and_a_rerun_in_one_finishes_it(folders, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    methods = {
+        "standard": {"type": "standard"},
+        "projector": {"type": "policy", "policy": str(folders / "projector_tiny")},
+        "best_of_2": {"type": "best_of_n", "n": 2},
+        "early_stop_2": {"type": "early_stop", "n": 2, "stop_step": 2},
+        "noise_diffusion": {"type": "noise_diffusion", "rounds": 1, "num_candidates": 2},
+    }
+
+    def tiny(out):  # 3 prompts x 2 seeds in batches of 4 and 2
+        return recipe(folders, out, methods, "--pipeline", str(folders / "tiny_sd"))
+
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", "29541", "src/noisealign/evaluate.py",
+    ]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(launch + tiny(tmp_path / "two"), env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "process 1 takes 5" in done.stdout  # really two ranks, 5 of the 10 batches each
+    one = json.loads(json.dumps(evaluate.main(tiny(tmp_path / "one"))))
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert (one["num_processes"], two["num_processes"]) == (1, 2)
+    # alignment, concept accuracy, win rates, Δ and their intervals, steps, judge calls
+    assert numbers(two) == numbers(one)
+    assert [m["name"] for m in two["prompt_sets"]["mini"]["methods"]] == list(methods)
+    for label in methods:
+        rows = [json.loads((tmp_path / r / "rows" / "mini" / f"{label}.json").read_text())["rows"] for r in ("one", "two")]  # fmt: skip
+        assert rows[1] == rows[0] and len(rows[0]) == 6
+    assert not list((tmp_path / "two" / "rows").rglob("*.parts"))
+    grids = [Image.open(tmp_path / r / "grid_mini.png").tobytes() for r in ("one", "two")]
+    assert grids[1] == grids[0]
+    # the same folder in one process: finished methods read back, the missing one redone
+    (tmp_path / "two" / "rows" / "mini" / "best_of_2.json").unlink()
+    assert numbers(json.loads(json.dumps(evaluate.main(tiny(tmp_path / "two"))))) == numbers(one)
+
+
 def test_bad_recipes_fail_clearly_and_touch_nothing(folders, tmp_path):
     with pytest.raises(
         ConfigError, match="methods.fancy: unknown type 'magic'; choose one of standard, policy"

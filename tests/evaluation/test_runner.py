@@ -35,7 +35,9 @@ class BatchSensitive:
         self.calls.append(tuple(zip(prompt_ids, seeds)))
         shades = [(10 * int(p[1:]) + 3 * s + 7 * i + len(seeds)) % 256 for i, (p, s) in enumerate(zip(prompt_ids, seeds))]  # fmt: skip
         images = [Image.new("RGB", (4, 4), (v, 0, 0)) for v in shades]
-        return MethodOutput(images, torch.zeros(len(seeds), 1), [2.0] * len(seeds), [1] * len(seeds))
+        return MethodOutput(
+            images, torch.zeros(len(seeds), 1), [2.0] * len(seeds), [1] * len(seeds)
+        )
 
 
 class RedJudge:
