@@ -1,4 +1,4 @@
-"""The evaluate stage on the toy pipeline: every method's row with cost, figures, reproducibility, resume, bad input."""
+"""The evaluate stage on the toy pipeline: every method's row with cost, figures, reproducibility, resume, 2 processes, bad input."""
 
 import json
 
