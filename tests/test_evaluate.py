@@ -128,7 +128,7 @@ def test_two_processes_write_the_report_of_one_and_a_rerun_in_one_finishes_it(fo
     launch = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", "29541", "src/noisealign/evaluate.py",
+        "--main_process_port", "29547", "src/noisealign/evaluate.py",
     ]  # fmt: skip
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}  # fmt: skip
     root = Path(__file__).resolve().parents[1]
