@@ -199,3 +199,19 @@ def test_wandb_gets_the_metrics_table_and_a_table_of_images(folders, tmp_path):
     table = json.loads(samples[0].read_text())
     assert table["columns"] == ["prompt", "seed", "standard", "best_of_2"]
     assert len(table["data"]) == 2 and table["data"][0][0] == "a red circle left of a blue square"
+
+
+def test_unset_prompt_split_evaluates_the_heldout_rows_of_a_split_file(folders, tmp_path):
+    prompts = tmp_path / "split.jsonl"
+    rows = [
+        {"prompt_id": "t0", "prompt": "a red circle", "split": "train"},
+        {"prompt_id": "e0", "prompt": "a blue square", "split": "eval"},
+        {"prompt_id": "t1", "prompt": "a green triangle", "split": "train"},
+    ]
+    prompts.write_text("\n".join(json.dumps(r) for r in rows))
+    args = recipe(folders, tmp_path / "out", {"standard": {"type": "standard"}})
+    args[args.index("--prompt_sets") + 1] = json.dumps({"mini": str(prompts)})
+    report = evaluate.main([*args, "--grid_prompts", "1"])
+    assert report["prompt_sets"]["mini"]["prompts"] == 1
+    saved = json.loads((tmp_path / "out" / "rows" / "mini" / "standard.json").read_text())
+    assert {r["prompt_id"] for r in saved["rows"]} == {"e0"}

@@ -40,7 +40,7 @@ class EvaluateConfig(BaseConfig):
     torch_dtype: str = field(default="float32", metadata={"help": "Pipeline dtype: float32, float16 or bfloat16."})  # fmt: skip
     device: str | None = field(default=None, metadata={"help": "torch device of the pipeline, policies and judges' inputs; unset: accelerate's device of each process. With several processes only a type without index ('cuda') is accepted."})  # fmt: skip
     prompt_sets: dict = field(default_factory=dict, metadata={"help": "Prompt sets to evaluate: name -> prompt file (.txt, .jsonl with optional concepts, GenEval metadata .jsonl, DrawBench-style .csv). Required."})  # fmt: skip
-    prompt_split: str | None = field(default=None, metadata={"help": "Keep only rows whose 'split' column equals this (e.g. 'eval' of recipes/prompts/compositional.jsonl)."})  # fmt: skip
+    prompt_split: str | None = field(default=None, metadata={"help": "Keep only rows whose 'split' column equals this. Unset: the held-out rows (split 'eval') of a file with a 'split' column, every row of a file without one."})  # fmt: skip
     prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt in JSONL/CSV files (DrawBench: 'Prompts')."})  # fmt: skip
     max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts of each set (quick runs)."})  # fmt: skip
     seeds: str = field(default="0:4", metadata={"help": "Seeds per prompt: 'start:stop', 'a,b,c', or a YAML list of ints."})  # fmt: skip
@@ -73,7 +73,7 @@ def main(args: Sequence[str] | None = None) -> dict | None:
     """Run the evaluation and write the report; returns the report dict (as in report.json) on
     the main process, ``None`` on the others."""
     config = parse_config(EvaluateConfig, args)
-    from noisealign.data.prompts import load_prompts, parse_seeds
+    from noisealign.data.prompts import load_heldout_prompts, load_prompts, parse_seeds
     from noisealign.data.shards import claim_output_dir
     from noisealign.evaluation import runner
     from noisealign.evaluation.methods import EvalContext, build_method
@@ -88,7 +88,11 @@ def main(args: Sequence[str] | None = None) -> dict | None:
     # ---- 1. prompts and seeds (checked before any model loads) ---------------------------
     seeds = parse_seeds(config.seeds)
     prompt_sets = {
-        name: load_prompts(path, config.prompt_column, config.prompt_split)[: config.max_prompts]
+        name: (
+            load_heldout_prompts(path, config.prompt_column)
+            if config.prompt_split is None
+            else load_prompts(path, config.prompt_column, config.prompt_split)
+        )[: config.max_prompts]
         for name, path in config.prompt_sets.items()
     }
 
