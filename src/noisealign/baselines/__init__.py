@@ -20,7 +20,14 @@ from .best_of_n import (
     fit_linear_preview,
     linear_preview,
 )
-from .common import MethodOutput, candidate_noise, ddim_loop, ddim_replay, decode
+from .common import (
+    MethodOutput,
+    candidate_noise,
+    ddim_loop,
+    ddim_replay,
+    decode,
+    upcast_vae,
+)
 from .noise_diffusion import (
     DifferentiableJudge,
     check_differentiable,
@@ -47,4 +54,5 @@ __all__ = [
     "score_and_gradient",
     "select_candidates",
     "step_size",
+    "upcast_vae",
 ]

@@ -9,7 +9,8 @@ early-stop and Noise Diffusion baselines need.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,28 +137,66 @@ def ddim_replay(
     return x
 
 
+def needs_upcast(pipe: DiffusionPipeline) -> bool:
+    """Whether ``pipe()`` would decode in float32: a float16 VAE whose config sets ``force_upcast``.
+
+    The SD 1.5 and SDXL VAEs set it (their activations overflow float16). A bfloat16 VAE is
+    never upcast, as in diffusers: bfloat16 has float32's exponent range, so it does not
+    overflow, and it decodes in bfloat16.
+    """
+    vae: Any = pipe.vae
+    return vae.dtype == torch.float16 and bool(vae.config.force_upcast)
+
+
+@contextmanager
+def upcast_vae(pipe: DiffusionPipeline) -> Iterator[None]:
+    """Hold the pipeline's VAE in float32 inside the block where :func:`needs_upcast`, as ``pipe()`` does.
+
+    Adapted from diffusers' ``StableDiffusionXLPipeline.__call__`` (diffusers 0.42.1): cast the
+    VAE to float32, decode, cast it back to float16. Here the cast back waits for the end of the
+    block, so a backward pass inside it still finds the float32 weights its graph saved; nested
+    blocks are no-ops. Elsewhere the VAE is left alone.
+    """
+    if not needs_upcast(pipe):
+        yield
+        return
+    # torch's Module.to, not diffusers' ModelMixin.to, which (0.42.1) logs a warning on every
+    # dtype cast, i.e. twice per decode here
+    torch.nn.Module.to(pipe.vae, torch.float32)
+    try:
+        yield
+    finally:
+        torch.nn.Module.to(pipe.vae, torch.float16)
+
+
 def decode(pipe: DiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> ``(B, 3, H, W)`` float32 images in [0, 1], as ``pipe()`` decodes; differentiable.
 
-    Raises :class:`~noisealign.errors.PipelineError` for a float16 VAE that ``pipe()`` would
-    upcast to float32 (it overflows in float16); this function never changes the pipeline.
+    A float16 VAE with ``force_upcast`` decodes in float32 (:func:`upcast_vae`) and is float16
+    again on return. To differentiate such a decode, call it inside ``with upcast_vae(pipe):``
+    and run the backward pass there too; otherwise it raises
+    :class:`~noisealign.errors.PipelineError`, since the weights the graph saved would have
+    been cast back before the backward pass reads them.
     """
-    vae: Any = pipe.vae
-    config = vae.config
-    if vae.dtype == torch.float16 and config.force_upcast:
+    if needs_upcast(pipe) and torch.is_grad_enabled() and latents.requires_grad:
         raise PipelineError(
-            "the pipeline's VAE is float16 with force_upcast set (it overflows in float16); "
-            "load the pipeline in bfloat16 or float32, or use a VAE fixed for float16"
+            "a differentiable decode with the float16 VAE (force_upcast) must run inside "
+            "`with upcast_vae(pipe):`, together with its backward pass"
         )
-    x = latents.to(vae.device, vae.dtype)
-    if config.latents_mean is not None and config.latents_std is not None:  # SDXL-style VAEs
-        mean = torch.tensor(config.latents_mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(config.latents_std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        x = x * std / config.scaling_factor + mean
-    else:
-        x = x / config.scaling_factor
-    image = vae.decode(x, return_dict=False)[0].float()
+    with upcast_vae(pipe):
+        vae: Any = pipe.vae
+        x = _unscale(vae.config, latents.to(vae.device, vae.dtype))
+        image = vae.decode(x, return_dict=False)[0].float()
     return (image / 2 + 0.5).clamp(0, 1)
+
+
+def _unscale(config: Any, x: torch.Tensor) -> torch.Tensor:
+    """The VAE's latents from the pipeline's: undo ``scaling_factor`` (and SDXL-style mean/std)."""
+    if config.latents_mean is not None and config.latents_std is not None:
+        mean = x.new_tensor(config.latents_mean).view(1, -1, 1, 1)
+        std = x.new_tensor(config.latents_std).view(1, -1, 1, 1)
+        return x * std / config.scaling_factor + mean
+    return x / config.scaling_factor
 
 
 def to_pil(pipe: DiffusionPipeline, images: torch.Tensor) -> list[Image.Image]:

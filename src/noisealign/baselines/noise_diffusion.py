@@ -37,7 +37,15 @@ from ..errors import JudgeError
 from ..judges.base import Judge
 from ..noise import distribution_preserving_mix, initial_noise
 from ..pipelines.encoding import PromptEmbeddings
-from .common import MethodOutput, check_batch, ddim_loop, ddim_replay, decode, to_pil
+from .common import (
+    MethodOutput,
+    check_batch,
+    ddim_loop,
+    ddim_replay,
+    decode,
+    to_pil,
+    upcast_vae,
+)
 
 
 @runtime_checkable
@@ -105,7 +113,8 @@ def score_and_gradient(
             guidance_scale=guidance_scale,
             record=True,
         )
-    with torch.enable_grad():
+    # the backward pass runs inside the upcast, so it reads the float32 VAE its graph saved
+    with torch.enable_grad(), upcast_vae(pipe):
         z = noise.to(pipe._execution_device, torch.float32).requires_grad_(True)
         final = ddim_replay(pipe, z, trace.model_outputs, num_inference_steps=num_inference_steps)
         score = judge.score_tensor(decode(pipe, final), list(prompts))
