@@ -116,6 +116,18 @@ def test_image_grid_with_judge_scores(tiny, tmp_path):
     assert Image.open(grid).size == (2 * 32, 2 * 32)  # standard | projected, 2 seeds
 
 
+def test_grid_judge_is_built_with_the_recipes_judge_kwargs(tiny, tmp_path):
+    from noisealign.errors import JudgeError
+    from noisealign.testing.vlms import build_tiny_clip
+
+    clip = str(build_tiny_clip(tmp_path / "clip"))
+    grid = ["--max_steps", "2", "--image_steps", "2", "--image_prompts", "a red circle", "--judge", "clip", "--num_inference_steps", "2"]  # fmt: skip
+    with pytest.raises(JudgeError, match=r"judge 'clip' does not accept judge_kwargs \['colour', 'model'\]"):  # fmt: skip
+        train_projector.main(args(tiny, tmp_path / "bad", *grid, "--judge_kwargs", json.dumps({"model": clip, "colour": "red"})))  # fmt: skip
+    train_projector.main(args(tiny, tmp_path / "out", *grid, "--judge_kwargs", json.dumps({"model": clip})))  # fmt: skip
+    assert (tmp_path / "out" / "images" / "step-000002.png").exists()
+
+
 def test_bad_recipes_fail_clearly(tiny, tmp_path):
     with pytest.raises(ConfigError, match="'loss_type'"):
         train_projector.main(args(tiny, tmp_path / "o", "--loss_type", "kto"))
