@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from . import dry_run
 from .configs import BaseConfig
 
 # WANDB_*_DIR values this module set, so a second stage in one process moves them to its folder
@@ -46,9 +45,7 @@ def make_accelerator(config: BaseConfig, **kwargs: Any) -> Accelerator:
     """
     apply_num_threads(config)
     log_with = "wandb" if config.report_to == "wandb" else None
-    accelerator = Accelerator(log_with=log_with, project_dir=config.output_dir, **kwargs)
-    dry_run.watch(accelerator)  # a dry run's report gathers the ranks before end_training
-    return accelerator
+    return Accelerator(log_with=log_with, project_dir=config.output_dir, **kwargs)
 
 
 def start_tracking(accelerator: Accelerator, config: BaseConfig, stage: str) -> None:

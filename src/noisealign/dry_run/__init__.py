@@ -90,27 +90,6 @@ class Plan:
 
 _PLAN: Plan | None = None
 _TRACKED: list[tuple[str, Any]] = []
-_RANKS: list[dict[str, Any]] | None = None  # gathered before the process group ends
-
-
-def watch(accelerator: Any) -> None:
-    """Gather every rank's models for the report when the stage ends its ``Accelerator``.
-
-    ``end_training`` destroys the process group, after which ranks can no longer be gathered;
-    so inside a dry run it first gathers them (a no-op outside a dry run).
-    """
-    if _PLAN is None:
-        return
-    end_training = accelerator.end_training
-
-    def gather_then_end() -> None:
-        global _RANKS
-        from .report import gather_ranks
-
-        _RANKS = gather_ranks(_TRACKED)
-        end_training()
-
-    accelerator.end_training = gather_then_end
 
 
 def active() -> bool:
@@ -127,8 +106,8 @@ def track(role: str, obj: Any) -> Any:
 
 def reset() -> None:
     """Leave dry-run mode (the next stage in this process runs for real unless it asks again)."""
-    global _PLAN, _RANKS
-    _PLAN, _RANKS = None, None
+    global _PLAN
+    _PLAN = None
     _TRACKED.clear()
 
 

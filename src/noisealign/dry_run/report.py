@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import resource
+import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("noisealign.dry_run")
 
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+RANK_TIMEOUT = 300.0  # seconds the main process waits for the other ranks' summaries
 
 
 class DryRunFailure(NoiseAlignError):
@@ -131,12 +134,12 @@ def report() -> dict[str, Any] | None:
     Called by :func:`noisealign.cli.run_stage` after the stage returned (a no-op outside a
     dry run). Raises :class:`DryRunFailure` when an output does not read back.
     """
-    from . import _PLAN, _RANKS, _TRACKED, reset  # read at call time: prepare() set them
+    from . import _PLAN, _TRACKED, reset  # read at call time: prepare() set them
 
     if _PLAN is None:
         return None
     try:
-        return _report(_PLAN, _TRACKED, _RANKS)
+        return _report(_PLAN, _TRACKED)
     finally:
         reset()
 
@@ -154,26 +157,46 @@ def rank_summary(tracked: list[tuple[str, Any]]) -> dict[str, Any]:
     }
 
 
-def gather_ranks(tracked: list[tuple[str, Any]]) -> list[dict[str, Any]]:
-    """Every rank's :func:`rank_summary` (collective: call it on all ranks while they are joined)."""
-    from accelerate.utils import gather_object
+def gather_ranks(plan: Plan, mine: dict[str, Any], timeout: float = RANK_TIMEOUT) -> list[dict]:
+    """Every rank's :func:`rank_summary`, through files: the main process waits for the others.
 
-    mine = rank_summary(tracked)
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return gather_object([mine]) if distributed else [mine]
+    Files, not a collective: a stage may end its process group before the report, and an
+    extra collective would change the stage's own sequence of them. Ranks of one launch share
+    their parent process (the launcher), which keys the files.
+    """
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.num_processes == 1:
+        return [mine]
+    folder = plan.root / "reports" / ".ranks" / f"launch-{os.getppid()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"rank-{state.process_index}.json"
+    path.with_suffix(".tmp").write_text(json.dumps(mine))
+    path.with_suffix(".tmp").replace(path)
+    if not state.is_main_process:
+        return []
+    deadline = time.monotonic() + timeout
+    while len(list(folder.glob("rank-*.json"))) < state.num_processes and time.monotonic() < deadline:  # fmt: skip
+        time.sleep(0.5)
+    ranks = [json.loads(p.read_text()) for p in sorted(folder.glob("rank-*.json"))]
+    shutil.rmtree(folder, ignore_errors=True)
+    return sorted(ranks, key=lambda r: r["rank"])
 
 
-def _report(plan: Plan, tracked: list[tuple[str, Any]], ranks: list | None) -> dict[str, Any] | None:
+def _report(plan: Plan, tracked: list[tuple[str, Any]]) -> dict[str, Any] | None:
     from accelerate import PartialState
 
     from . import slug
 
     state = PartialState()
-    ranks = ranks or gather_ranks(tracked)
+    ranks = gather_ranks(plan, rank_summary(tracked))
     if not state.is_main_process:
         return None
     output_dir = Path(plan.changed.get("output_dir", [None, plan.output_dir])[1])  # mirrored
     outputs, problems = check_outputs(output_dir)
+    missing = sorted(set(range(state.num_processes)) - {r["rank"] for r in ranks})
+    problems += [f"rank {r} did not report within {RANK_TIMEOUT:.0f} s" for r in missing]
     result = {
         "stage": plan.stage, "recipe_output_dir": plan.output_dir, "output_dir": str(output_dir),
         "replicas": plan.built, "changed": plan.changed, "ranks": ranks,
