@@ -70,11 +70,11 @@ def judge_args(tiny) -> list[str]:
 @pytest.mark.parametrize(
     "stage, extra, port",
     [
-        ("collect", ["--batch_size", "2", "--chunk_size", "2"], 29531),
+        ("collect", ["--batch_size", "2", "--chunk_size", "2"], 29561),
         (
             "collect_npd",
             ["--redenoise_steps", "2", "--batch_size", "2", "--chunk_size", "2"],
-            29532,
+            29562,
         ),
     ],
 )
@@ -99,7 +99,7 @@ def test_generate_shards_pairs_over_processes_with_the_single_process_names(tiny
 
     common = ["--projector", str(tiny / "projector"), "--prompt", *PROMPTS[:2], "--seed", "0", "1", "2",
               "--num_inference_steps", "2"]  # fmt: skip
-    run = launch("src/noisealign/generate.py", [*common, "--output_dir", str(tmp_path / "two")], 29533)  # fmt: skip
+    run = launch("src/noisealign/generate.py", [*common, "--output_dir", str(tmp_path / "two")], 29563)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     devices = rank_devices(run.stderr)
     assert sorted(devices) == [0, 1]
@@ -120,7 +120,7 @@ def test_generate_shards_pairs_over_processes_with_the_single_process_names(tiny
 def test_image_npd_refuses_more_than_one_process(tiny, tmp_path):
     out = tmp_path / "out"
     args = ["--dataset", str(tmp_path / "dataset"), "--pipeline", str(tiny / "sd"), "--output_dir", str(out)]  # fmt: skip
-    run = launch("src/noisealign/image_npd.py", args, 29534)
+    run = launch("src/noisealign/image_npd.py", args, 29564)
     assert run.returncode != 0
     assert "image_npd runs in one process (it writes one dataset), got 2 processes" in run.stderr
     assert "--num_processes 1" in run.stderr
