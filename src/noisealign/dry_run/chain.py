@@ -31,6 +31,10 @@ STAGE_ORDER = (
 )  # fmt: skip
 
 
+# stages that refuse more than one process (each would write the whole dataset)
+SINGLE_PROCESS = ("image_npd",)
+
+
 def chain(folder: str | Path) -> list[Path]:
     """The stage recipes of ``folder`` (``<stage>.yaml``) in :data:`STAGE_ORDER`."""
     folder = Path(folder)
@@ -67,9 +71,10 @@ def run_chain(
             env["ACCELERATE_USE_CPU"] = "1"
     seconds = []
     for recipe in chain(folder):
-        command = stage_command(recipe, num_processes, port)
+        processes = 1 if recipe.stem in SINGLE_PROCESS else num_processes
+        command = stage_command(recipe, processes, port)
         command += ["--config", str(recipe), "--dry_run", "true", "--dry_run_dir", dry_run_dir]
-        logger.info("dry run %s (%d process%s)", recipe, num_processes, "es" * (num_processes > 1))
+        logger.info("dry run %s (%d process%s)", recipe, processes, "es" * (processes > 1))
         started = time.perf_counter()
         if subprocess.run(command, env=env).returncode != 0:
             raise ConfigError(f"the dry run of {recipe} failed (its output is above); fix it and rerun")  # fmt: skip
