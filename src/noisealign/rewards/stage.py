@@ -49,6 +49,7 @@ def model_fields(config: Any, rows: FeedbackRows, signature: dict[str, Any]) -> 
     if config.reward_model == "unet_lora":  # the backbone's weights come from the pipeline
         fields["pipeline"] = config.pipeline
         fields["vae_scale_factor"] = signature["vae_scale_factor"]
+        fields.setdefault("backbone_dtype", config.torch_dtype)  # model_kwargs may override
     return fields
 
 

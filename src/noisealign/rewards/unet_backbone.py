@@ -3,12 +3,20 @@
 The noise goes through the pipeline's own UNet encoder (``conv_in``, time embedding at the
 first timestep, down blocks, mid block) conditioned on the prompt, exactly as the first
 denoising step sees it; LoRA adapters (peft) on its attention projections are trained, the
-rest stays frozen. Token features are read from every cross-attention layer: for token l,
+rest stays frozen, in the recipe's dtype, with gradient checkpointing on its blocks. Token features are read from every cross-attention layer: for token l,
 the image features averaged with the attention the image pays to l, plus the attention
 mass itself ("how much of the image looks at this word"). A small token transformer and
 two heads turn them into token and overall logits; the mid block's mean output joins [CLS].
 
 The folder stores the UNet's config, so ``from_pretrained`` rebuilds it without the pipeline.
+
+Precision: the frozen weights are stored in ``backbone_dtype`` (the distill recipe's
+``torch_dtype``), the LoRA adapters and heads in float32, as diffusers' LoRA training scripts
+do: an AdamW step of lr 1e-4 on a half-precision weight is mostly lost to rounding and Adam's
+eps underflows in float16, while frozen weights only need to be read. Activations run in the
+backbone's dtype (peft computes each adapter in float32 and adds it back in the layer's dtype)
+or, under accelerate's ``mixed_precision``, in the autocast dtype. The shipped accelerate
+configs use bf16; with float16 and no autocast, backward activations are unscaled float16.
 
 Example:
     >>> model = build_reward_model("unet_lora", pipeline="runs/tiny_sd", latent_channels=4,
@@ -22,12 +30,15 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D
+from diffusers.training_utils import cast_training_params
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from ..errors import ConfigError, PipelineError
 from .card import CARD_TEMPLATE
 from .model import RewardOutput, check_input_fields
+
+BACKBONE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -50,6 +61,16 @@ class UNetRewardConfig:
         default=8, metadata={"help": "Pixels per latent (SDXL size ids)."}
     )
     timestep: int = field(default=999, metadata={"help": "UNet timestep of the pure noise, T."})
+    backbone_dtype: str = field(
+        default="float32",
+        metadata={"help": "dtype of the frozen UNet weights (float32, float16 or bfloat16); "
+                  "distill sets the recipe's torch_dtype. LoRA adapters and heads stay float32."},
+    )  # fmt: skip
+    gradient_checkpointing: bool = field(
+        default=True,
+        metadata={"help": "Recompute the UNet blocks' activations in the backward pass instead "
+                  "of storing them (diffusers' enable_gradient_checkpointing)."},
+    )  # fmt: skip
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank of the attention projections."})
     lora_alpha: float = field(default=8.0, metadata={"help": "LoRA scaling numerator."})
     lora_targets: list[str] = field(
@@ -78,6 +99,11 @@ class UNetRewardConfig:
             raise ConfigError(
                 "reward model field 'pipeline' is required to build the unet_lora backbone"
             )
+        if self.backbone_dtype not in BACKBONE_DTYPES:
+            raise ConfigError(
+                f"reward model field 'backbone_dtype' is '{self.backbone_dtype}'; use one of "
+                f"{', '.join(BACKBONE_DTYPES)}"
+            )
         if self.lora_rank < 1 or self.hidden_dim % self.num_heads:
             raise ConfigError(
                 "reward model fields 'lora_rank' >= 1 and hidden_dim % num_heads == 0"
@@ -91,10 +117,14 @@ class CrossAttentionReader:
     Adapted from diffusers' ``AttnProcessor`` (diffusers 0.42.1, models/attention_processor.py);
     changes: no spatial/group norm or 4-D inputs (absent in SD/SDXL cross-attention), and the
     attention probabilities are turned into (B, L, C + 1) token features appended to ``store``.
+    Only the cross-attention layers use it: the features need the probabilities, which SDPA does
+    not return, and with L = 77 text tokens they are small; self-attention keeps the pipeline's
+    SDPA processor. ``store`` is ``None`` outside the model's forward, so the block recomputation
+    of gradient checkpointing (in the backward pass) keeps nothing alive.
     """
 
-    def __init__(self, store: list[torch.Tensor]) -> None:
-        self.store = store
+    def __init__(self) -> None:
+        self.store: list[torch.Tensor] | None = None
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs: Any) -> torch.Tensor:  # fmt: skip
         batch, pixels, channels = hidden_states.shape
@@ -111,7 +141,8 @@ class CrossAttentionReader:
         per_token = probs.view(batch, -1, pixels, probs.shape[-1]).mean(1)  # (B, N, L)
         mass = per_token.sum(1, keepdim=True)  # (B, 1, L)
         pooled = (per_token / mass.clamp(min=1e-6)).transpose(1, 2) @ hidden_states  # (B, L, C)
-        self.store.append(torch.cat([pooled, mass.transpose(1, 2)], dim=-1))
+        if self.store is not None:  # the recomputation must still run the same ops
+            self.store.append(torch.cat([pooled, mass.transpose(1, 2)], dim=-1))
         if attn.residual_connection:
             out = out + hidden_states
         return out / attn.rescale_output_factor
@@ -159,6 +190,26 @@ class UNetEncoder(nn.Module):
         return self.mid_block(sample, emb, encoder_hidden_states=context)
 
 
+def _backbone_unet(config: UNetRewardConfig) -> UNet2DConditionModel:
+    """The UNet in ``backbone_dtype``: the pipeline's weights, or a shell for saved ones.
+
+    Fills ``config.unet_config`` when built from the pipeline; enables gradient checkpointing
+    on its blocks when the config asks for it.
+    """
+    dtype = BACKBONE_DTYPES[config.backbone_dtype]
+    if config.unet_config is None:  # built from a recipe: pretrained weights
+        unet = UNet2DConditionModel.from_pretrained(
+            config.pipeline, subfolder="unet", torch_dtype=dtype
+        )
+        config.unet_config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    else:  # from a saved folder: the weights follow from model.safetensors
+        unet = UNet2DConditionModel.from_config(config.unet_config)
+        nn.Module.to(unet, dtype)  # nn.Module's: diffusers' ModelMixin.to warns on every cast
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()  # flags the down, mid and transformer blocks
+    return unet
+
+
 class UNetRewardModel(
     nn.Module,
     PyTorchModelHubMixin,
@@ -175,25 +226,20 @@ class UNetRewardModel(
         from peft import LoraConfig, inject_adapter_in_model
 
         self.config = config
-        if config.unet_config is None:  # built from a recipe: pretrained weights
-            unet = UNet2DConditionModel.from_pretrained(config.pipeline, subfolder="unet")
-            config.unet_config = {
-                k: v for k, v in dict(unet.config).items() if not k.startswith("_")
-            }
-        else:  # from a saved folder: the weights follow from model.safetensors
-            unet = UNet2DConditionModel.from_config(config.unet_config)
-        self.encoder = UNetEncoder(unet)
+        self.encoder = UNetEncoder(_backbone_unet(config))
         lora = LoraConfig(
             r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=config.lora_targets
         )
         inject_adapter_in_model(lora, self.encoder)
         for name, param in self.encoder.named_parameters():
             param.requires_grad = "lora_" in name
-        self._features: list[torch.Tensor] = []
+        cast_training_params(self.encoder, torch.float32)  # peft made them the base's dtype
+        self._readers: list[CrossAttentionReader] = []  # a plain list: processors hold no weights
         widths = []
         for name, module in self.encoder.named_modules():
             if name.endswith("attn2"):
-                module.set_processor(CrossAttentionReader(self._features))
+                self._readers.append(CrossAttentionReader())
+                module.set_processor(self._readers[-1])
                 widths.append(module.to_q.in_features)
         dim = config.hidden_dim
         self.readers = nn.ModuleList(
@@ -222,7 +268,6 @@ class UNetRewardModel(
 
     def forward(self, noise: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None) -> RewardOutput:  # fmt: skip
         """Score ``noise`` (B, C, H, W) for ``embeds`` (B, L, D), ``mask`` (B, L), ``pooled`` (B, P)."""
-        cfg = self.config
         if (pooled is None) != (self.pooled_in is None):
             raise ValueError(
                 f"this reward model {'needs' if self.pooled_in is not None else 'takes no'} pooled embeddings"
@@ -233,11 +278,9 @@ class UNetRewardModel(
             if mask is None
             else mask.bool()
         )
-        self._features.clear()
-        mid = self.encoder(noise, cfg.timestep, embeds, pooled, cfg.vae_scale_factor)
-        read = sum(r(f) for r, f in zip(self.readers, self._features)) / len(self.readers)
-        self._features.clear()
-        cls = self.cls + self.mid_in(mid.mean(dim=(2, 3)))[:, None]
+        mid, features = self._encode(noise, embeds, pooled)
+        read = sum(r(f.float()) for r, f in zip(self.readers, features)) / len(self.readers)
+        cls = self.cls + self.mid_in(mid.float().mean(dim=(2, 3)))[:, None]
         if self.pooled_in is not None:
             cls = cls + self.pooled_in(pooled)[:, None]
         x = torch.cat([cls, self.token_in(embeds) + read], dim=1)
@@ -247,6 +290,22 @@ class UNetRewardModel(
             self.token_head(x[:, 1:]).squeeze(-1).float(),
             self.overall_head(x[:, 0]).squeeze(-1).float(),
         )
+
+    def _encode(self, noise, embeds, pooled) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The mid block's output and the cross-attention token features, in the backbone's dtype."""
+        dtype = self.encoder.conv_in.weight.dtype
+        features: list[torch.Tensor] = []
+        for reader in self._readers:
+            reader.store = features
+        try:
+            mid = self.encoder(
+                noise.to(dtype), self.config.timestep, embeds.to(dtype),
+                None if pooled is None else pooled.to(dtype), self.config.vae_scale_factor,
+            )  # fmt: skip
+        finally:
+            for reader in self._readers:
+                reader.store = None
+        return mid, features
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, **kwargs: Any) -> "UNetRewardModel":
