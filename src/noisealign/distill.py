@@ -236,6 +236,7 @@ def main(args: Sequence[str] | None = None) -> DistillResult:
     from noisealign.rewards.trainer import (
         check_output_dir,
         evaluate,
+        gathered_copy,
         load_checkpoint,
         resolve_checkpoint,
         train,
@@ -357,14 +358,12 @@ def main(args: Sequence[str] | None = None) -> DistillResult:
         stage.rounded(metrics),
         stage.rounded(baseline),
     )
-    if accelerator.is_main_process:
+    trained = gathered_copy(accelerator, parts["model"])  # every process: FSDP gathers shards
+    if trained is not None:
         info = stage.card_info(
-            config, rows, signature, train_ids, eval_ids, model, train_seconds, len(train_rows)
+            config, rows, signature, train_ids, eval_ids, trained, train_seconds, len(train_rows)
         )
-        stage.save_model(
-            accelerator.unwrap_model(parts["model"]), config, info, metrics, baseline,
-            teacher_metrics,
-        )  # fmt: skip
+        stage.save_model(trained, config, info, metrics, baseline, teacher_metrics)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return DistillResult(history, metrics, baseline, str(Path(config.output_dir)), teacher_metrics)

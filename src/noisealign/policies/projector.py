@@ -155,6 +155,8 @@ class NoiseProjector(
     """f_θ(ε, e) → ε′ ``(B, C, H, W)``, same dtype as ε; see the module docstring."""
 
     config_class = NoiseProjectorConfig
+    # FSDP shard groups (accelerate's TRANSFORMER_BASED_WRAP reads this); the rest joins the root's
+    _no_split_modules = ["ProjectorBlock"]
 
     def __init__(self, config: NoiseProjectorConfig) -> None:
         super().__init__()

@@ -186,6 +186,8 @@ class NoiseRewardModel(
     """r_φ(ε, e) → (token logits (B, L), overall logit (B,)); see the module docstring."""
 
     config_class = NoiseRewardConfig
+    # FSDP shard groups (accelerate's TRANSFORMER_BASED_WRAP reads this); the rest joins the root's
+    _no_split_modules = ["TokenPatchBlock"]
 
     def __init__(self, config: NoiseRewardConfig) -> None:
         super().__init__()

@@ -189,6 +189,24 @@ def load_checkpoint(accelerator: Accelerator, path: Path, model_config: dict) ->
     return state
 
 
+def gathered_copy(accelerator: Accelerator, model: Any) -> Any:
+    """A plain eval-mode copy of the prepared ``model`` with its full weights on the main process
+    (None elsewhere), for ``save_pretrained``.
+
+    Every process must call it: under FSDP the parameters are shards, and
+    ``accelerator.get_state_dict`` gathers them (a collective) into a full state dict on the
+    main process; saving the prepared module itself would write one shard.
+    """
+    state_dict = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        return None
+    unwrapped = accelerator.unwrap_model(model)
+    # FSDP2's wrapper class builds the original class (FSDPModule.__new__)
+    copy_ = type(unwrapped)(unwrapped.config)
+    copy_.load_state_dict(state_dict)
+    return copy_.eval()
+
+
 def save_checkpoint(
     accelerator: Accelerator, output_dir: str, state: dict, model_config: dict, limit: int
 ) -> None:

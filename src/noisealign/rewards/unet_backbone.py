@@ -220,6 +220,9 @@ class UNetRewardModel(
     """r_φ(ε, e) on the UNet encoder with LoRA; same call and outputs as :class:`NoiseRewardModel`."""
 
     config_class = UNetRewardConfig
+    # FSDP shard groups (accelerate's TRANSFORMER_BASED_WRAP reads this): the UNet's blocks and
+    # the token layers; every SD UNet has both diffusers classes
+    _no_split_modules = ["BasicTransformerBlock", "ResnetBlock2D", "TransformerEncoderLayer"]
 
     def __init__(self, config: UNetRewardConfig) -> None:
         super().__init__()
