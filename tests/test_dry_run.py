@@ -12,6 +12,14 @@ from noisealign.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _leave_dry_run_mode():
+    yield
+    from noisealign.dry_run import reset
+
+    reset()  # these tests parse dry-run recipes without running the stage's report
+
+
 def test_mirror_keeps_the_recipe_path_under_the_dry_run_folder(tmp_path):
     root = tmp_path / "dr"
     assert mirror(root, "outputs/sd15/collect") == root / "outputs/sd15/collect"
@@ -123,3 +131,12 @@ def test_help_shows_dry_run(capsys):
     with pytest.raises(SystemExit):
         main(["collect", "--help"])
     assert "--dry_run" in capsys.readouterr().out
+
+
+def test_dry_run_keeps_wandb_offline(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    config = _collect_config(tmp_path)
+    import os
+
+    assert config.report_to == "wandb" and os.environ["WANDB_MODE"] == "offline"

@@ -150,6 +150,9 @@ def parse_config(config_cls: type[T], args: Sequence[str] | None = None) -> T:
     """
     from trl import TrlParser
 
+    from .dry_run import reset
+
+    reset()  # a dry run's state ends with its stage; this recipe decides for itself
     parser = TrlParser([config_cls])
     parser.error = _argument_error  # one line naming the flag and value, not usage + exit
     for action in parser._actions:  # dict fields take JSON on the command line

@@ -172,6 +172,9 @@ def prepare(config: Any) -> Any:
             _set(config, plan, name, cut(getattr(config, name)))
     if isinstance(config.seed, list):  # generate's seeds
         _set(config, plan, "seed", config.seed[:2])
+    if os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
+        os.environ["WANDB_MODE"] = "offline"  # a dry run's tracker run stays on this machine
+        plan.changed["WANDB_MODE"] = [None, "offline"]
     reset()
     _PLAN = plan
     logger.info("dry run: outputs go to %s; %s", config.output_dir, _summary(plan))
