@@ -2,7 +2,8 @@
 
 Each stage reads the previous stages' dry-run outputs (they share ``--dry_run_dir``), exactly
 as the real chain reads the real outputs. With ``--num_processes N`` (N > 1) each stage is
-started through ``accelerate launch``; without a GPU as N CPU processes (gloo).
+started through ``accelerate launch``; without a GPU as N CPU processes (gloo). With one
+process the stages run one after the other in this process.
 
 Example:
     noisealign dry_run_chain recipes/sd15
@@ -59,6 +60,19 @@ def stage_command(recipe: Path, num_processes: int, port: int) -> list[str]:
     return [*launch, str(script)]
 
 
+def _run_here(stage: str, args: list[str]) -> bool:
+    """Run one stage in this process, as the console command would; True when it succeeded."""
+    import importlib
+
+    from ..cli import STAGES, run_stage
+
+    try:
+        run_stage(importlib.import_module(STAGES[stage]).main, args)
+    except SystemExit as exc:  # run_stage exits 2 on a user error, after logging it
+        return exc.code in (0, None)
+    return True
+
+
 def run_chain(
     folder: str | Path, dry_run_dir: str, num_processes: int = 1, port: int = 29533
 ) -> list[float]:
@@ -72,11 +86,14 @@ def run_chain(
     seconds = []
     for recipe in chain(folder):
         processes = 1 if recipe.stem in SINGLE_PROCESS else num_processes
-        command = stage_command(recipe, processes, port)
-        command += ["--config", str(recipe), "--dry_run", "true", "--dry_run_dir", dry_run_dir]
+        args = ["--config", str(recipe), "--dry_run", "true", "--dry_run_dir", dry_run_dir]
         logger.info("dry run %s (%d process%s)", recipe, processes, "es" * (processes > 1))
         started = time.perf_counter()
-        if subprocess.run(command, env=env).returncode != 0:
+        if num_processes == 1:
+            ok = _run_here(recipe.stem, args)  # one process: no interpreter start per stage
+        else:
+            ok = subprocess.run([*stage_command(recipe, processes, port), *args], env=env).returncode == 0  # fmt: skip
+        if not ok:
             raise ConfigError(f"the dry run of {recipe} failed (its output is above); fix it and rerun")  # fmt: skip
         seconds.append(time.perf_counter() - started)
     return seconds
