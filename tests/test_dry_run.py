@@ -53,7 +53,8 @@ def test_unknown_ids_get_one_line_naming_the_id_and_the_fix():
     with pytest.raises(ConfigError) as info:
         replicas.pipeline_class("someone/secret-model")
     message = str(info.value)
-    assert "someone/secret-model" in message and "model_index.json" in message and "\n" not in message
+    assert "someone/secret-model" in message and "model_index.json" in message
+    assert "\n" not in message
     with pytest.raises(ConfigError, match="'someone/vlm'.*config.json"):
         replicas.judge_model_type("vlm", "someone/vlm")
 

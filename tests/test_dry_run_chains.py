@@ -43,13 +43,16 @@ def test_shipped_recipes_dry_run_as_a_chain(family, tmp_path, monkeypatch):
         assert Path(report["output_dir"]).is_relative_to(tmp_path)
         (rank,) = report["ranks"]
         unet = next(m for m in rank["models"] if m["role"] == "pipeline.unet")
-        assert unet["dtype"] == "bfloat16" and unet["device"] == rank["device"] == "cpu", stage  # float16 recipes
-    assert built_judges(reports["collect"]) and reports["train_projector"]["changed"]["max_steps"][1] == 2
+        assert unet["dtype"] == "bfloat16", stage  # the recipes' float16, without a GPU
+        assert unet["device"] == rank["device"] == "cpu", stage
+    assert built_judges(reports["collect"])
+    assert reports["train_projector"]["changed"]["max_steps"][1] == 2
     assert any("loads as NoiseProjector" in line for line in reports["train_projector"]["outputs"])
     evaluate = json.loads((Path(reports["evaluate"]["output_dir"]) / "report.json").read_text())
     (results,) = evaluate["prompt_sets"].values()
     assert {m["name"] for m in results["methods"]} == set(_recipe_methods(family))
-    assert _untouched_since(ROOT / "outputs" / family, started)  # the real outputs are never written
+    # the real outputs are never written
+    assert _untouched_since(ROOT / "outputs" / family, started)
 
 
 def built_judges(report: dict) -> dict[str, str]:
@@ -59,7 +62,8 @@ def built_judges(report: dict) -> dict[str, str]:
 def _recipe_methods(family: str) -> list[str]:
     import yaml
 
-    return list(yaml.safe_load((ROOT / "recipes" / family / "evaluate.yaml").read_text())["methods"])
+    recipe = yaml.safe_load((ROOT / "recipes" / family / "evaluate.yaml").read_text())
+    return list(recipe["methods"])
 
 
 @pytest.mark.slow
@@ -77,4 +81,5 @@ def test_two_process_dry_run_puts_each_ranks_models_on_its_device(tmp_path, monk
         assert roles["judge vlm"]["class"] == "VLMJudge.Qwen2_5_VLForConditionalGeneration"
         assert {roles[r]["device"] for r in ("judge vlm", "pipeline.unet")} == {rank["device"]}
     assert built_judges(report) == {"judge vlm": "qwen2_5_vl"}
-    assert any("dataset of 16 rows" in line for line in report["outputs"])  # 8 training prompts x 2 seeds
+    # 8 training prompts x 2 seeds
+    assert any("dataset of 16 rows" in line for line in report["outputs"])

@@ -147,9 +147,7 @@ def build_once(root: Path, kind: str, name: str, build: Callable[[Path], None]) 
 def replica_pipeline(root: Path, name_or_path: str) -> tuple[str, Path]:
     """(class name, folder of its tiny replica) for a recipe's ``pipeline``."""
     class_name = pipeline_class(name_or_path)
-    folder = build_once(
-        root, "pipelines", name_or_path, lambda f: _build_pipeline(class_name, f)
-    )
+    folder = build_once(root, "pipelines", name_or_path, lambda f: _build_pipeline(class_name, f))
     return class_name, folder
 
 
