@@ -3,14 +3,26 @@
 Every stage parses its dataclass with :func:`parse_config`, which wraps ``trl.TrlParser``:
 values come from ``--config recipe.yaml`` and are overridden by CLI flags
 (``--output_dir runs/x``). ``TrlParser`` copies YAML values in as argparse defaults without
-type conversion, so :meth:`BaseConfig.__post_init__` checks every field's type itself and
-each stage's config validates its values; both fail with the field's name.
+type conversion, so :meth:`BaseConfig.__post_init__` checks every field's type itself.
+
+Limits live beside each field, in its metadata, and the same ``__post_init__`` applies them:
+
+- ``"required": True``: the field must not be empty;
+- ``"min"`` / ``"max"`` (with ``"min_exclusive"`` / ``"max_exclusive"``), ``"multiple_of"``: bounds
+  of an int or float field, or of each item of a list of them;
+- ``"choices": (...)``: the allowed values of a string field;
+- ``"check"``: a function of the value returning what is wrong with it, or ``None``.
+
+Every float must be finite unless its metadata says ``"allow_inf": True`` (NaN never is). A
+stage's own ``__post_init__`` keeps only the checks that relate fields to each other. Every
+failure is one line naming the field, raised before the stage reads or writes anything.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import types
@@ -50,13 +62,83 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
+# metadata keys read by BaseConfig.__post_init__; argparse never sees them
+LIMIT_KEYS = ("required", "min", "max", "min_exclusive", "max_exclusive", "multiple_of", "choices", "allow_inf", "check")  # fmt: skip
+
+
+def _bounds(limits: typing.Mapping[str, Any]) -> str:
+    """``"> 0"``, ``"in (0, 1]"``, ``">= 8 and a multiple of 8"``... or ``""`` without limits."""
+    low, high = limits.get("min"), limits.get("max")
+    if low is not None and high is not None:
+        text = "in " + "[("[bool(limits.get("min_exclusive"))] + f"{low}, {high}"
+        text += "])"[bool(limits.get("max_exclusive"))]
+    elif low is not None:
+        text = (">" if limits.get("min_exclusive") else ">=") + f" {low}"
+    elif high is not None:
+        text = ("<" if limits.get("max_exclusive") else "<=") + f" {high}"
+    else:
+        text = ""
+    if limits.get("multiple_of"):
+        text += (" and " if text else "") + f"a multiple of {limits['multiple_of']}"
+    return text
+
+
+def _number_problem(value: float, limits: typing.Mapping[str, Any]) -> str | None:
+    """What is wrong with one int or float value, as "must be ..."; ``None`` when it is fine."""
+    bounds = _bounds(limits)
+    low, high = limits.get("min"), limits.get("max")
+    inside = value == value  # NaN is in no range
+    if low is not None:
+        inside = inside and (value > low if limits.get("min_exclusive") else value >= low)
+    if high is not None:
+        inside = inside and (value < high if limits.get("max_exclusive") else value <= high)
+    if limits.get("multiple_of") and inside and not math.isinf(value):
+        inside = value % limits["multiple_of"] == 0
+    if not inside:
+        return f"must be {bounds or 'a finite number'}"
+    if math.isinf(value) and not limits.get("allow_inf"):
+        return "must be finite" + (f" and {bounds}" if bounds else "")
+    return None
+
+
+def _field_problem(value: Any, limits: typing.Mapping[str, Any]) -> str | None:
+    """What is wrong with a field's (type-checked) value under its metadata limits, or ``None``."""
+    if limits.get("required") and value in (None, "", [], {}):
+        return "is required"
+    if value is None:  # an unset optional field
+        return None
+    if "choices" in limits and value not in limits["choices"]:
+        return f"must be one of {', '.join(map(repr, limits['choices']))}, got {value!r}"
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, (int, float)) and not isinstance(item, bool):
+            problem = _number_problem(item, limits)
+            if problem:
+                return f"{problem}, got {item!r}"
+    return limits["check"](value) if "check" in limits else None
+
+
+def check_seeds(seeds: Any) -> str | None:
+    """A ``"check"`` for seed fields: ``'start:stop'`` or ``'a,b,c'`` selecting at least one seed."""
+    from .data.prompts import parse_seeds
+    from .errors import DataError
+
+    try:
+        parse_seeds(seeds)
+    except DataError as exc:
+        return f"is not a usable seed list: {exc}"
+    return None
+
+
 @dataclass
 class BaseConfig:
     """Fields shared by every stage."""
 
     output_dir: str = field(
         default="",
-        metadata={"help": "Folder for this run's outputs (datasets, checkpoints, logs). Required."},
+        metadata={
+            "help": "Folder for this run's outputs (datasets, checkpoints, logs). Required.",
+            "required": True,
+        },
     )
     overwrite_output_dir: bool = field(
         default=False,
@@ -67,7 +149,7 @@ class BaseConfig:
     )
     report_to: str = field(
         default="wandb",
-        metadata={"help": "Tracker for accelerate: 'wandb' or 'none'."},
+        metadata={"help": "Tracker for accelerate: 'wandb' or 'none'.", "choices": ("wandb", "none")},
     )
     wandb_project: str = field(default="noisealign", metadata={"help": "wandb project name."})
     run_name: str | None = field(
@@ -80,7 +162,8 @@ class BaseConfig:
         default=None,
         metadata={
             "help": "torch intra-op threads per process (unset: torch's default). Use 1 on a small shared "
-            "CPU: two threads per process stall each other ~5-10x when other processes compete for the cores."
+            "CPU: two threads per process stall each other ~5-10x when other processes compete for the cores.",
+            "min": 1,
         },
     )
     trust_remote_code: bool = field(
@@ -111,16 +194,16 @@ class BaseConfig:
                     f"recipe field '{f.name}' must be {_type_name(hints[f.name])}, got "
                     f"{type(value).__name__} {value!r}; fix it in the YAML or on the command line"
                 )
-        if not self.output_dir:
-            raise ConfigError(
-                "recipe field 'output_dir' is required: set it in the YAML or pass --output_dir"
-            )
-        if self.num_threads is not None and self.num_threads < 1:
-            raise ConfigError(f"recipe field 'num_threads' must be >= 1, got {self.num_threads}")
-        if self.report_to not in ("wandb", "none"):
-            raise ConfigError(
-                f"recipe field 'report_to' must be 'wandb' or 'none', got {self.report_to!r}"
-            )
+        for f in dataclasses.fields(self):  # the limits in each field's metadata
+            problem = _field_problem(getattr(self, f.name), f.metadata)
+            if problem == "is required":
+                raise ConfigError(
+                    f"recipe field '{f.name}' is required: set it in the YAML or pass --{f.name}"
+                )
+            if problem:
+                raise ConfigError(
+                    f"recipe field '{f.name}' {problem}; fix it in the YAML or on the command line"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of the fields, for trackers and saved recipes."""
@@ -152,8 +235,14 @@ def parse_config(config_cls: type[T], args: Sequence[str] | None = None) -> T:
 
     from .dry_run import reset
 
+    class RecipeParser(TrlParser):
+        def add_argument(self, *names, **kwargs):  # HfArgumentParser passes metadata as kwargs
+            for key in LIMIT_KEYS:
+                kwargs.pop(key, None)
+            return super().add_argument(*names, **kwargs)
+
     reset()  # a dry run's state ends with its stage; this recipe decides for itself
-    parser = TrlParser([config_cls])
+    parser = RecipeParser([config_cls])
     parser.error = _argument_error  # one line naming the flag and value, not usage + exit
     for action in parser._actions:  # dict fields take JSON on the command line
         if action.type is dict:
