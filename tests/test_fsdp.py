@@ -93,25 +93,35 @@ def distill_args(root: Path, out: Path, *extra: str) -> list[str]:
         "--dataset", str(root / "data"), "--pipeline", str(root / "sd"), "--output_dir", str(out),
         "--report_to", "none", "--max_steps", "4", "--save_steps", "2", "--eval_steps", "0",
         "--logging_steps", "1", "--prompts_per_batch", "2", "--warmup_steps", "1",
-        "--eval_fraction", "0.34", "--learning_rate", "1e-3",
-        "--model_kwargs", '{"hidden_dim": 16, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0}',
-        *extra,
+        "--eval_fraction", "0.34", "--learning_rate", "1e-3", *extra,
     ]  # fmt: skip
 
 
 @pytest.mark.slow
-def test_distill_under_fsdp_saves_full_weights_and_resumes_exactly(tiny, tmp_path):
+@pytest.mark.parametrize(
+    "architecture, kwargs, port",
+    [
+        ("transformer", '{"hidden_dim": 16, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0}', 29571),
+        # shard groups of frozen UNet weights mixed with trainable LoRA adapters
+        ("unet_lora", '{"hidden_dim": 16, "depth": 1, "num_heads": 2, "lora_rank": 2}', 29575),
+    ],
+    ids=["transformer", "unet_lora"],
+)
+def test_distill_under_fsdp_saves_full_weights_and_resumes_exactly(
+    tiny, tmp_path, architecture, kwargs, port
+):
     from noisealign.rewards import load_reward_model
 
     out = tmp_path / "out"
-    launch_fsdp("distill", distill_args(tiny, out), 29571)
+    model_args = ("--reward_model", architecture, "--model_kwargs", kwargs)
+    launch_fsdp("distill", distill_args(tiny, out, *model_args), port)
     # really FSDP on two ranks: the checkpoint is sharded, one file per rank
     assert sorted(p.name for p in (out / "checkpoints/checkpoint-4/pytorch_model_fsdp_0").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # fmt: skip
     trained = merged_checkpoint(out / "checkpoints/checkpoint-4", tmp_path / "merged")
     saved = folder_weights(out)
     assert_same(saved, trained)  # the gathered weights, not one rank's shard
     model = load_reward_model(str(out))  # one process, plain from_pretrained
-    assert_same({k: v for k, v in model.state_dict().items()}, trained)
+    assert_same(model.state_dict(), trained)
     assert json.loads((out / "metrics.json").read_text())["info"]["parameters"] == sum(
         v.numel() for v in trained.values()
     )
@@ -119,7 +129,54 @@ def test_distill_under_fsdp_saves_full_weights_and_resumes_exactly(tiny, tmp_pat
     # resume from the sharded checkpoint of step 2: the same final weights as the run above
     shutil.rmtree(out / "checkpoints/checkpoint-4")
     (out / "model.safetensors").unlink()
-    launch_fsdp("distill", distill_args(tiny, out, "--resume_from_checkpoint", "latest"), 29572)
+    resume = ("--resume_from_checkpoint", "latest")
+    launch_fsdp("distill", distill_args(tiny, out, *model_args, *resume), port + 1)
+    assert_same(folder_weights(out), trained)
+
+
+@pytest.fixture(scope="module")
+def reward(tiny):
+    """A tiny random reward model for the projector's stage, and a prompt file."""
+    from noisealign.pipelines import load_pipeline, pipeline_signature
+    from noisealign.rewards import NoiseRewardConfig, NoiseRewardModel
+    from noisealign.testing.feedback import FEEDBACK_PROMPTS
+
+    torch.manual_seed(0)
+    config = NoiseRewardConfig(
+        latent_channels=4, text_dim=32, hidden_dim=16, depth=1, num_heads=2, mlp_ratio=2.0,
+        pipeline_signature=pipeline_signature(load_pipeline(str(tiny / "sd"))),
+    )  # fmt: skip
+    NoiseRewardModel(config).save_pretrained(tiny / "reward")
+    (tiny / "prompts.txt").write_text("\n".join(FEEDBACK_PROMPTS[:4]) + "\n")
+    return tiny
+
+
+def projector_args(root: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--pipeline", str(root / "sd"), "--reward_model", str(root / "reward"),
+        "--prompts", str(root / "prompts.txt"), "--output_dir", str(out), "--report_to", "none",
+        "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1", "--batch_size", "2",
+        "--num_candidates", "4", "--learning_rate", "1e-3",
+        "--projector_kwargs", '{"hidden_dim": 16, "depth": 1, "num_heads": 2, "patch_size": 2}',
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_train_projector_under_fsdp_saves_full_weights_and_resumes_exactly(reward, tmp_path):
+    from noisealign.policies import load_projector
+
+    out = tmp_path / "out"
+    launch_fsdp("train_projector", projector_args(reward, out), 29573)
+    checkpoint = out / "checkpoints/checkpoint-4"
+    assert len(list((checkpoint / "pytorch_model_fsdp_0").glob("*.distcp"))) == 2
+    trained = merged_checkpoint(checkpoint, tmp_path / "merged")
+    assert_same(folder_weights(out), trained)
+    assert_same(load_projector(str(out)).state_dict(), trained)
+
+    shutil.rmtree(checkpoint)
+    (out / "model.safetensors").unlink()
+    launch_fsdp("train_projector", projector_args(reward, out, "--resume_from_checkpoint", "latest"), 29574)  # fmt: skip
     assert_same(folder_weights(out), trained)
 
 
