@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from noisealign.configs import BaseConfig, parse_config
-from noisealign.errors import ConfigError
+from noisealign.configs import TORCH_DTYPES, BaseConfig, check_seeds, parse_config
 
 logger = logging.getLogger("noisealign.collect")
 
@@ -32,11 +31,15 @@ class CollectConfig(BaseConfig):
     """Recipe of the collect stage."""
 
     pipeline: str = field(
-        default="", metadata={"help": "Diffusers pipeline folder or hub id. Required."}
+        default="",
+        metadata={"help": "Diffusers pipeline folder or hub id. Required.", "required": True},
     )
     judge: str = field(
         default="",
-        metadata={"help": "Registered judge name (e.g. 'shapes', 'vlm', 'clip'). Required."},
+        metadata={
+            "help": "Registered judge name (e.g. 'shapes', 'vlm', 'clip'). Required.",
+            "required": True,
+        },
     )
     judge_kwargs: dict = field(
         default_factory=dict,
@@ -44,33 +47,57 @@ class CollectConfig(BaseConfig):
     )
     prompts: str = field(
         default="",
-        metadata={"help": "Prompt file: .txt, .jsonl, .csv or a saved dataset folder. Required."},
+        metadata={
+            "help": "Prompt file: .txt, .jsonl, .csv or a saved dataset folder. Required.",
+            "required": True,
+        },
     )
     prompt_column: str = field(
         default="prompt", metadata={"help": "Column holding the prompt in JSONL/CSV/dataset files."}
     )
     seeds: str = field(
         default="0:4",
-        metadata={"help": "Seeds per prompt: 'start:stop', 'a,b,c', or a YAML list of ints."},
+        metadata={
+            "help": "Seeds per prompt: 'start:stop', 'a,b,c', or a YAML list of ints.",
+            "check": check_seeds,
+        },
     )
-    num_inference_steps: int = field(default=20, metadata={"help": "Denoising steps per image."})
-    guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale."})
+    num_inference_steps: int = field(
+        default=20, metadata={"help": "Denoising steps per image.", "min": 1}
+    )
+    guidance_scale: float = field(
+        default=5.0, metadata={"help": "Classifier-free guidance scale.", "min": 0}
+    )
     height: int | None = field(
         default=None,
-        metadata={"help": "Image height in pixels; the pipeline's default when unset."},
+        metadata={
+            "help": "Image height in pixels; the pipeline's default when unset.",
+            "min": 8,
+            "multiple_of": 8,
+        },
     )
     width: int | None = field(
-        default=None, metadata={"help": "Image width in pixels; the pipeline's default when unset."}
+        default=None,
+        metadata={
+            "help": "Image width in pixels; the pipeline's default when unset.",
+            "min": 8,
+            "multiple_of": 8,
+        },
     )
     torch_dtype: str = field(
-        default="float32", metadata={"help": "Pipeline dtype: float32, float16 or bfloat16."}
+        default="float32",
+        metadata={"help": "Pipeline dtype: float32, float16 or bfloat16.", "choices": TORCH_DTYPES},
     )
     batch_size: int = field(
-        default=8, metadata={"help": "Images generated and judged per batch, per process."}
+        default=8,
+        metadata={"help": "Images generated and judged per batch, per process.", "min": 1},
     )
     chunk_size: int = field(
         default=64,
-        metadata={"help": "Keys per shard. A kill loses at most one unfinished chunk per process."},
+        metadata={
+            "help": "Keys per shard. A kill loses at most one unfinished chunk per process.",
+            "min": 1,
+        },
     )
     save_images: bool = field(default=False, metadata={"help": "Store each image in the dataset."})
     save_noise: bool = field(
@@ -87,37 +114,27 @@ class CollectConfig(BaseConfig):
         },
     )
     exploration_gamma: float = field(
-        default=0.2, metadata={"help": "Largest γ of the exploration mix (γ is drawn per row)."}
+        default=0.2,
+        metadata={
+            "help": "Largest γ of the exploration mix (γ is drawn per row).",
+            "min": 0,
+            "min_exclusive": True,
+            "max": 1,
+        },
     )
     judge_retries: int = field(
-        default=2, metadata={"help": "Per-sample retries after a judge fails on a batch."}
+        default=2, metadata={"help": "Per-sample retries after a judge fails on a batch.", "min": 0}
     )
     log_images: int = field(
-        default=16, metadata={"help": "Sample images logged to the tracker as a table."}
+        default=16, metadata={"help": "Sample images logged to the tracker as a table.", "min": 0}
     )
 
     def __post_init__(self) -> None:
         if isinstance(self.seeds, list):  # a YAML list arrives untouched by argparse
             self.seeds = ",".join(str(s) for s in self.seeds)
-        super().__post_init__()
-        for name in ("pipeline", "judge", "prompts"):
-            if not getattr(self, name):
-                raise ConfigError(f"recipe field '{name}' is required")
-        for name in ("num_inference_steps", "batch_size", "chunk_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"recipe field '{name}' must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.exploration_gamma <= 1:
-            raise ConfigError(
-                f"recipe field 'exploration_gamma' must be in (0, 1], got {self.exploration_gamma}"
-            )
+        super().__post_init__()  # types and the limits in each field's metadata
         if self.exploration_images:
             self.save_noise = True  # the mixed noise is not re-derivable from the seed alone
-        if self.judge_retries < 0 or self.log_images < 0:
-            raise ConfigError("recipe fields 'judge_retries' and 'log_images' must be >= 0")
-        if self.torch_dtype not in ("float32", "float16", "bfloat16"):
-            raise ConfigError(
-                f"recipe field 'torch_dtype' must be float32, float16 or bfloat16, got {self.torch_dtype!r}"
-            )
 
     def fingerprint(self) -> dict:
         """Settings that decide a row's content; a folder written with others is refused."""
@@ -234,6 +251,8 @@ def main(args: Sequence[str] | None = None):
         pipe.device,
         judge,
     )
+    # the size check against the pipeline precedes the claim: a refused height leaves no recipe.json
+    shape = latent_shape(pipe, config.height, config.width)
     explore = None
     if config.exploration_images:
         from noisealign.data.exploration import ExplorationSource
@@ -244,7 +263,6 @@ def main(args: Sequence[str] | None = None):
         save_heldout_record(store.root, heldout_record(config.prompts, config.prompt_column))
     accelerator.wait_for_everyone()
     start_tracking(accelerator, config, "collect")
-    shape = latent_shape(pipe, config.height, config.width)
     features = collect_features(
         shape, config.save_images, config.save_noise, exploration=explore is not None
     )
