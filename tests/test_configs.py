@@ -67,7 +67,7 @@ def test_yaml_values_and_cli_overrides(tmp_path):
         ("batch_size: 0\n", "recipe field 'batch_size' must be >= 1"),
         (
             "torch_dtype: float8\n",
-            "recipe field 'torch_dtype' must be float32, float16 or bfloat16",
+            "recipe field 'torch_dtype' must be one of 'float32', 'float16', 'bfloat16', got 'float8'",
         ),
         ("report_to: tensorboardx\n", "recipe field 'report_to' must be one of 'wandb', 'none', got 'tensorboardx'"),
     ],

@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from noisealign.configs import BaseConfig, parse_config
-from noisealign.errors import ConfigError
+from noisealign.configs import TORCH_DTYPES, BaseConfig, check_seeds, parse_config
 
 logger = logging.getLogger("noisealign.collect_npd")
 
@@ -34,46 +33,36 @@ logger = logging.getLogger("noisealign.collect_npd")
 class CollectNPDConfig(BaseConfig):
     """Recipe of the collect_npd stage."""
 
-    pipeline: str = field(default="", metadata={"help": "Diffusers pipeline folder or hub id. Required."})  # fmt: skip
-    judge: str = field(default="", metadata={"help": "Registered judge that scores both images (e.g. 'shapes', 'clip', 'vlm'). Required."})  # fmt: skip
+    pipeline: str = field(default="", metadata={"help": "Diffusers pipeline folder or hub id. Required.", "required": True})  # fmt: skip
+    judge: str = field(default="", metadata={"help": "Registered judge that scores both images (e.g. 'shapes', 'clip', 'vlm'). Required.", "required": True})  # fmt: skip
     judge_kwargs: dict = field(default_factory=dict, metadata={"help": "Arguments of the judge factory (JSON on the command line)."})  # fmt: skip
-    prompts: str = field(default="", metadata={"help": "Prompt file: .txt, .jsonl, .csv or a saved dataset folder. Required."})  # fmt: skip
+    prompts: str = field(default="", metadata={"help": "Prompt file: .txt, .jsonl, .csv or a saved dataset folder. Required.", "required": True})  # fmt: skip
     prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt in JSONL/CSV/dataset files."})  # fmt: skip
-    seeds: str = field(default="0:4", metadata={"help": "Seeds per prompt: 'start:stop', 'a,b,c', or a YAML list of ints."})  # fmt: skip
-    redenoise_steps: int = field(default=10, metadata={"help": "Length of the DDIM schedule whose first step re-denoise sampling takes (paper: 10 for SDXL)."})  # fmt: skip
-    guidance_denoise: float = field(default=5.5, metadata={"help": "ω_l: CFG of the DDIM step (paper, SDXL: 5.5)."})  # fmt: skip
-    guidance_invert: float = field(default=1.0, metadata={"help": "ω_w < ω_l: CFG of the inversion step (paper: 1.0); the gap injects the prompt."})  # fmt: skip
+    seeds: str = field(default="0:4", metadata={"help": "Seeds per prompt: 'start:stop', 'a,b,c', or a YAML list of ints.", "check": check_seeds})  # fmt: skip
+    redenoise_steps: int = field(default=10, metadata={"help": "Length of the DDIM schedule whose first step re-denoise sampling takes (paper: 10 for SDXL).", "min": 1})  # fmt: skip
+    guidance_denoise: float = field(default=5.5, metadata={"help": "ω_l: CFG of the DDIM step (paper, SDXL: 5.5).", "min": 0})  # fmt: skip
+    guidance_invert: float = field(default=1.0, metadata={"help": "ω_w < ω_l: CFG of the inversion step (paper: 1.0); the gap injects the prompt.", "min": 0})  # fmt: skip
     margin: float = field(default=0.0, metadata={"help": "m: a pair is kept when judge(x′_0) > judge(x_0) + m (paper: 0)."})  # fmt: skip
-    num_inference_steps: int = field(default=20, metadata={"help": "Denoising steps of the two judged images."})  # fmt: skip
-    guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale of the two judged images."})  # fmt: skip
-    height: int | None = field(default=None, metadata={"help": "Image height in pixels; the pipeline's default when unset."})  # fmt: skip
-    width: int | None = field(default=None, metadata={"help": "Image width in pixels; the pipeline's default when unset."})  # fmt: skip
-    torch_dtype: str = field(default="float32", metadata={"help": "Pipeline dtype: float32, float16 or bfloat16 (noises are stored in float32)."})  # fmt: skip
-    batch_size: int = field(default=8, metadata={"help": "Pairs re-denoised per batch, per process (2x this many images)."})  # fmt: skip
-    chunk_size: int = field(default=64, metadata={"help": "Keys per shard. A kill loses at most one unfinished chunk per process."})  # fmt: skip
-    judge_retries: int = field(default=2, metadata={"help": "Per-sample retries after a judge fails on a batch."})  # fmt: skip
-    log_images: int = field(default=8, metadata={"help": "Source | target image pairs logged to the tracker as a table."})  # fmt: skip
+    num_inference_steps: int = field(default=20, metadata={"help": "Denoising steps of the two judged images.", "min": 1})  # fmt: skip
+    guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale of the two judged images.", "min": 0})  # fmt: skip
+    height: int | None = field(default=None, metadata={"help": "Image height in pixels; the pipeline's default when unset.", "min": 8, "multiple_of": 8})  # fmt: skip
+    width: int | None = field(default=None, metadata={"help": "Image width in pixels; the pipeline's default when unset.", "min": 8, "multiple_of": 8})  # fmt: skip
+    torch_dtype: str = field(default="float32", metadata={"help": "Pipeline dtype: float32, float16 or bfloat16 (noises are stored in float32).", "choices": TORCH_DTYPES})  # fmt: skip
+    batch_size: int = field(default=8, metadata={"help": "Pairs re-denoised per batch, per process (2x this many images).", "min": 1})  # fmt: skip
+    chunk_size: int = field(default=64, metadata={"help": "Keys per shard. A kill loses at most one unfinished chunk per process.", "min": 1})  # fmt: skip
+    judge_retries: int = field(default=2, metadata={"help": "Per-sample retries after a judge fails on a batch.", "min": 0})  # fmt: skip
+    log_images: int = field(default=8, metadata={"help": "Source | target image pairs logged to the tracker as a table.", "min": 0})  # fmt: skip
 
     def __post_init__(self) -> None:
         if isinstance(self.seeds, list):  # a YAML list arrives untouched by argparse
             self.seeds = ",".join(str(s) for s in self.seeds)
-        super().__post_init__()
-        for name in ("pipeline", "judge", "prompts"):
-            if not getattr(self, name):
-                raise ConfigError(f"recipe field '{name}' is required")
-        for name in ("redenoise_steps", "num_inference_steps", "batch_size", "chunk_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"recipe field '{name}' must be >= 1, got {getattr(self, name)}")
+        super().__post_init__()  # types and the limits in each field's metadata
         if self.guidance_invert >= self.guidance_denoise:
             logger.warning(
                 "guidance_invert %.2f >= guidance_denoise %.2f: re-denoise sampling injects no prompt "
                 "semantics without a CFG gap (Theorem E.1); the paper uses 1.0 < 5.5",
                 self.guidance_invert, self.guidance_denoise,
             )  # fmt: skip
-        if self.judge_retries < 0 or self.log_images < 0:
-            raise ConfigError("recipe fields 'judge_retries' and 'log_images' must be >= 0")
-        if self.torch_dtype not in ("float32", "float16", "bfloat16"):
-            raise ConfigError(f"recipe field 'torch_dtype' must be float32, float16 or bfloat16, got {self.torch_dtype!r}")  # fmt: skip
 
     def fingerprint(self) -> dict:
         """Settings that decide a row's content; a folder written with others is refused."""
