@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from noisealign.configs import BaseConfig, parse_config
+from noisealign.configs import TORCH_DTYPES, BaseConfig, parse_config
 from noisealign.errors import ConfigError
 
 logger = logging.getLogger("noisealign.distill")
@@ -34,17 +34,20 @@ class DistillConfig(BaseConfig):
     dataset: str = field(
         default="",
         metadata={
-            "help": "The collect stage's dataset folder (<collect output_dir>/dataset). Required."
+            "help": "The collect stage's dataset folder (<collect output_dir>/dataset). Required.",
+            "required": True,
         },
     )
     pipeline: str = field(
         default="",
         metadata={
-            "help": "Pipeline the rows were collected with (folder or hub id); its frozen text encoder embeds the prompts. Required."
+            "help": "Pipeline the rows were collected with (folder or hub id); its frozen text encoder embeds the prompts. Required.",
+            "required": True,
         },
     )
     torch_dtype: str = field(
-        default="float32", metadata={"help": "Pipeline dtype: float32, float16 or bfloat16."}
+        default="float32",
+        metadata={"help": "Pipeline dtype: float32, float16 or bfloat16.", "choices": TORCH_DTYPES},
     )
     reward_model: str = field(
         default="transformer", metadata={"help": "Architecture: 'transformer' or 'unet_lora'."}
@@ -56,12 +59,17 @@ class DistillConfig(BaseConfig):
     input_steps: int = field(
         default=0,
         metadata={
-            "help": "k: DDIM steps of the collect schedule run before scoring (0 = pure noise; 1-3 trade k UNet calls for accuracy)."
+            "help": "k: DDIM steps of the collect schedule run before scoring (0 = pure noise; 1-3 trade k UNet calls for accuracy).",
+            "min": 0,
+            "max": 10,
         },
     )
     input_kind: str = field(
         default="latent",
-        metadata={"help": "For k > 0: 'latent' (x_{T-k}) or 'x0' (predicted clean latent)."},
+        metadata={
+            "help": "For k > 0: 'latent' (x_{T-k}) or 'x0' (predicted clean latent).",
+            "choices": ("latent", "x0"),
+        },
     )
     teacher: str | None = field(
         default=None,
@@ -72,23 +80,33 @@ class DistillConfig(BaseConfig):
         },
     )
     teacher_seeds: int = field(
-        default=150, metadata={"help": "Fresh seeds the teacher labels per training prompt."}
+        default=150,
+        metadata={"help": "Fresh seeds the teacher labels per training prompt.", "min": 1},
     )
     teacher_seed_start: int = field(
         default=1_000_000,
         metadata={
-            "help": "First seed of the teacher's noises (keep it above the collect's seeds)."
+            "help": "First seed of the teacher's noises (keep it above the collect's seeds).",
+            "min": 0,
         },
     )
     seeds_per_group: int = field(
         default=0,
         metadata={
             "help": "Seeds of one prompt per batch group (0: all of them); with a teacher, e.g. 8 "
-            "keeps batches at prompts_per_batch x 8 rows."
+            "keeps batches at prompts_per_batch x 8 rows.",
+            "min": 0,
         },
     )
     eval_fraction: float = field(
-        default=0.1, metadata={"help": "Fraction of prompts held out for evaluation."}
+        default=0.1,
+        metadata={
+            "help": "Fraction of prompts held out for evaluation.",
+            "min": 0,
+            "min_exclusive": True,
+            "max": 1,
+            "max_exclusive": True,
+        },
     )
     split_seed: int | None = field(
         default=None,
@@ -98,58 +116,74 @@ class DistillConfig(BaseConfig):
         },
     )
     min_eval_prompts: int = field(
-        default=2, metadata={"help": "Fewest held-out prompts; fewer usable prompts is an error."}
+        default=2,
+        metadata={"help": "Fewest held-out prompts; fewer usable prompts is an error.", "min": 1},
     )
     prompts_per_batch: int = field(
         default=8,
         metadata={
-            "help": "Prompts per batch, each with all its seeds (pairs for the ranking term)."
+            "help": "Prompts per batch, each with all its seeds (pairs for the ranking term).",
+            "min": 1,
         },
     )
     gradient_accumulation_steps: int = field(
-        default=1, metadata={"help": "Batches per optimizer step."}
+        default=1, metadata={"help": "Batches per optimizer step.", "min": 1}
     )
-    max_steps: int = field(default=1000, metadata={"help": "Optimizer steps."})
-    learning_rate: float = field(default=3e-4, metadata={"help": "AdamW peak learning rate."})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    max_steps: int = field(default=1000, metadata={"help": "Optimizer steps.", "min": 1})
+    learning_rate: float = field(
+        default=3e-4,
+        metadata={"help": "AdamW peak learning rate.", "min": 0, "min_exclusive": True},
+    )
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay.", "min": 0})
     warmup_steps: int = field(
-        default=50, metadata={"help": "Linear warm-up steps before the cosine decay."}
+        default=50, metadata={"help": "Linear warm-up steps before the cosine decay.", "min": 0}
     )
     max_grad_norm: float = field(
-        default=1.0, metadata={"help": "Gradient clipping norm; 0 turns clipping off."}
+        default=1.0, metadata={"help": "Gradient clipping norm; 0 turns clipping off.", "min": 0}
     )
-    token_weight: float = field(default=1.0, metadata={"help": "Weight of the token BCE."})
+    token_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the token BCE.", "min": 0}
+    )
     overall_weight: float = field(
-        default=1.0, metadata={"help": "Weight of the overall-score loss."}
+        default=1.0, metadata={"help": "Weight of the overall-score loss.", "min": 0}
     )
     overall_loss: str = field(
-        default="bce", metadata={"help": "'bce' on the logit or 'mse' on its sigmoid."}
+        default="bce",
+        metadata={"help": "'bce' on the logit or 'mse' on its sigmoid.", "choices": ("bce", "mse")},
     )
     rank_weight: float = field(
-        default=1.0, metadata={"help": "Weight of the pairwise ranking term."}
+        default=1.0, metadata={"help": "Weight of the pairwise ranking term.", "min": 0}
     )
     rank_margin: float = field(
-        default=0.0, metadata={"help": "Pairs count only if the judge scores differ by more."}
+        default=0.0,
+        metadata={"help": "Pairs count only if the judge scores differ by more.", "min": 0},
     )
     logging_steps: int = field(
-        default=10, metadata={"help": "Log train metrics every this many steps."}
+        default=10, metadata={"help": "Log train metrics every this many steps.", "min": 1}
     )
     eval_steps: int = field(
         default=200,
         metadata={
-            "help": "Evaluate on held-out prompts every this many steps (0: only at the end)."
+            "help": "Evaluate on held-out prompts every this many steps (0: only at the end).",
+            "min": 0,
         },
     )
     save_steps: int = field(
-        default=200, metadata={"help": "Checkpoint (accelerate save_state) every this many steps."}
+        default=200,
+        metadata={"help": "Checkpoint (accelerate save_state) every this many steps.", "min": 1},
     )
-    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (0 keeps all)."})
+    save_total_limit: int = field(
+        default=2, metadata={"help": "Checkpoints kept (0 keeps all).", "min": 0}
+    )
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "'latest' or a checkpoint folder to resume from."}
     )
     feature_batch_size: int = field(
         default=64,
-        metadata={"help": "Rows per batch when embedding prompts and running the k steps."},
+        metadata={
+            "help": "Rows per batch when embedding prompts and running the k steps.",
+            "min": 1,
+        },
     )
     push_to_hub: bool = field(
         default=False, metadata={"help": "Push the saved folder to the hub as hub_model_id."}
@@ -159,46 +193,7 @@ class DistillConfig(BaseConfig):
     )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("dataset", "pipeline"):
-            if not getattr(self, name):
-                raise ConfigError(f"recipe field '{name}' is required")
-        positive = (
-            "prompts_per_batch",
-            "gradient_accumulation_steps",
-            "max_steps",
-            "logging_steps",
-            "save_steps",
-            "feature_batch_size",
-            "min_eval_prompts",
-            "teacher_seeds",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"recipe field '{name}' must be >= 1, got {getattr(self, name)}")
-        if self.seeds_per_group < 0 or self.teacher_seed_start < 0:
-            raise ConfigError(
-                "recipe fields 'seeds_per_group' and 'teacher_seed_start' must be >= 0, got "
-                f"{self.seeds_per_group} and {self.teacher_seed_start}"
-            )
-        if not 0 < self.eval_fraction < 1:
-            raise ConfigError(
-                f"recipe field 'eval_fraction' must be in (0, 1), got {self.eval_fraction}"
-            )
-        if not 0 <= self.input_steps <= 10:
-            raise ConfigError(
-                f"recipe field 'input_steps' must be in [0, 10], got {self.input_steps}"
-            )
-        choices = {
-            "input_kind": ("latent", "x0"),
-            "overall_loss": ("bce", "mse"),
-            "torch_dtype": ("float32", "float16", "bfloat16"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(
-                    f"recipe field '{name}' must be one of {allowed}, got {getattr(self, name)!r}"
-                )
+        super().__post_init__()  # types and the limits in each field's metadata
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("recipe field 'hub_model_id' is required when push_to_hub is true")
 
