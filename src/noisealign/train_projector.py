@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from noisealign.configs import BaseConfig, parse_config
+from noisealign.configs import TORCH_DTYPES, BaseConfig, parse_config
 from noisealign.errors import ConfigError, DataError
 
 logger = logging.getLogger("noisealign.train_projector")
@@ -36,81 +36,52 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge", "reward_gradient")
 class TrainProjectorConfig(BaseConfig):
     """Recipe of the train_projector stage."""
 
-    pipeline: str = field(default="", metadata={"help": "Pipeline (folder or hub id) whose text encoder embeds the prompts and whose latents are projected. Required."})  # fmt: skip
-    torch_dtype: str = field(default="float32", metadata={"help": "Pipeline dtype: float32, float16 or bfloat16."})  # fmt: skip
-    reward_model: str = field(default="", metadata={"help": "Distilled reward model folder (distill stage output) that scores candidates. Required."})  # fmt: skip
+    pipeline: str = field(default="", metadata={"help": "Pipeline (folder or hub id) whose text encoder embeds the prompts and whose latents are projected. Required.", "required": True})  # fmt: skip
+    torch_dtype: str = field(default="float32", metadata={"help": "Pipeline dtype: float32, float16 or bfloat16.", "choices": TORCH_DTYPES})  # fmt: skip
+    reward_model: str = field(default="", metadata={"help": "Distilled reward model folder (distill stage output) that scores candidates. Required.", "required": True})  # fmt: skip
     prompts: str | None = field(default=None, metadata={"help": "Prompt file (txt / jsonl / csv); else the prompts of 'dataset'."})  # fmt: skip
     dataset: str | None = field(default=None, metadata={"help": "A collect stage dataset folder whose prompts are used when 'prompts' is unset."})  # fmt: skip
     projector_kwargs: dict = field(default_factory=dict, metadata={"help": "Size of the projector (NoiseProjectorConfig fields, e.g. hidden_dim, depth, patch_size)."})  # fmt: skip
     init_from: str | None = field(default=None, metadata={"help": "Start from this projector folder instead of the identity."})  # fmt: skip
-    reference: str = field(default="identity", metadata={"help": "π_ref's mean: 'identity' (ε itself) or 'initial' (frozen copy of the starting projector)."})  # fmt: skip
-    loss_type: str = field(default="sigmoid", metadata={"help": "'sigmoid' (DPO), 'ipo', 'hinge' (TRL's names) or 'reward_gradient' (the ablation)."})  # fmt: skip
-    beta: float = field(default=0.1, metadata={"help": "β: strength of the implicit KL to π_ref; only β/σ² matters for sigmoid/hinge."})  # fmt: skip
-    rpo_alpha: float = field(default=0.0, metadata={"help": "TRL's rpo_alpha: weight of the winner's per-value NLL under N(f_θ, σ²I) added to the preference loss (0: plain quasi-DPO); see losses.preference."})  # fmt: skip
-    sigma: float = field(default=0.3, metadata={"help": "σ of the surrogate policy N(f_θ, σ²I); √candidate_gamma is the natural choice."})  # fmt: skip
-    num_candidates: int = field(default=8, metadata={"help": "K candidates drawn per (ε, e)."})  # fmt: skip
-    candidate_gamma: float = field(default=0.1, metadata={"help": "γ of the mix √(1−γ)·f_ref + √γ·ξ that draws candidates (their spread)."})  # fmt: skip
-    candidate_grid: int = field(default=0, metadata={"help": "0: ξ is white N(0, I) noise; g > 0: ξ is a low-frequency field from a g×g grid (noisealign.noise.smooth_noise), so candidates differ in layout rather than in fine grain."})  # fmt: skip
+    reference: str = field(default="identity", metadata={"help": "π_ref's mean: 'identity' (ε itself) or 'initial' (frozen copy of the starting projector).", "choices": ("identity", "initial")})  # fmt: skip
+    loss_type: str = field(default="sigmoid", metadata={"help": "'sigmoid' (DPO), 'ipo', 'hinge' (TRL's names) or 'reward_gradient' (the ablation).", "choices": LOSS_TYPES})  # fmt: skip
+    beta: float = field(default=0.1, metadata={"help": "β: strength of the implicit KL to π_ref; only β/σ² matters for sigmoid/hinge.", "min": 0, "min_exclusive": True})  # fmt: skip
+    rpo_alpha: float = field(default=0.0, metadata={"help": "TRL's rpo_alpha: weight of the winner's per-value NLL under N(f_θ, σ²I) added to the preference loss (0: plain quasi-DPO); see losses.preference.", "min": 0})  # fmt: skip
+    sigma: float = field(default=0.3, metadata={"help": "σ of the surrogate policy N(f_θ, σ²I); √candidate_gamma is the natural choice.", "min": 0, "min_exclusive": True})  # fmt: skip
+    num_candidates: int = field(default=8, metadata={"help": "K candidates drawn per (ε, e).", "min": 1})  # fmt: skip
+    candidate_gamma: float = field(default=0.1, metadata={"help": "γ of the mix √(1−γ)·f_ref + √γ·ξ that draws candidates (their spread).", "min": 0, "min_exclusive": True, "max": 1})  # fmt: skip
+    candidate_grid: int = field(default=0, metadata={"help": "0: ξ is white N(0, I) noise; g > 0: ξ is a low-frequency field from a g×g grid (noisealign.noise.smooth_noise), so candidates differ in layout rather than in fine grain.", "min": 0})  # fmt: skip
     candidate_images: str | None = field(default=None, metadata={"help": "A collect dataset with images (save_images: true): ξ is then the standardised VAE latent of one of its images of the same prompt (noisealign.data.exploration), so candidates differ in layout. Prompt ids must match the dataset's."})  # fmt: skip
-    candidate_scores: str = field(default="reward_model", metadata={"help": "What ranks the K candidates: 'reward_model' (r_φ, DESIGN.md) or 'source_judge' (with candidate_images: the judge's collected score of each candidate's source image, i.e. offline preference pairs from the collect rows; r_φ then only feeds the logged reward metrics)."})  # fmt: skip
-    pair_mode: str = field(default="best_worst", metadata={"help": "'best_worst' (one pair per sample) or 'all' (every pair above the margin)."})  # fmt: skip
-    reward_margin: float = field(default=0.0, metadata={"help": "Pairs count only if r_φ's logits differ by more than this."})  # fmt: skip
-    gaussianity_weight: float = field(default=1.0, metadata={"help": "λ of the Gaussianity penalty on ε′ (moments and lag-1 correlation)."})  # fmt: skip
-    batch_size: int = field(default=16, metadata={"help": "(ε, e) samples per process per step."})  # fmt: skip
-    max_steps: int = field(default=500, metadata={"help": "Optimizer steps."})  # fmt: skip
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant after warm-up)."})  # fmt: skip
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})  # fmt: skip
-    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})  # fmt: skip
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm; 0 turns clipping off."})  # fmt: skip
-    logging_steps: int = field(default=10, metadata={"help": "Log train metrics every this many steps."})  # fmt: skip
-    save_steps: int = field(default=100, metadata={"help": "Checkpoint (accelerate save_state) every this many steps."})  # fmt: skip
-    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (0 keeps all)."})  # fmt: skip
+    candidate_scores: str = field(default="reward_model", metadata={"help": "What ranks the K candidates: 'reward_model' (r_φ, DESIGN.md) or 'source_judge' (with candidate_images: the judge's collected score of each candidate's source image, i.e. offline preference pairs from the collect rows; r_φ then only feeds the logged reward metrics).", "choices": ("reward_model", "source_judge")})  # fmt: skip
+    pair_mode: str = field(default="best_worst", metadata={"help": "'best_worst' (one pair per sample) or 'all' (every pair above the margin).", "choices": ("best_worst", "all")})  # fmt: skip
+    reward_margin: float = field(default=0.0, metadata={"help": "Pairs count only if r_φ's logits differ by more than this.", "min": 0})  # fmt: skip
+    gaussianity_weight: float = field(default=1.0, metadata={"help": "λ of the Gaussianity penalty on ε′ (moments and lag-1 correlation).", "min": 0})  # fmt: skip
+    batch_size: int = field(default=16, metadata={"help": "(ε, e) samples per process per step.", "min": 1})  # fmt: skip
+    max_steps: int = field(default=500, metadata={"help": "Optimizer steps.", "min": 1})  # fmt: skip
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant after warm-up).", "min": 0, "min_exclusive": True})  # fmt: skip
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay.", "min": 0})  # fmt: skip
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps.", "min": 0})  # fmt: skip
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm; 0 turns clipping off.", "min": 0})  # fmt: skip
+    logging_steps: int = field(default=10, metadata={"help": "Log train metrics every this many steps.", "min": 1})  # fmt: skip
+    save_steps: int = field(default=100, metadata={"help": "Checkpoint (accelerate save_state) every this many steps.", "min": 1})  # fmt: skip
+    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (0 keeps all).", "min": 0})  # fmt: skip
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder to resume from."})  # fmt: skip
-    image_steps: int = field(default=0, metadata={"help": "Every this many steps, a standard-vs-projected image grid from the real pipeline (0: never)."})  # fmt: skip
+    image_steps: int = field(default=0, metadata={"help": "Every this many steps, a standard-vs-projected image grid from the real pipeline (0: never).", "min": 0})  # fmt: skip
     image_prompts: list[str] = field(default_factory=list, metadata={"help": "Fixed prompts of the image grid."})  # fmt: skip
     image_seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds of the image grid (each prompt with each seed)."})  # fmt: skip
     judge: str | None = field(default=None, metadata={"help": "Judge that scores the grid's images (e.g. 'shapes'); None: no scores."})  # fmt: skip
     judge_kwargs: dict = field(default_factory=dict, metadata={"help": "Arguments of the judge factory (JSON on the command line), e.g. {model: openai/clip-vit-large-patch14} for 'clip'."})  # fmt: skip
-    num_inference_steps: int = field(default=20, metadata={"help": "Sampling steps of the image grid."})  # fmt: skip
-    guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale of the image grid."})  # fmt: skip
+    num_inference_steps: int = field(default=20, metadata={"help": "Sampling steps of the image grid.", "min": 1})  # fmt: skip
+    guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale of the image grid.", "min": 0})  # fmt: skip
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("pipeline", "reward_model"):
-            if not getattr(self, name):
-                raise ConfigError(f"recipe field '{name}' is required")
+        super().__post_init__()  # types and the limits in each field's metadata
         if not self.prompts and not self.dataset:
             raise ConfigError(
                 "recipe needs 'prompts' (a prompt file) or 'dataset' (collected rows)"
             )
-        for name in ("batch_size", "max_steps", "logging_steps", "save_steps", "num_candidates"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"recipe field '{name}' must be >= 1, got {getattr(self, name)}")
         if self.loss_type != "reward_gradient" and self.num_candidates < 2:
             raise ConfigError("recipe field 'num_candidates' must be >= 2 to form pairs")
-        if self.candidate_grid < 0:
-            raise ConfigError(
-                f"recipe field 'candidate_grid' must be >= 0, got {self.candidate_grid}"
-            )
-        if not 0 < self.candidate_gamma <= 1:
-            raise ConfigError(
-                f"recipe field 'candidate_gamma' must be in (0, 1], got {self.candidate_gamma}"
-            )
-        for name in ("beta", "sigma"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"recipe field '{name}' must be > 0, got {getattr(self, name)}")
-        if self.rpo_alpha < 0:
-            raise ConfigError(f"recipe field 'rpo_alpha' must be >= 0, got {self.rpo_alpha}")
-        choices = {
-            "loss_type": LOSS_TYPES,
-            "pair_mode": ("best_worst", "all"),
-            "reference": ("identity", "initial"),
-            "candidate_scores": ("reward_model", "source_judge"),
-            "torch_dtype": ("float32", "float16", "bfloat16"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"recipe field '{name}' must be one of {allowed}, got {getattr(self, name)!r}")  # fmt: skip
         if self.candidate_scores == "source_judge" and not self.candidate_images:
             raise ConfigError("recipe field 'candidate_scores: source_judge' needs 'candidate_images' (a collect dataset with images)")  # fmt: skip
         if self.image_steps and not self.image_prompts:
