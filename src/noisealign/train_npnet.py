@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from noisealign.configs import BaseConfig, parse_config
+from noisealign.configs import TORCH_DTYPES, BaseConfig, parse_config
 from noisealign.errors import ConfigError
 
 logger = logging.getLogger("noisealign.train_npnet")
@@ -35,45 +35,28 @@ POLICY_TYPES = ("npnet", "npnet_compat", "noise_projector")
 class TrainNPNetConfig(BaseConfig):
     """Recipe of the train_npnet stage."""
 
-    pipeline: str = field(default="", metadata={"help": "Pipeline (folder or hub id) the pairs were collected with; its text encoder embeds the prompts. Required."})  # fmt: skip
-    torch_dtype: str = field(default="float32", metadata={"help": "Pipeline dtype: float32, float16 or bfloat16 (the policy trains in float32)."})  # fmt: skip
-    dataset: str = field(default="", metadata={"help": "collect_npd output folder (or its dataset/). Required."})  # fmt: skip
+    pipeline: str = field(default="", metadata={"help": "Pipeline (folder or hub id) the pairs were collected with; its text encoder embeds the prompts. Required.", "required": True})  # fmt: skip
+    torch_dtype: str = field(default="float32", metadata={"help": "Pipeline dtype: float32, float16 or bfloat16 (the policy trains in float32).", "choices": TORCH_DTYPES})  # fmt: skip
+    dataset: str = field(default="", metadata={"help": "collect_npd output folder (or its dataset/). Required.", "required": True})  # fmt: skip
     margin: float | None = field(default=None, metadata={"help": "Re-filter the pairs with this m (target score > source score + m); None uses the 'kept' column."})  # fmt: skip
-    policy_type: str = field(default="npnet", metadata={"help": "'npnet' (improved, any latent size, per-token prompt attention), 'npnet_compat' (official architecture, 4 x 128 x 128 only) or 'noise_projector' (the quasi-DPO projector regressed onto the pairs, e.g. as train_projector's init_from)."})  # fmt: skip
+    policy_type: str = field(default="npnet", metadata={"help": "'npnet' (improved, any latent size, per-token prompt attention), 'npnet_compat' (official architecture, 4 x 128 x 128 only) or 'noise_projector' (the quasi-DPO projector regressed onto the pairs, e.g. as train_projector's init_from).", "choices": POLICY_TYPES})  # fmt: skip
     policy_kwargs: dict = field(default_factory=dict, metadata={"help": "Size of the policy (NPNetConfig / NPNetCompatConfig / NoiseProjectorConfig fields, e.g. hidden_dim, depth)."})  # fmt: skip
     init_from: str | None = field(default=None, metadata={"help": "Start from this policy folder (e.g. a converted official checkpoint) instead of fresh weights."})  # fmt: skip
-    eval_fraction: float = field(default=0.1, metadata={"help": "Share of the prompts held out (all their pairs) for the eval MSE."})  # fmt: skip
-    min_eval_prompts: int = field(default=1, metadata={"help": "At least this many held-out prompts."})  # fmt: skip
-    batch_size: int = field(default=64, metadata={"help": "Pairs per process per forward (paper: 64)."})  # fmt: skip
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Forwards per optimizer step."})  # fmt: skip
-    num_epochs: int = field(default=30, metadata={"help": "Passes over the training pairs (paper: 30); ignored when max_steps is set."})  # fmt: skip
-    max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps; overrides num_epochs."})  # fmt: skip
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (paper: 1e-4), constant after warm-up."})  # fmt: skip
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})  # fmt: skip
-    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})  # fmt: skip
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm; 0 turns clipping off."})  # fmt: skip
-    logging_steps: int = field(default=10, metadata={"help": "Log train metrics every this many steps."})  # fmt: skip
-    eval_steps: int = field(default=0, metadata={"help": "Held-out evaluation every this many steps (0: only at the end)."})  # fmt: skip
-    save_steps: int = field(default=500, metadata={"help": "Checkpoint (accelerate save_state) every this many steps, and at the end."})  # fmt: skip
-    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (0 keeps all)."})  # fmt: skip
+    eval_fraction: float = field(default=0.1, metadata={"help": "Share of the prompts held out (all their pairs) for the eval MSE.", "min": 0, "min_exclusive": True, "max": 1, "max_exclusive": True})  # fmt: skip
+    min_eval_prompts: int = field(default=1, metadata={"help": "At least this many held-out prompts.", "min": 1})  # fmt: skip
+    batch_size: int = field(default=64, metadata={"help": "Pairs per process per forward (paper: 64).", "min": 1})  # fmt: skip
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Forwards per optimizer step.", "min": 1})  # fmt: skip
+    num_epochs: int = field(default=30, metadata={"help": "Passes over the training pairs (paper: 30); ignored when max_steps is set.", "min": 1})  # fmt: skip
+    max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps; overrides num_epochs.", "min": 1})  # fmt: skip
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (paper: 1e-4), constant after warm-up.", "min": 0, "min_exclusive": True})  # fmt: skip
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay.", "min": 0})  # fmt: skip
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps.", "min": 0})  # fmt: skip
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm; 0 turns clipping off.", "min": 0})  # fmt: skip
+    logging_steps: int = field(default=10, metadata={"help": "Log train metrics every this many steps.", "min": 1})  # fmt: skip
+    eval_steps: int = field(default=0, metadata={"help": "Held-out evaluation every this many steps (0: only at the end).", "min": 0})  # fmt: skip
+    save_steps: int = field(default=500, metadata={"help": "Checkpoint (accelerate save_state) every this many steps, and at the end.", "min": 1})  # fmt: skip
+    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (0 keeps all).", "min": 0})  # fmt: skip
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder to resume from."})  # fmt: skip
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("pipeline", "dataset"):
-            if not getattr(self, name):
-                raise ConfigError(f"recipe field '{name}' is required")
-        for name in ("batch_size", "gradient_accumulation_steps", "num_epochs", "logging_steps", "save_steps"):  # fmt: skip
-            if getattr(self, name) < 1:
-                raise ConfigError(f"recipe field '{name}' must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"recipe field 'max_steps' must be >= 1, got {self.max_steps}")
-        if not 0 < self.eval_fraction < 1:
-            raise ConfigError(f"recipe field 'eval_fraction' must be in (0, 1), got {self.eval_fraction}")  # fmt: skip
-        choices = {"policy_type": POLICY_TYPES, "torch_dtype": ("float32", "float16", "bfloat16")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"recipe field '{name}' must be one of {allowed}, got {getattr(self, name)!r}")  # fmt: skip
 
 
 CONFIG_CLASS = TrainNPNetConfig  # read by `noisealign.cli` and the recipe tests
