@@ -33,7 +33,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from noisealign.configs import BaseConfig, parse_config
+from noisealign.configs import TORCH_DTYPES, BaseConfig, parse_config
 from noisealign.errors import ConfigError
 
 logger = logging.getLogger("noisealign.image_npd")
@@ -43,22 +43,12 @@ logger = logging.getLogger("noisealign.image_npd")
 class ImageNPDConfig(BaseConfig):
     """Recipe of the image_npd stage."""
 
-    dataset: str = field(default="", metadata={"help": "A collect dataset folder (<output_dir>/dataset) collected with save_images: true. Required."})  # fmt: skip
-    pipeline: str = field(default="", metadata={"help": "The pipeline the images were generated with; its VAE encodes them. Required."})  # fmt: skip
-    gamma: float = field(default=0.1, metadata={"help": "γ of the target mix √(1−γ)·ε + √γ·z: how strongly the accepted layout is put into the noise."})  # fmt: skip
-    pairs_per_image: int = field(default=8, metadata={"help": "Fresh noises (pairs) per accepted image."})  # fmt: skip
+    dataset: str = field(default="", metadata={"help": "A collect dataset folder (<output_dir>/dataset) collected with save_images: true. Required.", "required": True})  # fmt: skip
+    pipeline: str = field(default="", metadata={"help": "The pipeline the images were generated with; its VAE encodes them. Required.", "required": True})  # fmt: skip
+    gamma: float = field(default=0.1, metadata={"help": "γ of the target mix √(1−γ)·ε + √γ·z: how strongly the accepted layout is put into the noise.", "min": 0, "min_exclusive": True, "max": 1})  # fmt: skip
+    pairs_per_image: int = field(default=8, metadata={"help": "Fresh noises (pairs) per accepted image.", "min": 1})  # fmt: skip
     min_score: float = field(default=1.0, metadata={"help": "Rows whose judge score is at least this are accepted images."})  # fmt: skip
-    torch_dtype: str = field(default="float32", metadata={"help": "Pipeline dtype: float32, float16 or bfloat16 (noises are stored in float32)."})  # fmt: skip
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("dataset", "pipeline"):
-            if not getattr(self, name):
-                raise ConfigError(f"recipe field '{name}' is required")
-        if not 0 < self.gamma <= 1:
-            raise ConfigError(f"recipe field 'gamma' must be in (0, 1], got {self.gamma}")
-        if self.pairs_per_image < 1:
-            raise ConfigError(f"recipe field 'pairs_per_image' must be >= 1, got {self.pairs_per_image}")  # fmt: skip
+    torch_dtype: str = field(default="float32", metadata={"help": "Pipeline dtype: float32, float16 or bfloat16 (noises are stored in float32).", "choices": TORCH_DTYPES})  # fmt: skip
 
     def fingerprint(self) -> dict:
         keys = ("dataset", "pipeline", "gamma", "pairs_per_image", "min_score", "seed")
