@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from noisealign.configs import BaseConfig, parse_config
+from noisealign.configs import TORCH_DTYPES, BaseConfig, check_seeds, parse_config
 from noisealign.errors import ConfigError
 
 logger = logging.getLogger("noisealign.evaluate")
@@ -36,34 +36,29 @@ _NOT_FINGERPRINTED = ("output_dir", "overwrite_output_dir", "report_to", "wandb_
 class EvaluateConfig(BaseConfig):
     """Recipe of the evaluate stage."""
 
-    pipeline: str = field(default="", metadata={"help": "Diffusers pipeline folder or hub id. Required."})  # fmt: skip
-    torch_dtype: str = field(default="float32", metadata={"help": "Pipeline dtype: float32, float16 or bfloat16."})  # fmt: skip
+    pipeline: str = field(default="", metadata={"help": "Diffusers pipeline folder or hub id. Required.", "required": True})  # fmt: skip
+    torch_dtype: str = field(default="float32", metadata={"help": "Pipeline dtype: float32, float16 or bfloat16.", "choices": TORCH_DTYPES})  # fmt: skip
     device: str | None = field(default=None, metadata={"help": "torch device of the pipeline, policies and judges' inputs; unset: accelerate's device of each process. With several processes only a type without index ('cuda') is accepted."})  # fmt: skip
-    prompt_sets: dict = field(default_factory=dict, metadata={"help": "Prompt sets to evaluate: name -> prompt file (.txt, .jsonl with optional concepts, GenEval metadata .jsonl, DrawBench-style .csv). Required."})  # fmt: skip
+    prompt_sets: dict = field(default_factory=dict, metadata={"help": "Prompt sets to evaluate: name -> prompt file (.txt, .jsonl with optional concepts, GenEval metadata .jsonl, DrawBench-style .csv). Required.", "required": True})  # fmt: skip
     prompt_split: str | None = field(default=None, metadata={"help": "Keep only rows whose 'split' column equals this. Unset: the held-out rows (split 'eval') of a file with a 'split' column, every row of a file without one."})  # fmt: skip
     prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt in JSONL/CSV files (DrawBench: 'Prompts')."})  # fmt: skip
-    max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts of each set (quick runs)."})  # fmt: skip
-    seeds: str = field(default="0:4", metadata={"help": "Seeds per prompt: 'start:stop', 'a,b,c', or a YAML list of ints."})  # fmt: skip
-    judges: list[str] = field(default_factory=list, metadata={"help": "Evaluation judges by name; the first gives the alignment columns. Prefer a judge other than the training judge. Required."})  # fmt: skip
+    max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts of each set (quick runs).", "min": 1})  # fmt: skip
+    seeds: str = field(default="0:4", metadata={"help": "Seeds per prompt: 'start:stop', 'a,b,c', or a YAML list of ints.", "check": check_seeds})  # fmt: skip
+    judges: list[str] = field(default_factory=list, metadata={"help": "Evaluation judges by name; the first gives the alignment columns. Prefer a judge other than the training judge. Required.", "required": True})  # fmt: skip
     judge_kwargs: dict = field(default_factory=dict, metadata={"help": "Judge name -> factory arguments (JSON on the command line)."})  # fmt: skip
-    methods: dict = field(default_factory=dict, metadata={"help": "Label -> {type: standard|policy|best_of_n|early_stop|noise_diffusion, ...settings}. Must include a 'standard' entry."})  # fmt: skip
-    num_inference_steps: int = field(default=20, metadata={"help": "Denoising steps per image, for every method."})  # fmt: skip
-    guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale, for every method."})  # fmt: skip
-    batch_size: int = field(default=16, metadata={"help": "(prompt, seed) pairs per method call."})  # fmt: skip
-    grid_prompts: int = field(default=6, metadata={"help": "Rows of the image grid: the first N prompts of each set, at the first seed."})  # fmt: skip
+    methods: dict = field(default_factory=dict, metadata={"help": "Label -> {type: standard|policy|best_of_n|early_stop|noise_diffusion, ...settings}. Must include a 'standard' entry.", "required": True})  # fmt: skip
+    num_inference_steps: int = field(default=20, metadata={"help": "Denoising steps per image, for every method.", "min": 1})  # fmt: skip
+    guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale, for every method.", "min": 0})  # fmt: skip
+    batch_size: int = field(default=16, metadata={"help": "(prompt, seed) pairs per method call.", "min": 1})  # fmt: skip
+    grid_prompts: int = field(default=6, metadata={"help": "Rows of the image grid: the first N prompts of each set, at the first seed.", "min": 1})  # fmt: skip
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        for name in ("pipeline", "prompt_sets", "judges", "methods"):
-            if not getattr(self, name):
-                raise ConfigError(f"recipe field '{name}' is required (see recipes/toy/evaluate.yaml)")  # fmt: skip
+        super().__post_init__()  # types and the limits in each field's metadata
         for label, settings in self.methods.items():
             if not isinstance(settings, dict) or "type" not in settings:
                 raise ConfigError(f"methods.{label} must be a mapping with a 'type', e.g. {{type: standard}}")  # fmt: skip
         if not any(s["type"] == "standard" for s in self.methods.values()):
             raise ConfigError("methods needs a 'standard' entry ({type: standard}): win rates are measured against it")  # fmt: skip
-        if self.batch_size < 1 or self.num_inference_steps < 1:
-            raise ConfigError("recipe fields 'batch_size' and 'num_inference_steps' must be >= 1")
 
 
 CONFIG_CLASS = EvaluateConfig
