@@ -68,3 +68,30 @@ def test_missing_or_empty_projector_folder_fails_clearly(tmp_path):
         generate.main(["--projector", str(tmp_path / "empty"), "--prompt", "a red circle"])
     with pytest.raises(DataError, match="cannot load projector"):
         generate.main(["--projector", str(tmp_path / "nothing"), "--prompt", "a red circle"])
+
+
+@pytest.mark.parametrize(
+    "recorded, cwd",
+    [
+        ("../sd", "elsewhere"),  # relative to the projector folder
+        ("sd", "root"),  # relative to the working directory the recipe ran in
+        ("sd", "elsewhere"),  # root-relative, read from another directory: found above the folder
+    ],
+)
+def test_recorded_relative_pipeline_resolves_from_any_working_directory(
+    folders, tmp_path, monkeypatch, recorded, cwd
+):
+    import json
+    import shutil
+
+    projector = folders / f"projector-{recorded.replace('/', '_')}-{cwd}"
+    shutil.copytree(folders / "projector", projector, dirs_exist_ok=True)
+    config = json.loads((projector / "config.json").read_text())
+    (projector / "config.json").write_text(json.dumps({**config, "pipeline": recorded}))
+    monkeypatch.chdir(folders if cwd == "root" else tmp_path)
+    paths = generate.main(
+        ["--projector", str(projector), "--prompt", "a red circle", "--seed", "0",
+         "--num_inference_steps", "2", "--output_dir", str(tmp_path / "out")]
+    )  # fmt: skip
+    assert [p.name for p in paths] == ["000_seed0.png"]
+    assert Image.open(paths[0]).size == (32, 32)

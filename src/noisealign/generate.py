@@ -102,6 +102,7 @@ def render(
 def main(args: Sequence[str] | None = None) -> list[Path]:
     """Write the PNGs; returns the paths this process wrote (all of them with one process)."""
     config = parse_config(GenerateConfig, args)
+    from noisealign.paths import resolve_recorded_path
     from noisealign.pipelines import load_pipeline
     from noisealign.policies import check_pipeline, load_projector
     from noisealign.tracking import make_accelerator
@@ -109,7 +110,8 @@ def main(args: Sequence[str] | None = None) -> list[Path]:
     accelerator = make_accelerator(config)
     # ---- 1. projector and its pipeline (checked against each other) ---------------------
     projector = load_projector(config.projector)
-    pipeline = config.pipeline or projector.config.pipeline
+    recorded = projector.config.pipeline  # relative paths: from the projector folder, see noisealign.paths
+    pipeline = config.pipeline or (recorded and resolve_recorded_path(recorded, config.projector))
     if not pipeline:
         raise ConfigError("the projector records no pipeline; pass --pipeline FOLDER")
     pipe = load_pipeline(pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code)  # fmt: skip
