@@ -23,7 +23,6 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 from noisealign.cli import run_stage
 from noisealign.configs import BaseConfig, parse_config
-from noisealign.errors import ConfigError
 from noisealign.toy.evaluate import generate_and_judge, summarise
 from noisealign.toy.grammar import prompt_records
 from noisealign.toy.models import PRESETS, assemble_pipeline, build_components
@@ -48,86 +47,92 @@ class PretrainConfig(BaseConfig):
 
     model_size: str = field(
         default="toy",
-        metadata={"help": "Architecture preset: 'toy' (the shipped model) or 'tiny' (tests)."},
+        metadata={
+            "help": "Architecture preset: 'toy' (the shipped model) or 'tiny' (tests).",
+            "choices": tuple(PRESETS),
+        },
     )
     pool_size: int = field(
         default=40000,
-        metadata={"help": "Ground-truth scenes rendered (and encoded once) for training."},
+        metadata={
+            "help": "Ground-truth scenes rendered (and encoded once) for training.",
+            "min": 1,
+        },
     )
     p_single: float = field(
         default=0.2,
         metadata={
-            "help": "Share of one-object scenes in the pool; the rest are two-object training compositions."
+            "help": "Share of one-object scenes in the pool; the rest are two-object training compositions.",
+            "min": 0,
+            "max": 1,
+            "max_exclusive": True,
         },
     )
-    vae_steps: int = field(default=1500, metadata={"help": "Optimiser steps of the VAE."})
-    vae_batch_size: int = field(default=64, metadata={"help": "Images per VAE step."})
+    vae_steps: int = field(default=1500, metadata={"help": "Optimiser steps of the VAE.", "min": 1})
+    vae_batch_size: int = field(default=64, metadata={"help": "Images per VAE step.", "min": 1})
     vae_lr: float = field(
         default=1e-3,
-        metadata={"help": "Peak AdamW learning rate of the VAE (warm-up, cosine decay)."},
+        metadata={
+            "help": "Peak AdamW learning rate of the VAE (warm-up, cosine decay).",
+            "min": 0,
+            "min_exclusive": True,
+        },
     )
     vae_kl_weight: float = field(
         default=1e-6,
-        metadata={"help": "Weight of the per-dimension KL term; tiny, as in SD's VAE."},
+        metadata={"help": "Weight of the per-dimension KL term; tiny, as in SD's VAE.", "min": 0},
     )
     unet_steps: int = field(
-        default=3200, metadata={"help": "Optimiser steps of the UNet and text encoder."}
+        default=3200, metadata={"help": "Optimiser steps of the UNet and text encoder.", "min": 1}
     )
-    unet_batch_size: int = field(default=64, metadata={"help": "Latents per UNet step."})
+    unet_batch_size: int = field(default=64, metadata={"help": "Latents per UNet step.", "min": 1})
     unet_lr: float = field(
-        default=1e-3, metadata={"help": "Peak AdamW learning rate of UNet and text encoder."}
+        default=1e-3,
+        metadata={
+            "help": "Peak AdamW learning rate of UNet and text encoder.",
+            "min": 0,
+            "min_exclusive": True,
+        },
     )
     unet_warmup_steps: int = field(
-        default=200, metadata={"help": "Linear warm-up steps before the cosine decay."}
+        default=200, metadata={"help": "Linear warm-up steps before the cosine decay.", "min": 0}
     )
     cfg_dropout: float = field(
         default=0.1,
         metadata={
-            "help": "Probability of training on the empty prompt (classifier-free guidance)."
+            "help": "Probability of training on the empty prompt (classifier-free guidance).",
+            "min": 0,
+            "max": 1,
+            "max_exclusive": True,
         },
     )
-    snr_gamma: float = field(default=5.0, metadata={"help": "Clip of the min-SNR loss weight."})
+    snr_gamma: float = field(
+        default=5.0,
+        metadata={"help": "Clip of the min-SNR loss weight.", "min": 0, "min_exclusive": True},
+    )
     ema_decay: float = field(
-        default=0.999, metadata={"help": "EMA decay of the saved UNet and text-encoder weights."}
+        default=0.999,
+        metadata={
+            "help": "EMA decay of the saved UNet and text-encoder weights.",
+            "min": 0,
+            "max": 1,
+            "max_exclusive": True,
+        },
     )
     eval_prompts: int = field(
         default=16,
-        metadata={"help": "Held-out and seen prompts (each) of the closing check; 0 skips it."},
+        metadata={
+            "help": "Held-out and seen prompts (each) of the closing check; 0 skips it.",
+            "min": 0,
+        },
     )
-    eval_seeds: int = field(default=4, metadata={"help": "Seeds per prompt of the closing check."})
+    eval_seeds: int = field(
+        default=4, metadata={"help": "Seeds per prompt of the closing check.", "min": 1}
+    )
     pipeline_dir: str = field(
         default="",
         metadata={"help": "Where the pipeline folder goes; default OUTPUT_DIR/pipeline."},
     )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.model_size not in PRESETS:
-            raise ConfigError(
-                f"recipe field 'model_size' must be one of {sorted(PRESETS)}, got {self.model_size!r}"
-            )
-        for name in (
-            "pool_size",
-            "vae_steps",
-            "vae_batch_size",
-            "unet_steps",
-            "unet_batch_size",
-            "eval_seeds",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"recipe field '{name}' must be >= 1, got {getattr(self, name)}")
-        for name in ("p_single", "cfg_dropout", "ema_decay"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(
-                    f"recipe field '{name}' must lie in [0, 1), got {getattr(self, name)}"
-                )
-        for name in ("vae_lr", "unet_lr", "snr_gamma"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"recipe field '{name}' must be > 0, got {getattr(self, name)}")
-        if self.eval_prompts < 0 or self.unet_warmup_steps < 0 or self.vae_kl_weight < 0:
-            raise ConfigError(
-                "recipe fields 'eval_prompts', 'unet_warmup_steps' and 'vae_kl_weight' must be >= 0"
-            )
 
 
 CONFIG_CLASS = PretrainConfig  # read by the recipe tests
