@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from noisealign.configs import BaseConfig, parse_config
+from noisealign.configs import TORCH_DTYPES, BaseConfig, parse_config
 from noisealign.errors import ConfigError
 
 logger = logging.getLogger("noisealign.generate")
@@ -34,32 +34,24 @@ class GenerateConfig(BaseConfig):
     """Recipe of the generate stage (every field also works as a CLI flag)."""
 
     output_dir: str = field(default="generated", metadata={"help": "Folder the PNGs are written to."})  # fmt: skip
-    report_to: str = field(default="none", metadata={"help": "Unused here (no tracker); kept for the shared fields."})  # fmt: skip
-    projector: str = field(default="", metadata={"help": "Projector folder written by train_projector (or a hub id). Required."})  # fmt: skip
+    report_to: str = field(default="none", metadata={"help": "Unused here (no tracker); kept for the shared fields.", "choices": ("wandb", "none")})  # fmt: skip
+    projector: str = field(default="", metadata={"help": "Projector folder written by train_projector (or a hub id). Required.", "required": True})  # fmt: skip
     pipeline: str | None = field(default=None, metadata={"help": "Pipeline folder or hub id; default: the one recorded in the projector."})  # fmt: skip
-    torch_dtype: str = field(default="float32", metadata={"help": "Pipeline dtype: float32, float16 or bfloat16."})  # fmt: skip
-    prompt: list[str] = field(default_factory=list, metadata={"help": "Prompts (one or more). Required."})  # fmt: skip
-    seed: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds; every prompt is generated with every seed."})  # fmt: skip
+    torch_dtype: str = field(default="float32", metadata={"help": "Pipeline dtype: float32, float16 or bfloat16.", "choices": TORCH_DTYPES})  # fmt: skip
+    prompt: list[str] = field(default_factory=list, metadata={"help": "Prompts (one or more). Required.", "required": True})  # fmt: skip
+    seed: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds; every prompt is generated with every seed.", "required": True})  # fmt: skip
     side_by_side: bool = field(default=False, metadata={"help": "Also render the standard noise, in one PNG beside the projected one."})  # fmt: skip
-    num_inference_steps: int = field(default=20, metadata={"help": "Sampling steps."})  # fmt: skip
-    guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale."})  # fmt: skip
-    height: int | None = field(default=None, metadata={"help": "Image height in pixels (default: the pipeline's)."})  # fmt: skip
-    width: int | None = field(default=None, metadata={"help": "Image width in pixels (default: the pipeline's)."})  # fmt: skip
+    num_inference_steps: int = field(default=20, metadata={"help": "Sampling steps.", "min": 1})  # fmt: skip
+    guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale.", "min": 0})  # fmt: skip
+    height: int | None = field(default=None, metadata={"help": "Image height in pixels (default: the pipeline's).", "min": 8, "multiple_of": 8})  # fmt: skip
+    width: int | None = field(default=None, metadata={"help": "Image width in pixels (default: the pipeline's).", "min": 8, "multiple_of": 8})  # fmt: skip
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        if not self.projector:
-            raise ConfigError("recipe field 'projector' is required: pass --projector FOLDER")
-        if not self.prompt:
-            raise ConfigError("recipe field 'prompt' is required: pass --prompt 'a red circle'")
+        super().__post_init__()  # types and the limits in each field's metadata
         if any(not p.strip() for p in self.prompt):
             raise ConfigError(
                 "recipe field 'prompt' holds an empty prompt; give each prompt some text"
             )
-        if not self.seed:
-            raise ConfigError("recipe field 'seed' needs at least one seed")
-        if self.num_inference_steps < 1:
-            raise ConfigError(f"recipe field 'num_inference_steps' must be >= 1, got {self.num_inference_steps}")  # fmt: skip
 
 
 CONFIG_CLASS = GenerateConfig
