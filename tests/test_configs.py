@@ -69,7 +69,10 @@ def test_yaml_values_and_cli_overrides(tmp_path):
             "torch_dtype: float8\n",
             "recipe field 'torch_dtype' must be one of 'float32', 'float16', 'bfloat16', got 'float8'",
         ),
-        ("report_to: tensorboardx\n", "recipe field 'report_to' must be one of 'wandb', 'none', got 'tensorboardx'"),
+        (
+            "report_to: tensorboardx\n",
+            "recipe field 'report_to' must be one of 'wandb', 'none', got 'tensorboardx'",
+        ),
     ],
 )
 def test_bad_recipes_name_the_field(tmp_path, extra, message):

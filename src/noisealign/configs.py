@@ -62,6 +62,8 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
+TORCH_DTYPES = ("float32", "float16", "bfloat16")  # "choices" of every torch_dtype field
+
 # metadata keys read by BaseConfig.__post_init__; argparse never sees them
 LIMIT_KEYS = ("required", "min", "max", "min_exclusive", "max_exclusive", "multiple_of", "choices", "allow_inf", "check")  # fmt: skip
 
@@ -149,7 +151,10 @@ class BaseConfig:
     )
     report_to: str = field(
         default="wandb",
-        metadata={"help": "Tracker for accelerate: 'wandb' or 'none'.", "choices": ("wandb", "none")},
+        metadata={
+            "help": "Tracker for accelerate: 'wandb' or 'none'.",
+            "choices": ("wandb", "none"),
+        },
     )
     wandb_project: str = field(default="noisealign", metadata={"help": "wandb project name."})
     run_name: str | None = field(
