@@ -189,7 +189,7 @@ CASES = [
     ("policy-other-pipeline-evaluate", lambda t, tmp, out: evaluate(t, out, "--pipeline", str(t / "sdxl"), methods={"standard": {"type": "standard"}, "p": {"type": "policy", "policy": str(t / "projector")}}),
      r"text_embed_dim"),
     ("latent-size-not-divisible", lambda t, tmp, out: generate(t, out, "--height", "30", "--width", "30"),
-     r"image size 30x30 must be positive multiples of the VAE scale factor 2 and of 8"),
+     r"recipe field 'height' must be >= 8 and a multiple of 8, got 30"),
     ("not-a-pipeline-folder", lambda t, tmp, out: collect(t, out, "--pipeline", str(tmp)),
      r"is not a diffusers pipeline folder"),
     # prompts
