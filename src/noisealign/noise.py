@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+import operator
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from .errors import ConfigError
 
 
 def noise_seed(prompt_id: str, seed: int) -> int:
@@ -37,12 +40,74 @@ def initial_noise(prompt_id: str, seed: int, shape: Sequence[int]) -> torch.Tens
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
 
 
+def check_strings(values: object, name: str, what: str = "prompt") -> list[str]:
+    """``values`` as a non-empty list of str; :class:`ConfigError` naming ``name`` otherwise.
+
+    A bare string is refused rather than read as one item: iterating it would give one
+    "prompt" per character.
+    """
+    if isinstance(values, str):
+        raise ConfigError(f"'{name}' is a single string; pass a list of {what}s, e.g. [{values[:40]!r}]")  # fmt: skip
+    if not isinstance(values, Iterable):
+        raise ConfigError(f"'{name}' is a {type(values).__name__}; pass a list of {what} strings")
+    values = list(values)
+    if not values:
+        raise ConfigError(f"'{name}' is empty; pass at least one {what}")
+    for i, value in enumerate(values):
+        if not isinstance(value, str):
+            raise ConfigError(f"'{name}[{i}]' is a {type(value).__name__}; pass {what}s as strings")
+    return values
+
+
+def check_seeds(seeds: object, count: int, what: str = "prompt") -> list[int]:
+    """``seeds`` as ``count`` ints; :class:`ConfigError` naming the argument and the fix otherwise.
+
+    Any integer type is a seed (``int``, numpy integers, 0-d integer tensors), negative ones
+    included; ``bool`` and floats (even ``1.0``) are refused.
+    """
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Iterable):
+        raise ConfigError(f"'seeds' is a {type(seeds).__name__}; pass a list of integer seeds, one per {what}, e.g. [0]")  # fmt: skip
+    seeds = list(seeds)
+    out = []
+    for i, seed in enumerate(seeds):
+        try:
+            if isinstance(seed, bool):
+                raise TypeError
+            out.append(operator.index(seed))
+        except TypeError:
+            raise ConfigError(f"'seeds[{i}]' is {seed!r} ({type(seed).__name__}); seeds must be integers") from None  # fmt: skip
+    if len(out) != count:
+        raise ConfigError(f"got {count} {what}s but {len(out)} seeds; pass one seed per {what}")
+    return out
+
+
+def _check_shape(shape: object) -> tuple[int, ...]:
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, Iterable):
+        raise ConfigError(f"'shape' is a {type(shape).__name__}; pass the latent shape (C, H, W), e.g. latent_shape(pipe)")  # fmt: skip
+    dims = list(shape)
+    try:
+        if any(isinstance(d, bool) for d in dims):
+            raise TypeError
+        sizes = tuple(operator.index(d) for d in dims)
+    except TypeError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise ConfigError(f"'shape' is {tuple(dims)}; pass positive integer sizes (C, H, W), e.g. latent_shape(pipe)")  # fmt: skip
+    return sizes
+
+
 def batch_noise(
     prompt_ids: Sequence[str], seeds: Sequence[int], shape: Sequence[int]
 ) -> torch.Tensor:
-    """Stack :func:`initial_noise` for each key: ``(B, *shape)`` float32 on CPU."""
-    if len(prompt_ids) != len(seeds):
-        raise ValueError(f"got {len(prompt_ids)} prompt ids but {len(seeds)} seeds")
+    """Stack :func:`initial_noise` for each key: ``(B, *shape)`` float32 on CPU.
+
+    Raises:
+        ConfigError: ``prompt_ids`` not a non-empty list of str, seeds not one integer per id,
+            ``shape`` not positive ints.
+    """
+    prompt_ids = check_strings(prompt_ids, "prompt_ids", "prompt id")
+    seeds = check_seeds(seeds, len(prompt_ids), "prompt id")
+    shape = _check_shape(shape)
     return torch.stack([initial_noise(p, s, shape) for p, s in zip(prompt_ids, seeds)])
 
 
@@ -57,8 +122,9 @@ def smooth_noise(
     :func:`distribution_preserving_mix` it moves where things appear (layout) far more per unit
     of norm than white noise does: the candidates of ``train_projector``'s ``candidate_grid``.
     """
-    if len(prompt_ids) != len(seeds):
-        raise ValueError(f"got {len(prompt_ids)} prompt ids but {len(seeds)} seeds")
+    prompt_ids = check_strings(prompt_ids, "prompt_ids", "prompt id")
+    seeds = check_seeds(seeds, len(prompt_ids), "prompt id")
+    shape = _check_shape(shape)
     if grid < 1:
         raise ValueError(f"grid must be >= 1, got {grid}")
     channels, size = int(shape[0]), tuple(int(s) for s in shape[1:])

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 
+from ..errors import PipelineError
+from ..noise import check_strings
 from .adapters import adapter_for
 
 logger = logging.getLogger(__name__)
@@ -94,6 +96,16 @@ def _tokenize(pipe: Any, prompts: list[str]) -> tuple[Any, list[bool]]:
     return batch, truncated
 
 
+def check_pipe(pipe: object) -> None:
+    """:class:`PipelineError` unless ``pipe`` is a loaded diffusers pipeline of a supported family."""
+    if not isinstance(pipe, DiffusionPipeline):
+        raise PipelineError(
+            f"'pipe' is a {type(pipe).__name__}, not a diffusers pipeline; load one with "
+            "noisealign.pipelines.load_pipeline(folder)"
+        )
+    adapter_for(pipe)  # a supported family, or its PipelineError
+
+
 def encode_prompts(pipe: DiffusionPipeline, prompts: Sequence[str]) -> PromptEmbeddings:
     """Encode ``prompts`` with the pipeline's own ``encode_prompt`` (no CFG).
 
@@ -103,10 +115,13 @@ def encode_prompts(pipe: DiffusionPipeline, prompts: Sequence[str]) -> PromptEmb
     Example:
         >>> emb = encode_prompts(pipe, ["a red circle"])  # doctest: +SKIP
         >>> emb.embeds.shape  # (1, 77, D)  # doctest: +SKIP
+
+    Raises:
+        PipelineError: ``pipe`` is not a pipeline of a supported family.
+        ConfigError: ``prompts`` is a bare string, empty, or holds a non-string.
     """
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("encode_prompts needs at least one prompt")
+    check_pipe(pipe)
+    prompts = check_strings(prompts, "prompts")
     adapter = adapter_for(pipe)
     batch, truncated = _tokenize(pipe, prompts)
     with torch.no_grad():
