@@ -26,3 +26,15 @@ def test_the_users_wandb_dir_wins(tmp_path, monkeypatch):
     accelerator = FakeAccelerator()
     start_tracking(accelerator, BaseConfig(output_dir=str(tmp_path / "run")), "stage")
     assert accelerator.calls == [str(tmp_path / "mine")]
+
+
+def test_an_fsdp_config_that_runs_as_ddp_says_so(tmp_path, monkeypatch, caplog):
+    from noisealign.configs import BaseConfig
+    from noisealign.tracking import make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for fsdp.yaml
+    config = BaseConfig(output_dir=str(tmp_path), report_to="none")
+    with caplog.at_level("WARNING", logger="noisealign.tracking"):
+        accelerator = make_accelerator(config)
+    assert accelerator.distributed_type.value != "FSDP"  # a CPU process
+    assert any("asks for FSDP" in r.getMessage() for r in caplog.records)

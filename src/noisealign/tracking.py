@@ -7,6 +7,7 @@ looks like a credential are never sent to a tracker.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -14,8 +15,11 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 from .configs import BaseConfig
+
+logger = logging.getLogger(__name__)
 
 # WANDB_*_DIR values this module set, so a second stage in one process moves them to its folder
 _WANDB_DIRS_SET: dict[str, str] = {}
@@ -45,7 +49,16 @@ def make_accelerator(config: BaseConfig, **kwargs: Any) -> Accelerator:
     """
     apply_num_threads(config)
     log_with = "wandb" if config.report_to == "wandb" else None
-    return Accelerator(log_with=log_with, project_dir=config.output_dir, **kwargs)
+    accelerator = Accelerator(log_with=log_with, project_dir=config.output_dir, **kwargs)
+    fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp_asked and accelerator.distributed_type != DistributedType.FSDP:
+        # accelerate turns FSDP on for GPU-like devices only; on CPU processes it runs DDP
+        logger.warning(
+            "the accelerate config asks for FSDP, but this run is %s (accelerate shards with "
+            "FSDP on GPUs only): every process holds the whole model",
+            accelerator.distributed_type.value,
+        )
+    return accelerator
 
 
 def start_tracking(accelerator: Accelerator, config: BaseConfig, stage: str) -> None:
