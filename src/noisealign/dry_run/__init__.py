@@ -72,9 +72,14 @@ CUTS: dict[str, Callable[[Any], Any]] = {
 }
 # fields naming a folder an earlier stage wrote
 INPUT_FOLDERS = (
-    "dataset", "reward_model", "teacher", "init_from", "candidate_images", "exploration_images",
+    "dataset",
+    "reward_model",
+    "teacher",
+    "init_from",
+    "candidate_images",
+    "exploration_images",
     "projector",
-)  # fmt: skip
+)
 
 
 @dataclasses.dataclass
@@ -223,7 +228,8 @@ def _replace_judges(config: Any, plan: Plan, names: set[str]) -> None:
             _judge_kwargs(plan, judge, {})  # an API judge without kwargs is refused too
         _set(config, plan, "judge_kwargs", kwargs)
     elif "judge_kwargs" in names and config.judge:
-        _set(config, plan, "judge_kwargs", _judge_kwargs(plan, config.judge, dict(config.judge_kwargs)))  # fmt: skip
+        kwargs = _judge_kwargs(plan, config.judge, dict(config.judge_kwargs))
+        _set(config, plan, "judge_kwargs", kwargs)
 
 
 def _mirrored_input(plan: Plan, what: str, path: str) -> str:
@@ -248,7 +254,8 @@ def _mirror_inputs(config: Any, plan: Plan, names: set[str]) -> None:
         methods = {}
         for label, spec in config.methods.items():
             if spec.get("policy"):
-                spec = {**spec, "policy": _mirrored_input(plan, f"method '{label}' policy", spec["policy"])}  # fmt: skip
+                policy = _mirrored_input(plan, f"method '{label}' policy", spec["policy"])
+                spec = {**spec, "policy": policy}
             methods[label] = spec
         _set(config, plan, "methods", methods)
 

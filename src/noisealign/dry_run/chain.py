@@ -27,9 +27,15 @@ logger = logging.getLogger("noisealign.dry_run")
 
 # the order in which a chain's stages read each other's outputs
 STAGE_ORDER = (
-    "collect", "collect_npd", "image_npd", "distill", "train_npnet", "train_projector",
-    "evaluate", "generate",
-)  # fmt: skip
+    "collect",
+    "collect_npd",
+    "image_npd",
+    "distill",
+    "train_npnet",
+    "train_projector",
+    "evaluate",
+    "generate",
+)
 
 
 # stages that refuse more than one process (each would write the whole dataset)
@@ -56,7 +62,8 @@ def stage_command(recipe: Path, num_processes: int, port: int) -> list[str]:
         return [sys.executable, str(script)]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
     launch += ["--num_processes", str(num_processes), "--num_machines", "1"]
-    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]  # fmt: skip
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", str(port)]
     return [*launch, str(script)]
 
 
@@ -92,15 +99,17 @@ def run_chain(
         if num_processes == 1:
             ok = _run_here(recipe.stem, args)  # one process: no interpreter start per stage
         else:
-            ok = subprocess.run([*stage_command(recipe, processes, port), *args], env=env).returncode == 0  # fmt: skip
+            command = [*stage_command(recipe, processes, port), *args]
+            ok = subprocess.run(command, env=env).returncode == 0
         if not ok:
-            raise ConfigError(f"the dry run of {recipe} failed (its output is above); fix it and rerun")  # fmt: skip
+            raise ConfigError(f"the dry run of {recipe} failed (see above); fix it and rerun")
         seconds.append(time.perf_counter() - started)
     return seconds
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="noisealign dry_run_chain", description=__doc__.split("\n")[0])  # fmt: skip
+    description = __doc__.split("\n")[0]
+    parser = argparse.ArgumentParser(prog="noisealign dry_run_chain", description=description)
     parser.add_argument("folder", help="recipe folder, e.g. recipes/sd15")
     parser.add_argument("--num_processes", type=int, default=1, help="processes per stage")
     parser.add_argument("--dry_run_dir", default="dry_run", help="folder the dry runs share")
@@ -108,8 +117,11 @@ def main(args: Sequence[str] | None = None) -> None:
     options = parser.parse_args(args)
     if options.num_processes < 1:
         raise ConfigError(f"--num_processes must be >= 1, got {options.num_processes}")
-    seconds = run_chain(options.folder, options.dry_run_dir, options.num_processes, options.main_process_port)  # fmt: skip
-    logger.info("dry-run chain of %s passed: %s", options.folder, ", ".join(f"{s:.0f} s" for s in seconds))  # fmt: skip
+    seconds = run_chain(
+        options.folder, options.dry_run_dir, options.num_processes, options.main_process_port
+    )
+    took = ", ".join(f"{s:.0f} s" for s in seconds)
+    logger.info("dry-run chain of %s passed: %s", options.folder, took)
 
 
 if __name__ == "__main__":

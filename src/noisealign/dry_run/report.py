@@ -177,7 +177,9 @@ def gather_ranks(plan: Plan, mine: dict[str, Any], timeout: float = RANK_TIMEOUT
     if not state.is_main_process:
         return []
     deadline = time.monotonic() + timeout
-    while len(list(folder.glob("rank-*.json"))) < state.num_processes and time.monotonic() < deadline:  # fmt: skip
+    while len(list(folder.glob("rank-*.json"))) < state.num_processes:
+        if time.monotonic() > deadline:
+            break
         time.sleep(0.5)
     ranks = [json.loads(p.read_text()) for p in sorted(folder.glob("rank-*.json"))]
     shutil.rmtree(folder, ignore_errors=True)
@@ -198,16 +200,22 @@ def _report(plan: Plan, tracked: list[tuple[str, Any]]) -> dict[str, Any] | None
     missing = sorted(set(range(state.num_processes)) - {r["rank"] for r in ranks})
     problems += [f"rank {r} did not report within {RANK_TIMEOUT:.0f} s" for r in missing]
     result = {
-        "stage": plan.stage, "recipe_output_dir": plan.output_dir, "output_dir": str(output_dir),
-        "replicas": plan.built, "changed": plan.changed, "ranks": ranks,
-        "outputs": outputs, "problems": problems,
-    }  # fmt: skip
+        "stage": plan.stage,
+        "recipe_output_dir": plan.output_dir,
+        "output_dir": str(output_dir),
+        "replicas": plan.built,
+        "changed": plan.changed,
+        "ranks": ranks,
+        "outputs": outputs,
+        "problems": problems,
+    }
     path = plan.root / "reports" / f"{slug(os.path.relpath(output_dir, plan.root))}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str))
     logger.info("%s", format_report(result, path))
     if problems:
-        raise DryRunFailure(f"dry run of {plan.stage} failed its output checks: {'; '.join(problems)}")  # fmt: skip
+        failed = "; ".join(problems)
+        raise DryRunFailure(f"dry run of {plan.stage} failed its output checks: {failed}")
     return result
 
 
@@ -221,6 +229,7 @@ def format_report(result: dict[str, Any], path: Path) -> str:
     for rank in result["ranks"]:
         memory = ", ".join(f"{k} {v:.0f}" for k, v in rank["peak_memory"].items())
         lines.append(f"  rank {rank['rank']} on {rank['device']} (peak {memory}):")
-        lines += [f"    {m['role']}: {m['class']} {m['dtype']} on {m['device']}" for m in rank["models"]]  # fmt: skip
+        for m in rank["models"]:
+            lines.append(f"    {m['role']}: {m['class']} {m['dtype']} on {m['device']}")
     lines += [f"  checked {line}" for line in result["outputs"]]
     return "\n".join(lines)
