@@ -1,4 +1,8 @@
+import dataclasses
 import importlib
+import json
+import math
+import typing
 from pathlib import Path
 
 import pytest
@@ -146,3 +150,185 @@ def test_shipped_recipes_with_a_model_judge_name_its_model():
         config = parse_config(module.CONFIG_CLASS, ["--config", str(path)])
         if config.judge in ("clip", "vlm"):  # their factories require 'model'
             assert config.judge_kwargs.get("model"), f"{path}: judge '{config.judge}' needs judge_kwargs.model"  # fmt: skip
+
+
+# ---- value limits: declared in each field's metadata, applied by BaseConfig.__post_init__ ----
+# the smallest valid recipe of each stage, beyond output_dir
+STAGE_REQUIRED = {
+    "collect": {"pipeline": "p", "judge": "shapes", "prompts": "x.txt"},
+    "collect_npd": {"pipeline": "p", "judge": "shapes", "prompts": "x.txt"},
+    "image_npd": {"dataset": "d", "pipeline": "p"},
+    "distill": {"dataset": "d", "pipeline": "p"},
+    "pretrain": {},
+    "train_projector": {"pipeline": "p", "reward_model": "r", "prompts": "x.txt"},
+    "train_npnet": {"pipeline": "p", "dataset": "d"},
+    "generate": {"projector": "q", "prompt": ["a red circle"]},
+    "evaluate": {
+        "pipeline": "p",
+        "prompt_sets": {"p": "x.txt"},
+        "judges": ["shapes"],
+        "methods": {"standard": {"type": "standard"}},
+    },
+}
+
+
+def stage_config(stage):
+    return importlib.import_module(STAGES[stage]).CONFIG_CLASS
+
+
+def cli_args(stage, **overrides):
+    """``--field value`` flags of the smallest valid recipe of ``stage``, with ``overrides``."""
+    args = []
+    for name, value in {"output_dir": "out", **STAGE_REQUIRED[stage], **overrides}.items():
+        if isinstance(value, dict):
+            args += [f"--{name}", json.dumps(value)]
+        elif isinstance(value, list):
+            args += [f"--{name}", *map(str, value)]
+        else:
+            args += [f"--{name}", str(value)]
+    return args
+
+
+def numeric_fields():
+    """(stage, field, its annotation) of every int / float field (or list of them) of every stage."""
+    cases = []
+    for stage in STAGES:
+        config_cls = stage_config(stage)
+        hints = typing.get_type_hints(config_cls)
+        for f in dataclasses.fields(config_cls):
+            types_ = set(typing.get_args(hints[f.name])) | {hints[f.name]}
+            items = {a for t in types_ for a in typing.get_args(t)} if typing.get_origin(hints[f.name]) is list else set()  # fmt: skip
+            if types_ & {int, float} or items & {int, float}:
+                cases.append(pytest.param(stage, f.name, hints[f.name], id=f"{stage}.{f.name}"))
+    return cases
+
+
+def test_every_stage_config_is_covered():
+    from noisealign.configs import BaseConfig
+
+    assert set(STAGE_REQUIRED) == set(STAGES)
+    for stage in STAGES:
+        stage_config(stage)
+    stage_classes = {stage_config(stage) for stage in STAGES}
+    assert set(BaseConfig.__subclasses__()) <= stage_classes, "a BaseConfig that no stage uses"
+    for stage in STAGES:  # the smallest recipes are valid
+        assert stage_config(stage)(output_dir="out", **STAGE_REQUIRED[stage]).output_dir == "out"
+
+
+@pytest.mark.parametrize("stage, name, annotation", numeric_fields())
+def test_every_numeric_field_refuses_nan_and_inf(stage, name, annotation):
+    config_cls = stage_config(stage)
+    is_list = typing.get_origin(annotation) is list
+    for bad in (math.nan, math.inf, -math.inf):
+        value = [bad] if is_list else bad
+        with pytest.raises(ConfigError, match=rf"^recipe field '{name}' .*") as exc:
+            config_cls(output_dir="out", **{**STAGE_REQUIRED[stage], name: value})
+        assert "\n" not in str(exc.value)
+
+
+def test_limit_message_is_one_line_naming_field_value_and_fix():
+    with pytest.raises(ConfigError) as exc:
+        parse_config(stage_config("distill"), cli_args("distill", learning_rate="nan"))
+    assert str(exc.value) == (
+        "recipe field 'learning_rate' must be > 0, got nan; fix it in the YAML or on the command line"
+    )
+
+
+@pytest.mark.parametrize(
+    "stage, name, value, message",
+    [
+        ("distill", "learning_rate", 0, r"must be > 0, got 0.0"),
+        ("distill", "learning_rate", -1, r"must be > 0, got -1.0"),
+        ("train_projector", "learning_rate", 0, r"must be > 0, got 0.0"),
+        ("train_npnet", "learning_rate", "inf", r"must be finite and > 0, got inf"),
+        ("pretrain", "unet_lr", -0.001, r"must be > 0, got -0.001"),
+        ("distill", "weight_decay", -0.1, r"must be >= 0, got -0.1"),
+        ("distill", "max_steps", 0, r"must be >= 1, got 0"),
+        ("train_projector", "max_steps", 0, r"must be >= 1, got 0"),
+        ("train_npnet", "max_steps", 0, r"must be >= 1, got 0"),
+        ("train_npnet", "save_steps", 0, r"must be >= 1, got 0"),
+        ("distill", "logging_steps", 0, r"must be >= 1, got 0"),
+        ("distill", "eval_fraction", 1.5, r"must be in \(0, 1\), got 1.5"),
+        ("train_npnet", "eval_fraction", 0, r"must be in \(0, 1\), got 0.0"),
+        ("pretrain", "cfg_dropout", 1, r"must be in \[0, 1\), got 1.0"),
+        ("train_projector", "candidate_gamma", 1.5, r"must be in \(0, 1\], got 1.5"),
+        ("image_npd", "gamma", 0, r"must be in \(0, 1\], got 0.0"),
+        ("train_projector", "sigma", 0, r"must be > 0, got 0.0"),
+        ("collect", "guidance_scale", -1, r"must be >= 0, got -1.0"),
+        ("evaluate", "guidance_scale", "nan", r"must be >= 0, got nan"),
+        ("collect_npd", "guidance_invert", -1, r"must be >= 0, got -1.0"),
+        ("evaluate", "max_prompts", 0, r"must be >= 1, got 0"),
+        ("collect", "height", 36, r"must be >= 8 and a multiple of 8, got 36"),
+        ("generate", "width", 0, r"must be >= 8 and a multiple of 8, got 0"),
+        ("collect", "seeds", "3:3", r"is not a usable seed list: seeds '3:3' selects no seed"),
+        ("evaluate", "seeds", "a,b", r"is not a usable seed list: seeds 'a,b' is not a comma"),
+        ("distill", "input_kind", "noise", r"must be one of 'latent', 'x0', got 'noise'"),
+        ("evaluate", "torch_dtype", "float64", r"must be one of 'float32', 'float16', 'bfloat16'"),
+        ("collect", "num_threads", 0, r"must be >= 1, got 0"),
+    ],
+)
+def test_out_of_range_values_are_refused(stage, name, value, message):
+    with pytest.raises(
+        ConfigError, match=rf"^recipe field '{name}' {message}.*; fix it in the YAML"
+    ):
+        parse_config(stage_config(stage), cli_args(stage, **{name: value}))
+
+
+def test_required_fields_and_empty_seed_lists():
+    with pytest.raises(
+        ConfigError, match=r"^recipe field 'reward_model' is required: .*--reward_model"
+    ):
+        stage_config("train_projector")(output_dir="o", pipeline="p", prompts="x.txt")
+    with pytest.raises(ConfigError, match=r"^recipe field 'seed' is required"):
+        stage_config("generate")(output_dir="o", projector="q", prompt=["a"], seed=[])
+    with pytest.raises(ConfigError, match=r"^recipe field 'judges' is required"):
+        stage_config("evaluate")(output_dir="o", **{**STAGE_REQUIRED["evaluate"], "judges": []})
+
+
+def test_limits_use_known_metadata_keys_and_stay_out_of_argparse():
+    from noisealign.configs import LIMIT_KEYS
+
+    for stage in STAGES:
+        for f in dataclasses.fields(stage_config(stage)):
+            unknown = set(f.metadata) - {"help", *LIMIT_KEYS}
+            assert not unknown, f"{stage}.{f.name}: unknown metadata keys {unknown}"
+    # argparse would refuse a CLI value that its own 'choices' lacks with another message
+    with pytest.raises(ConfigError, match=r"^recipe field 'torch_dtype' must be one of"):
+        parse_config(stage_config("collect"), cli_args("collect", torch_dtype="int8"))
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    from noisealign.testing.pipelines import build_tiny_sd_pipeline
+
+    root = tmp_path_factory.mktemp("limits")
+    build_tiny_sd_pipeline(root / "sd")
+    (root / "prompts.txt").write_text("a red circle\n")
+    return root
+
+
+@pytest.mark.parametrize("height, vae_scale_factor", [(36, None), (40, 16)])
+def test_collect_refuses_an_image_size_before_writing_recipe_json(
+    tiny_sd, tmp_path, monkeypatch, height, vae_scale_factor
+):
+    """36 is no multiple of 8 (config time); 40 is none of a VAE factor 16 (pipeline check)."""
+    import noisealign.pipelines
+    from noisealign import collect
+
+    if vae_scale_factor:
+        load = noisealign.pipelines.load_pipeline
+
+        def load_with_factor(*args, **kwargs):
+            pipe = load(*args, **kwargs)
+            pipe.vae_scale_factor = vae_scale_factor
+            return pipe
+
+        monkeypatch.setattr(noisealign.pipelines, "load_pipeline", load_with_factor)
+    out = tmp_path / "out"
+    args = ["--pipeline", str(tiny_sd / "sd"), "--judge", "shapes", "--prompts",
+            str(tiny_sd / "prompts.txt"), "--seeds", "0:1", "--num_inference_steps", "2",
+            "--report_to", "none", "--output_dir", str(out), "--height", str(height)]  # fmt: skip
+    with pytest.raises(ConfigError, match=rf"{height}"):
+        collect.main(args)
+    assert not (out / "recipe.json").exists()
+    assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
