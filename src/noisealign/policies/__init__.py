@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,12 +34,13 @@ import torch
 from diffusers import DiffusionPipeline
 from torch import nn
 
-from ..data.prompts import prompt_hash_id
 from .. import dry_run
-from ..errors import DataError, NoiseAlignError
-from ..noise import batch_noise, check_finite
+from ..data.prompts import prompt_hash_id
+from ..errors import ConfigError, DataError, NoiseAlignError
+from ..noise import batch_noise, check_finite, check_seeds, check_strings
 from ..pipelines import PromptEmbeddings, check_compatible, encode_prompts, latent_shape
 from ..pipelines import pipeline_signature as _signature
+from ..pipelines.encoding import check_pipe
 from .npnet import NPNet, NPNetCompat, NPNetCompatConfig, NPNetConfig
 from .projector import NoiseProjector, NoiseProjectorConfig, count_parameters, moment_match
 
@@ -50,6 +52,22 @@ POLICIES: dict[str, type[nn.Module]] = {
 }
 DEFAULT_POLICY_TYPE = "noise_projector"
 _HUB_ARGS = ("revision", "cache_dir", "force_download", "local_files_only", "token")
+
+
+def _check_location(path_or_id: object, what: str) -> str:
+    if isinstance(path_or_id, os.PathLike):
+        path_or_id = os.fspath(path_or_id)
+    if not isinstance(path_or_id, str) or not path_or_id:
+        raise ConfigError(f"'path_or_id' is {path_or_id!r}; pass the {what} folder or hub id as a string")  # fmt: skip
+    return path_or_id
+
+
+def _check_policy(policy: object) -> None:
+    if not isinstance(policy, tuple(POLICIES.values())):
+        raise ConfigError(
+            f"'policy' is a {type(policy).__name__}, not a noisealign policy "
+            f"({', '.join(c.__name__ for c in POLICIES.values())}); load one with load_policy(folder)"
+        )
 
 
 def _read_config(path_or_id: str, what: str, **hub_kwargs: Any) -> dict[str, Any]:
@@ -106,12 +124,17 @@ def load_policy(
     in error messages.
 
     Raises:
+        ConfigError: ``path_or_id`` is not a string or path.
         DataError: missing or broken folder, unknown ``policy_type``, weights that do not fit.
-        PipelineError: ``pipe``'s text embeddings or latent shape differ from the training pipeline's.
+        PipelineError: ``pipe`` is not a pipeline, or its text embeddings or latent shape differ
+            from the training pipeline's.
 
     Example:
         >>> policy = load_policy("outputs/sdxl/npnet", pipe)  # doctest: +SKIP
     """
+    path_or_id = _check_location(path_or_id, what)
+    if pipe is not None:
+        check_pipe(pipe)
     config = _read_config(path_or_id, what, **hub_kwargs)
     name = config.get("policy_type", DEFAULT_POLICY_TYPE)
     if name not in POLICIES:
@@ -177,15 +200,22 @@ def apply_policy(
     (prompt, seed) always gives the same image. ``return_standard=True`` also returns that
     standard noise, for side-by-side comparisons. Checks the pipeline against the one the
     policy was trained for.
+
+    Raises:
+        PipelineError: ``pipe`` is not a supported pipeline, or not the policy's.
+        ConfigError: ``policy`` is not a loaded policy; ``prompts`` is a bare string (pass
+            ``[prompt]``), empty or not all strings; ``seeds`` (integers, numpy ones included,
+            not floats or bools) or ``prompt_ids`` not one per prompt.
     """
-    prompts = list(prompts)
-    if len(prompts) != len(seeds):
-        raise DataError(
-            f"got {len(prompts)} prompts but {len(seeds)} seeds; pass one seed per prompt"
-        )
+    check_pipe(pipe)
+    _check_policy(policy)
+    prompts = check_strings(prompts, "prompts")
+    seeds = check_seeds(seeds, len(prompts))
+    ids = [prompt_hash_id(p) for p in prompts] if prompt_ids is None else check_strings(prompt_ids, "prompt_ids", "prompt id")  # fmt: skip
+    if len(ids) != len(prompts):
+        raise ConfigError(f"got {len(prompts)} prompts but {len(ids)} prompt_ids; pass one id per prompt or none")  # fmt: skip
     check_pipeline(policy, pipe, "this policy")
-    ids = list(prompt_ids) if prompt_ids is not None else [prompt_hash_id(p) for p in prompts]
-    noise = batch_noise(ids, list(seeds), latent_shape(pipe, height, width))
+    noise = batch_noise(ids, seeds, latent_shape(pipe, height, width))
     projected = project(policy, noise, encode_prompts(pipe, prompts))
     device, dtype = pipe._execution_device, pipe.unet.dtype
     projected = projected.to(device, dtype)

@@ -15,7 +15,7 @@ import torch
 from huggingface_hub import constants, hf_hub_download
 
 from .. import dry_run
-from ..errors import DataError, NoiseAlignError
+from ..errors import ConfigError, DataError, NoiseAlignError
 
 CONFIG_NAME = constants.CONFIG_NAME  # "config.json"
 WEIGHTS_NAME = constants.SAFETENSORS_SINGLE_FILE  # "model.safetensors"
@@ -114,6 +114,13 @@ def load_reward_model(
     """
     from ..pipelines import check_compatible
     from . import ARCHITECTURES
+
+    if isinstance(path_or_id, os.PathLike):
+        path_or_id = os.fspath(path_or_id)
+    if not isinstance(path_or_id, str) or not path_or_id:
+        raise ConfigError(f"'path_or_id' is {path_or_id!r}; pass the reward model folder or hub id as a string")  # fmt: skip
+    if expected_signature is not None and not isinstance(expected_signature, dict):
+        raise ConfigError(f"'expected_signature' is a {type(expected_signature).__name__}; pass pipeline_signature(pipe) or None")  # fmt: skip
 
     config = read_config(path_or_id, **hub_kwargs)
     name = config.get("architecture")
