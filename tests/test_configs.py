@@ -332,3 +332,11 @@ def test_collect_refuses_an_image_size_before_writing_recipe_json(
         collect.main(args)
     assert not (out / "recipe.json").exists()
     assert not out.exists() or not any(out.iterdir()), sorted(out.iterdir())
+
+
+def test_help_shows_the_limits(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(stage_config("distill"), ["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "AdamW peak learning rate. [> 0]" in text
+    assert "[one of latent, x0]" in text

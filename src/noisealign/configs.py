@@ -242,8 +242,12 @@ def parse_config(config_cls: type[T], args: Sequence[str] | None = None) -> T:
 
     class RecipeParser(TrlParser):
         def add_argument(self, *names, **kwargs):  # HfArgumentParser passes metadata as kwargs
-            for key in LIMIT_KEYS:
-                kwargs.pop(key, None)
+            limits = {key: kwargs.pop(key) for key in LIMIT_KEYS if key in kwargs}
+            allowed = _bounds(limits)
+            if "choices" in limits:
+                allowed = "one of " + ", ".join(map(str, limits["choices"]))
+            if allowed and kwargs.get("help"):  # --help shows the limits too
+                kwargs["help"] += f" [{allowed}]"
             return super().add_argument(*names, **kwargs)
 
     reset()  # a dry run's state ends with its stage; this recipe decides for itself
