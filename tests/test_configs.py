@@ -307,13 +307,17 @@ def tiny_sd(tmp_path_factory):
     return root
 
 
+@pytest.mark.parametrize("stage", ["collect", "collect_npd"])
 @pytest.mark.parametrize("height, vae_scale_factor", [(36, None), (40, 16)])
 def test_collect_refuses_an_image_size_before_writing_recipe_json(
-    tiny_sd, tmp_path, monkeypatch, height, vae_scale_factor
+    tiny_sd, tmp_path, monkeypatch, height, vae_scale_factor, stage
 ):
     """36 is no multiple of 8 (config time); 40 is none of a VAE factor 16 (pipeline check)."""
+    import importlib
+
     import noisealign.pipelines
-    from noisealign import collect
+
+    collect = importlib.import_module(f"noisealign.{stage}")
 
     if vae_scale_factor:
         load = noisealign.pipelines.load_pipeline

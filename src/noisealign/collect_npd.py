@@ -147,15 +147,16 @@ def main(args: Sequence[str] | None = None):
     # after the Accelerator, so a judge's default device is this rank's; before the folder
     # is claimed, so an unknown judge or a bad judge_kwargs leaves no recipe.json behind
     judge = build_judge(config.judge, **config.judge_kwargs)
+    # the pipeline and the image size are checked before the folder is claimed too
+    pipe = load_pipeline(config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code)  # fmt: skip
+    pipe.to(accelerator.device)
+    logger.info("process %d on %s: pipeline on %s, judge %r", accelerator.process_index, accelerator.device, pipe.device, judge)  # fmt: skip
+    shape = latent_shape(pipe, config.height, config.width)
     if accelerator.is_main_process:
         store.prepare(config.fingerprint(), overwrite=config.overwrite_output_dir)
         save_heldout_record(store.root, heldout_record(config.prompts, config.prompt_column))
     accelerator.wait_for_everyone()
-    pipe = load_pipeline(config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code)  # fmt: skip
-    pipe.to(accelerator.device)
-    logger.info("process %d on %s: pipeline on %s, judge %r", accelerator.process_index, accelerator.device, pipe.device, judge)  # fmt: skip
     start_tracking(accelerator, config, "collect_npd")
-    shape = latent_shape(pipe, config.height, config.width)
     signature = json.dumps(pipeline_signature(pipe), sort_keys=True)
 
     # ---- 3. plan: every process cuts the same chunks, then takes its share ---------
