@@ -24,3 +24,14 @@ class JudgeError(NoiseAlignError):
 
 class DataError(NoiseAlignError):
     """Missing or malformed prompts, datasets, or output folders."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM arrived; raised in the main thread so the stage unwinds through its ``finally`` blocks.
+
+    A ``BaseException`` like ``KeyboardInterrupt``, so no library's ``except Exception`` swallows it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"received signal {signum}")
+        self.signum = signum
