@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import diffusers
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
 from packaging.version import Version
+from safetensors import SafetensorError, safe_open
 
 from .. import dry_run
 from ..errors import PipelineError
@@ -44,6 +46,11 @@ def resolve_dtype(torch_dtype: str | torch.dtype) -> torch.dtype:
 def _pipeline_class_name(name_or_path: str) -> str:
     """``_class_name`` of the pipeline's ``model_index.json``, read before any weight is loaded."""
     folder = Path(name_or_path)
+    if folder.is_file():
+        raise PipelineError(
+            f"pipeline '{name_or_path}' is a file; pass the pipeline folder (the one holding "
+            "model_index.json, written by save_pretrained) or a hub id"
+        )
     if folder.is_dir() and not (folder / "model_index.json").is_file():
         raise PipelineError(
             f"'{name_or_path}' is not a diffusers pipeline folder (no model_index.json); "
@@ -63,6 +70,48 @@ def _pipeline_class_name(name_or_path: str) -> str:
             f"pipeline '{name_or_path}' is a custom pipeline ({class_name}), which is not supported"
         )
     return class_name
+
+
+def _check_components(folder: Path, skipped: dict) -> None:
+    """Every component ``model_index.json`` lists (and the adapter does not replace) has its folder."""
+    index = json.loads((folder / "model_index.json").read_text())
+    for name, entry in index.items():
+        listed = isinstance(entry, list) and None not in entry
+        if listed and name not in skipped and not (folder / name).is_dir():
+            raise PipelineError(
+                f"pipeline folder '{folder}' has no '{name}/' folder, which its model_index.json "
+                "lists; copy the whole pipeline folder (save_pretrained writes every component)"
+            )
+
+
+def _broken_file(folder: Path) -> Path | None:
+    """The first config that is not JSON or weights file whose safetensors header does not read."""
+    for path in sorted(folder.glob("*/*.json")):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return path
+    for path in sorted(folder.glob("*/*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except SafetensorError:
+            return path
+    return None
+
+
+def _loading_error(name_or_path: str, exc: Exception) -> PipelineError:
+    """A :class:`PipelineError` naming the folder and, for a local one, its corrupt file."""
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    broken = _broken_file(Path(name_or_path)) if Path(name_or_path).is_dir() else None
+    if broken is not None:
+        return PipelineError(
+            f"pipeline folder '{name_or_path}': '{broken.relative_to(name_or_path)}' is corrupt "
+            f"or truncated ({first}); re-save or re-download the pipeline"
+        )
+    return PipelineError(
+        f"cannot load pipeline '{name_or_path}': {first}; re-save or re-download the pipeline"
+    )
 
 
 def load_pipeline(
@@ -85,7 +134,9 @@ def load_pipeline(
         trust_remote_code: passed to ``from_pretrained``.
 
     Raises:
-        PipelineError: missing folder / model_index.json, unsupported class, unknown dtype or scheduler.
+        PipelineError: missing folder / model_index.json / component folder, a file instead of a
+            folder, a missing or corrupt config or weights file, unsupported class, unknown
+            dtype or scheduler.
 
     Example:
         >>> pipe = load_pipeline("runs/tiny_sd")  # doctest: +SKIP
@@ -96,12 +147,19 @@ def load_pipeline(
             f"unknown scheduler '{scheduler}'; use one of {', '.join(SCHEDULERS)} or None"
         )
     adapter = adapter_for_name(_pipeline_class_name(name_or_path))
-    pipe = DiffusionPipeline.from_pretrained(
-        name_or_path,
-        **{_DTYPE_KWARG: dtype},
-        trust_remote_code=trust_remote_code,
-        **adapter.load_kwargs,
-    )
+    if Path(name_or_path).is_dir():
+        _check_components(Path(name_or_path), skipped=adapter.load_kwargs)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(
+            name_or_path,
+            **{_DTYPE_KWARG: dtype},
+            trust_remote_code=trust_remote_code,
+            **adapter.load_kwargs,
+        )
+    except (OSError, SafetensorError, json.JSONDecodeError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise  # a disk or permission error: the top-level handler names its path
+        raise _loading_error(name_or_path, exc) from exc
     adapter_for(pipe)  # a custom class under a supported name would be caught here
     if scheduler is not None and not isinstance(pipe.scheduler, SCHEDULERS[scheduler]):
         pipe.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
