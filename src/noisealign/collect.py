@@ -224,6 +224,7 @@ def main(args: Sequence[str] | None = None):
     from noisealign.data.schema import collect_features
     from noisealign.data.shards import ShardStore
     from noisealign.judges import build_judge
+    from noisealign.outputs import check_output_dir_against_inputs
     from noisealign.pipelines import latent_shape, load_pipeline
     from noisealign.tracking import make_accelerator, start_tracking
 
@@ -234,6 +235,7 @@ def main(args: Sequence[str] | None = None):
 
     # ---- 2. output folder, models, processes (all checks before any tracker run) ----
     store = ShardStore(config.output_dir, key_columns=("prompt_id", "seed"))
+    check_output_dir_against_inputs(config.output_dir, {"pipeline": config.pipeline, "exploration_images": config.exploration_images}, stage="collect", overwrite=config.overwrite_output_dir)  # fmt: skip
     accelerator = make_accelerator(config)
     # after the Accelerator, so a judge's default device is this rank's; before the folder
     # is claimed, so an unknown judge or a bad judge_kwargs leaves no recipe.json behind

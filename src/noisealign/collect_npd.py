@@ -134,6 +134,7 @@ def main(args: Sequence[str] | None = None):
     )
     from noisealign.data.shards import ShardStore
     from noisealign.judges import build_judge
+    from noisealign.outputs import check_output_dir_against_inputs
     from noisealign.pipelines import latent_shape, load_pipeline, pipeline_signature
     from noisealign.tracking import make_accelerator, start_tracking
 
@@ -143,6 +144,7 @@ def main(args: Sequence[str] | None = None):
 
     # ---- 2. output folder, models, processes (all checks before any tracker run) ----
     store = ShardStore(config.output_dir, key_columns=("prompt_id", "seed"))
+    check_output_dir_against_inputs(config.output_dir, {"pipeline": config.pipeline}, stage="collect_npd", overwrite=config.overwrite_output_dir)  # fmt: skip
     accelerator = make_accelerator(config)
     # after the Accelerator, so a judge's default device is this rank's; before the folder
     # is claimed, so an unknown judge or a bad judge_kwargs leaves no recipe.json behind

@@ -221,6 +221,7 @@ def main(args: Sequence[str] | None = None) -> DistillResult:
 
     from noisealign.data.feedback import clean_feedback, load_feedback, split_by_prompt
     from noisealign.data.prompts import check_not_heldout
+    from noisealign.outputs import check_output_dir_against_inputs
     from noisealign.pipelines import latent_shape, load_pipeline, pipeline_signature
     from noisealign.rewards import build_reward_model, stage
     from noisealign.rewards.features import (
@@ -243,6 +244,7 @@ def main(args: Sequence[str] | None = None) -> DistillResult:
     )
 
     # ---- 2. rows, split, pipeline checks (all before any output is written) ----------
+    check_output_dir_against_inputs(config.output_dir, {"dataset": config.dataset, "pipeline": config.pipeline, "teacher": config.teacher}, stage="distill", overwrite=config.overwrite_output_dir)  # fmt: skip
     rows = clean_feedback(load_feedback(config.dataset))
     check_not_heldout(config.dataset, rows.prompt_ids)  # the evaluation prompts stay unseen
     # the validation split below is drawn from the collected (training) prompts only

@@ -73,6 +73,7 @@ def main(args: Sequence[str] | None = None) -> dict | None:
     from noisealign.evaluation import runner
     from noisealign.evaluation.methods import EvalContext, build_method
     from noisealign.evaluation.report import write_report
+    from noisealign.outputs import check_output_dir_against_inputs
     from noisealign.pipelines import latent_shape, load_pipeline
     from noisealign.tracking import make_accelerator, start_tracking
 
@@ -90,6 +91,9 @@ def main(args: Sequence[str] | None = None) -> dict | None:
         )[: config.max_prompts]
         for name, path in config.prompt_sets.items()
     }
+
+    policies = {f"methods.{label}.policy": s.get("policy") for label, s in config.methods.items()}
+    check_output_dir_against_inputs(config.output_dir, {"pipeline": config.pipeline, **policies}, stage="evaluate", overwrite=config.overwrite_output_dir)  # fmt: skip
 
     # ---- 2. pipeline, judges, methods (policies load and are checked against the pipe) --
     pipe = load_pipeline(config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code)  # fmt: skip

@@ -94,11 +94,13 @@ def render(
 def main(args: Sequence[str] | None = None) -> list[Path]:
     """Write the PNGs; returns the paths this process wrote (all of them with one process)."""
     config = parse_config(GenerateConfig, args)
+    from noisealign.outputs import check_output_dir_against_inputs
     from noisealign.paths import resolve_recorded_path
     from noisealign.pipelines import load_pipeline
     from noisealign.policies import check_pipeline, load_projector
     from noisealign.tracking import make_accelerator
 
+    check_output_dir_against_inputs(config.output_dir, {"projector": config.projector, "pipeline": config.pipeline}, stage="generate", overwrite=config.overwrite_output_dir)  # fmt: skip
     accelerator = make_accelerator(config)
     # ---- 1. projector and its pipeline (checked against each other) ---------------------
     projector = load_projector(config.projector)

@@ -72,12 +72,14 @@ def main(args: Sequence[str] | None = None):
     from noisealign.data.shards import claim_output_dir, replace_dataset
     from noisealign.errors import DataError
     from noisealign.noise import batch_noise, distribution_preserving_mix
+    from noisealign.outputs import check_output_dir_against_inputs
     from noisealign.pipelines import load_pipeline, pipeline_signature
     from noisealign.tracking import make_accelerator
 
     accelerator = make_accelerator(config)
     if accelerator.num_processes > 1:  # N copies would each write the whole dataset
         raise ConfigError(f"image_npd runs in one process (it writes one dataset), got {accelerator.num_processes} processes; run it as 'noisealign image_npd' or launch it with --num_processes 1")  # fmt: skip
+    check_output_dir_against_inputs(config.output_dir, {"dataset": config.dataset, "pipeline": config.pipeline}, stage="image_npd", overwrite=config.overwrite_output_dir)  # fmt: skip
     pipe = load_pipeline(config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code)  # fmt: skip
     pipe.to(accelerator.device)
     logger.info("process %d on %s: pipeline on %s", accelerator.process_index, accelerator.device, pipe.device)  # fmt: skip

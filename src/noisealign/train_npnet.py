@@ -215,6 +215,7 @@ def main(args: Sequence[str] | None = None) -> TrainNPNetResult:
     from noisealign.data.feedback import split_by_prompt
     from noisealign.data.npd import check_pairs_fit_pipeline, load_noise_pairs
     from noisealign.data.prompts import check_not_heldout
+    from noisealign.outputs import check_output_dir_against_inputs
     from noisealign.pipelines import load_pipeline, pipeline_signature
     from noisealign.rewards.trainer import check_output_dir, load_checkpoint, resolve_checkpoint
     from noisealign.tracking import make_accelerator, start_tracking
@@ -222,6 +223,7 @@ def main(args: Sequence[str] | None = None) -> TrainNPNetResult:
     accelerator = make_accelerator(config, gradient_accumulation_steps=config.gradient_accumulation_steps)  # fmt: skip
 
     # ---- 2. pairs, split, pipeline checks (all before any output is written) ----------
+    check_output_dir_against_inputs(config.output_dir, {"dataset": config.dataset, "pipeline": config.pipeline, "init_from": config.init_from}, stage="train_npnet", overwrite=config.overwrite_output_dir)  # fmt: skip
     pairs = load_noise_pairs(config.dataset, config.margin)
     check_not_heldout(config.dataset, pairs.prompt_ids)  # the evaluation prompts stay unseen
     train_ids, eval_ids = split_by_prompt(pairs.prompt_ids, config.eval_fraction, config.min_eval_prompts, config.seed)  # fmt: skip

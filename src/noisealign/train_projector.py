@@ -204,6 +204,7 @@ def main(args: Sequence[str] | None = None) -> TrainProjectorResult:
 
     from noisealign.judges import build_judge
     from noisealign.noise import batch_noise
+    from noisealign.outputs import check_output_dir_against_inputs
     from noisealign.pipelines import latent_shape, load_pipeline, pipeline_signature
     from noisealign.policies import NoiseProjector, NoiseProjectorConfig, load_projector
     from noisealign.policies.training import read_prompts, step_keys
@@ -221,6 +222,7 @@ def main(args: Sequence[str] | None = None) -> TrainProjectorResult:
 
     # ---- 2. prompts, pipeline, reward model: every check before any output -------------
     prompt_ids, prompts = read_prompts(config.prompts, config.dataset)
+    check_output_dir_against_inputs(config.output_dir, {"pipeline": config.pipeline, "reward_model": config.reward_model, "dataset": config.dataset, "init_from": config.init_from, "candidate_images": config.candidate_images}, stage="train_projector", overwrite=config.overwrite_output_dir)  # fmt: skip
     check_output_dir(config.output_dir, config.resume_from_checkpoint, config.overwrite_output_dir)
     resume = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
     pipe = load_pipeline(config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code)  # fmt: skip

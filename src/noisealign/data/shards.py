@@ -44,12 +44,14 @@ def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
 def claim_output_dir(
     root: str | Path, fingerprint: dict[str, Any], overwrite: bool, derived: Sequence[Path] = ()
 ) -> None:
-    """Record ``fingerprint`` in ``root/recipe.json``; refuse a folder claimed by a different recipe.
+    """Record ``fingerprint`` in ``root/recipe.json``; refuse a folder claimed by a different recipe
+    or held by another run (:func:`noisealign.outputs.lock_output_dir`).
 
     Outputs of the same recipe are resumed. A different recipe raises :class:`DataError`
     naming the settings that differ, unless ``overwrite``: then the ``derived`` paths (the
     other recipe's outputs) are deleted first.
     """
+    from ..outputs import lock_output_dir
     from ..tracking import redact
 
     root = Path(root)
@@ -72,6 +74,7 @@ def claim_output_dir(
                     f"output_dir '{root}' holds outputs of a different recipe (differs in: "
                     f"{', '.join(changed)}); choose another output_dir or pass --overwrite_output_dir true"
                 )
+            lock_output_dir(root)  # before deleting anything another run may be writing
             logger.warning(
                 "overwriting outputs of a different recipe in %s (differs in: %s)",
                 root,
@@ -79,6 +82,7 @@ def claim_output_dir(
             )
             for path in derived:
                 shutil.rmtree(path, ignore_errors=True)
+    lock_output_dir(root)  # held until exit: a second run on root now stops here
     root.mkdir(parents=True, exist_ok=True)
     payload = {"fingerprint": fingerprint, "fingerprint_hash": fingerprint_hash(fingerprint)}
     tmp = recipe_file.with_suffix(".json.tmp")
@@ -106,7 +110,8 @@ class ShardStore:
             self.root, fingerprint, overwrite, derived=[self.shard_dir, self.dataset_dir]
         )
         self.shard_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.shard_dir.glob(".tmp-*"):  # chunks of a killed run, never renamed
+        # chunks of a killed run, never renamed; no other run is writing: claim took the lock
+        for stale in self.shard_dir.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
 
     # -- resume ---------------------------------------------------------------------
@@ -166,7 +171,8 @@ def replace_dataset(dataset: datasets.Dataset, folder: str | Path) -> datasets.D
     """
     folder = Path(folder)
     tmp, old = folder.parent / f".tmp-{folder.name}", folder.parent / f".old-{folder.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in (tmp, old):  # left by a run killed between the renames below
+        shutil.rmtree(stale, ignore_errors=True)
     dataset.save_to_disk(str(tmp))
     if folder.exists():
         os.rename(folder, old)

@@ -130,12 +130,24 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def check_output_dir(output_dir: str, resume: str | None, overwrite: bool) -> None:
-    """Refuse to mix two runs' checkpoints unless resuming or overwriting (nothing is deleted here)."""
+    """Refuse to mix two runs' checkpoints unless resuming or overwriting (nothing is deleted here),
+    then lock ``output_dir`` against a concurrent run (:func:`noisealign.outputs.lock_output_dir`).
+
+    Every process calls it; only the main one takes the lock, so the ranks of one launch share
+    the folder (they write checkpoints only after ``accelerator.prepare``, a collective that
+    the main process reaches after the lock).
+    """
+    from accelerate import PartialState
+
+    from ..outputs import lock_output_dir
+
     if checkpoints(output_dir) and not resume and not overwrite:
         raise DataError(
             f"output_dir '{output_dir}' holds checkpoints of an earlier run; pass "
             "--resume_from_checkpoint latest, --overwrite_output_dir true, or another output_dir"
         )
+    if PartialState().is_main_process:
+        lock_output_dir(output_dir)
 
 
 def resolve_checkpoint(output_dir: str, resume: str | None) -> Path | None:
