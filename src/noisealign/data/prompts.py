@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import re
@@ -134,9 +135,18 @@ def _rows(path: Path) -> list[dict[str, Any]]:
                 f"prompt dataset '{path}' has several splits; point to one split's folder"
             )
         return list(dataset)
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"prompt file '{path}' is not UTF-8 text (line {line}, byte offset {exc.start}: "
+            f"{exc.reason}); save it as UTF-8"
+        ) from exc
     if suffix == ".jsonl":
         rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
@@ -146,13 +156,8 @@ def _rows(path: Path) -> list[dict[str, Any]]:
                     ) from exc
         return rows
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle))
-    return [
-        {"prompt": line.strip()}
-        for line in path.read_text(encoding="utf-8").splitlines()
-        if line.strip()
-    ]
+        return list(csv.DictReader(io.StringIO(text, newline="")))
+    return [{"prompt": line.strip()} for line in text.splitlines() if line.strip()]
 
 
 def load_prompts(
