@@ -94,6 +94,9 @@ def process_device(requested: str | None, accelerator: Any, what: str) -> torch.
         asked = torch.device(requested)
     except RuntimeError as exc:
         raise ConfigError(f"{what} '{requested}' is not a torch device; use e.g. 'cuda' or 'cpu', or leave it unset") from exc  # fmt: skip
+    # accelerate on a GPU means CUDA is there; checked first so no CUDA call runs without need
+    if asked.type == "cuda" and accelerator.device.type != "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{what} is '{requested}', but CUDA is not available on this machine; remove {what} or use cpu")  # fmt: skip
     if accelerator.num_processes == 1:
         return asked
     if asked.index is None and asked.type == accelerator.device.type:
