@@ -121,7 +121,9 @@ def test_folder_of_unknown_origin_is_refused(tiny, tmp_path, caplog, make_argv, 
 HOLD_LOCK = "import sys, time; from noisealign.outputs import lock_output_dir; lock_output_dir(sys.argv[1]); print('held', flush=True); time.sleep(60)"  # fmt: skip
 
 
-@pytest.mark.parametrize("make_argv", [distill, train_projector, evaluate], ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    "make_argv", [distill, train_projector, evaluate], ids=lambda f: f.__name__
+)
 def test_folder_held_by_another_run_is_refused(tiny, tmp_path, caplog, make_argv):
     out = tmp_path / "out"
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True, env=ENV)  # fmt: skip
@@ -145,10 +147,14 @@ def test_two_concurrent_collects_one_is_refused_the_other_completes(tiny, tmp_pa
     pid_file = tmp_path / ".out.lock.pid"
     deadline = time.monotonic() + 120
     while not (pid_file.is_file() and pid_file.read_text().strip() == str(first.pid)):
-        assert first.poll() is None and time.monotonic() < deadline, "the first collect never took the lock"
+        assert first.poll() is None and time.monotonic() < deadline, (
+            "the first collect never took the lock"
+        )
         time.sleep(0.05)
     line = refused(argv, caplog)
-    assert first.poll() is None, "the first collect finished before the second started; give it more seeds"
+    assert first.poll() is None, (
+        "the first collect finished before the second started; give it more seeds"
+    )
     assert f"another run holds {out} (pid {first.pid})" in line, line
     _, stderr = first.communicate(timeout=300)
     assert first.returncode == 0, stderr[-2000:]
