@@ -79,14 +79,16 @@ def check_output_dir_against_inputs(
 
 def _check_folder_contents(out: Path, output_dir, stage: str, overwrite: bool) -> None:
     own = STAGE_OUTPUTS[stage]
+    if "recipe.json" in own and (out / "recipe.json").is_file():
+        return  # claim_output_dir resumes the same recipe and names what differs in another
     found = {marker for marker in ARTEFACTS if any(out.glob(marker))}
     foreign = sorted(found - set(own))
     if foreign:
         what = ", ".join(f"{ARTEFACTS[m]} ({m})" for m in foreign)
         raise DataError(f"output_dir '{output_dir}' holds another stage's output: {what}; choose another output_dir")  # fmt: skip
-    # the folder is this stage's when it has its recipe (checked by claim_output_dir) or
-    # complete checkpoints (checked by rewards.trainer.check_output_dir)
-    claimed = (out / "recipe.json").is_file() or any(out.glob("checkpoints/checkpoint-*/trainer_state.json"))  # fmt: skip
+    # a trainer's folder is its own when it has complete checkpoints (then
+    # rewards.trainer.check_output_dir asks for --resume_from_checkpoint or an overwrite)
+    claimed = any(out.glob("checkpoints/checkpoint-*/trainer_state.json"))
     mine = sorted(found & set(own) - {"recipe.json", "checkpoints"})
     if mine and not claimed and not overwrite:
         raise DataError(

@@ -190,7 +190,7 @@ CASES = [
      r"text_embed_dim"),
     ("latent-size-not-divisible", lambda t, tmp, out: generate(t, out, "--height", "30", "--width", "30"),
      r"recipe field 'height' must be >= 8 and a multiple of 8, got 30"),
-    ("not-a-pipeline-folder", lambda t, tmp, out: collect(t, out, "--pipeline", str(tmp)),
+    ("not-a-pipeline-folder", lambda t, tmp, out: collect(t, out, "--pipeline", str(t / "data")),
      r"is not a diffusers pipeline folder"),
     # prompts
     ("empty-prompt-file", lambda t, tmp, out: collect(t, out, "--prompts", str(_write(tmp / "empty.txt", "\n\n"))),
