@@ -99,4 +99,7 @@ def build_judge(name: str, **kwargs: Any) -> Judge:
         raise JudgeError(
             f"judge '{name}' does not accept judge_kwargs {sorted(kwargs)}: {exc}"
         ) from exc
+    except (ValueError, OSError) as exc:  # a value the judge rejects, a model it cannot find
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise JudgeError(f"judge '{name}' rejected its judge_kwargs: {first}; fix them") from exc
     return dry_run.track(f"judge {name}", judge)
