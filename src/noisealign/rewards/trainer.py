@@ -226,7 +226,10 @@ def save_checkpoint(
     accelerator.save_state(str(path))
     if accelerator.is_main_process:
         payload = {**state, "model_config": model_config}
-        (path / STATE_FILE).write_text(json.dumps(payload, indent=2, default=str))
+        # tmp + rename: a signal mid-write never leaves an empty state that refuses the resume
+        tmp = path / f"{STATE_FILE}.tmp"
+        tmp.write_text(json.dumps(payload, indent=2, default=str))
+        tmp.replace(path / STATE_FILE)
         for old in checkpoints(output_dir)[:-limit] if limit > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
