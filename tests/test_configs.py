@@ -344,3 +344,12 @@ def test_help_shows_the_limits(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "AdamW peak learning rate. [> 0]" in text
     assert "[one of latent, x0]" in text
+
+
+def test_a_tab_in_the_yaml_names_the_line_and_the_tab(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("output_dir: x\njudge_kwargs:\n\tmodel: y\n")
+    with pytest.raises(
+        ConfigError, match=r"r.yaml, line 3, column 1: .*a tab: YAML indents with spaces"
+    ):
+        parse_config(stage_config("collect"), ["--config", str(recipe)])

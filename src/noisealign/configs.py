@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
+
 from .errors import ConfigError
 
 T = typing.TypeVar("T")
@@ -230,6 +232,16 @@ def _argument_error(message: str) -> typing.NoReturn:
     )
 
 
+def _yaml_message(exc: yaml.MarkedYAMLError) -> str:
+    """Where the YAML broke (line and column) and, for a tab, what YAML wants instead."""
+    mark = exc.problem_mark
+    where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}"
+    message = f"{where}: {exc.problem or exc.context}"
+    if "\\t" in str(exc.problem):  # PyYAML writes the character escaped
+        message += " (a tab: YAML indents with spaces)"
+    return message
+
+
 def parse_config(config_cls: type[T], args: Sequence[str] | None = None) -> T:
     """Parse ``--config recipe.yaml`` plus CLI overrides into ``config_cls``.
 
@@ -269,6 +281,8 @@ def parse_config(config_cls: type[T], args: Sequence[str] | None = None) -> T:
         raise
     except Exception as exc:  # yaml errors, unknown keys from TrlParser
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+            message = _yaml_message(exc)
         if "Unknown arguments from config file" in message:
             known = sorted(f.name for f in dataclasses.fields(config_cls))
             message = f"{message.split('. Please')[0]}; known fields: {', '.join(known)}"

@@ -162,3 +162,24 @@ def test_drawbench_csv_column(tmp_path):
     path.write_text('Prompts,Category\n"A red colored car.",Colors\n')
     (record,) = load_prompts(path, column="Prompts")
     assert record.prompt == "A red colored car." and record.concepts is None
+
+
+def test_jsonl_of_bare_strings_names_the_line_and_the_fix(tmp_path):
+    path = tmp_path / "bare.jsonl"
+    path.write_text('"a red cube"\n"a blue ball"\n')
+    with pytest.raises(DataError, match=r"bare.jsonl:1 is a JSON str, not an object.*\.txt"):
+        load_prompts(path)
+
+
+def test_missing_column_fix_names_only_a_field_the_stage_has(tmp_path):
+    from noisealign.policies.training import read_prompts
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"text": "a red cube"}\n')
+    with pytest.raises(DataError, match="set 'prompt_column'"):
+        load_prompts(path)
+    with pytest.raises(DataError) as info:  # train_projector reads 'prompt' and has no such field
+        read_prompts(str(path), None)
+    assert "prompt_column" not in str(info.value) and "name the prompt column 'prompt'" in str(
+        info.value
+    )

@@ -161,7 +161,10 @@ def _rows(path: Path) -> list[dict[str, Any]]:
 
 
 def load_prompts(
-    path: str | Path, column: str = "prompt", split: str | None = None
+    path: str | Path,
+    column: str = "prompt",
+    split: str | None = None,
+    column_field: str | None = "prompt_column",
 ) -> list[PromptRecord]:
     """Read prompts; raises :class:`DataError` when the file is missing, empty or lacks ``column``.
 
@@ -179,9 +182,16 @@ def load_prompts(
         raise DataError(
             f"prompt file '{path}' holds no prompts; add one prompt per line (or per JSONL/CSV row)"
         )
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise DataError(
+                f"{path}:{n} is a JSON {type(row).__name__}, not an object; write one object per "
+                'line, e.g. {"prompt": "a red cube"}, or one prompt per line in a .txt file'
+            )
     if column not in rows[0]:
+        fix = f"set '{column_field}'" if column_field else f"name the prompt column '{column}'"
         raise DataError(
-            f"prompt file '{path}' has no '{column}' column (columns: {', '.join(rows[0])}); set 'prompt_column'"
+            f"prompt file '{path}' has no '{column}' column (columns: {', '.join(rows[0])}); {fix}"
         )
     records = _records(rows, path, column)
     if split is not None:
@@ -222,13 +232,15 @@ def _records(rows: list[dict[str, Any]], path: Path, column: str) -> list[Prompt
     return list(records.values())
 
 
-def load_training_prompts(path: str | Path, column: str = "prompt") -> list[PromptRecord]:
+def load_training_prompts(
+    path: str | Path, column: str = "prompt", column_field: str | None = "prompt_column"
+) -> list[PromptRecord]:
     """The prompts a training stage reads: every row except the held-out ones (split ``eval``).
 
     A file without a ``split`` column is read whole (the toy world keeps its held-out prompts
     in a file of their own). A file of held-out rows only is a :class:`DataError`.
     """
-    records = load_prompts(path, column)
+    records = load_prompts(path, column, column_field=column_field)
     kept = [r for r in records if r.split != HELDOUT_SPLIT]
     if not kept:
         raise DataError(

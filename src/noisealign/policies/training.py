@@ -30,7 +30,7 @@ def read_prompts(prompts: str | None, dataset: str | None) -> tuple[list[str], l
     from ..data.prompts import check_not_heldout, load_training_prompts
 
     if prompts:
-        records = load_training_prompts(prompts)
+        records = load_training_prompts(prompts, column_field=None)  # the stage reads 'prompt'
         return [r.prompt_id for r in records], [r.prompt for r in records]
     path = Path(str(dataset))
     if not (path / "dataset_info.json").is_file():
