@@ -154,8 +154,9 @@ def test_bad_inputs_raise_clear_errors(tiny_pipeline, prompt_file, tmp_path):
     empty.write_text("\n")
     with pytest.raises(DataError, match="holds no prompts"):
         collect.main(args(tiny_pipeline, str(empty), out))
+    (tmp_path / "not-a-pipeline").mkdir()  # beside out: a folder holding out is refused first
     with pytest.raises(PipelineError, match="is not a diffusers pipeline folder"):
-        collect.main(args(str(tmp_path), prompt_file, out))
+        collect.main(args(str(tmp_path / "not-a-pipeline"), prompt_file, out))
 
 
 def test_other_recipe_in_output_dir_is_refused_and_kept(tiny_pipeline, prompt_file, tmp_path):
