@@ -104,7 +104,8 @@ def main(args: Sequence[str] | None = None) -> list[Path]:
     accelerator = make_accelerator(config)
     # ---- 1. projector and its pipeline (checked against each other) ---------------------
     projector = load_projector(config.projector)
-    recorded = projector.config.pipeline  # relative paths: from the projector folder, see noisealign.paths
+    # a relative recorded path resolves from the projector folder (noisealign.paths)
+    recorded = projector.config.pipeline
     pipeline = config.pipeline or (recorded and resolve_recorded_path(recorded, config.projector))
     if not pipeline:
         raise ConfigError("the projector records no pipeline; pass --pipeline FOLDER")
