@@ -97,11 +97,6 @@ _PLAN: Plan | None = None
 _TRACKED: list[tuple[str, Any]] = []
 
 
-def active() -> bool:
-    """True inside a dry run (after :func:`prepare`)."""
-    return _PLAN is not None
-
-
 def track(role: str, obj: Any) -> Any:
     """Remember a loaded model for the report (a no-op outside a dry run); returns ``obj``."""
     if _PLAN is not None:
@@ -301,4 +296,4 @@ def slug(text: str) -> str:
 
 from .report import report  # noqa: E402  (report reads _PLAN and _TRACKED)
 
-__all__ = ["CUTS", "Plan", "active", "mirror", "prepare", "report", "track"]
+__all__ = ["CUTS", "Plan", "mirror", "prepare", "report", "reset", "track"]
