@@ -129,17 +129,6 @@ def evaluate(accelerator, model, pipe, pairs, loader) -> dict[str, float]:
     return values
 
 
-def snapshot(accelerator, model):
-    """An eval-mode copy of the policy on the main process (None elsewhere); every process must call it (FSDP)."""
-    state_dict = accelerator.get_state_dict(model)
-    if not accelerator.is_main_process:
-        return None
-    unwrapped = accelerator.unwrap_model(model)
-    copy_ = type(unwrapped)(unwrapped.config)
-    copy_.load_state_dict(state_dict)
-    return copy_.eval()
-
-
 def train(accelerator, config, parts, pipe, pairs, state, model_config) -> list[dict[str, float]]:
     """Optimizer steps from ``state`` to ``parts['max_steps']``; batches depend only on (seed, epoch)."""
     from tqdm.auto import tqdm
@@ -217,7 +206,12 @@ def main(args: Sequence[str] | None = None) -> TrainNPNetResult:
     from noisealign.data.prompts import check_not_heldout
     from noisealign.outputs import check_output_dir_against_inputs
     from noisealign.pipelines import load_pipeline, pipeline_signature
-    from noisealign.rewards.trainer import check_output_dir, load_checkpoint, resolve_checkpoint
+    from noisealign.rewards.trainer import (
+        check_output_dir,
+        gathered_copy,
+        load_checkpoint,
+        resolve_checkpoint,
+    )
     from noisealign.tracking import make_accelerator, start_tracking
 
     accelerator = make_accelerator(config, gradient_accumulation_steps=config.gradient_accumulation_steps)  # fmt: skip
@@ -271,7 +265,7 @@ def main(args: Sequence[str] | None = None) -> TrainNPNetResult:
     metrics = evaluate(accelerator, parts["model"], pipe, pairs, parts["eval_loader"])
     accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=state["step"])
     logger.info("held-out: %s", {k: round(v, 4) for k, v in metrics.items()})
-    policy = snapshot(accelerator, parts["model"])
+    policy = gathered_copy(accelerator, parts["model"])
     if policy is not None:
         policy.save_pretrained(config.output_dir)
         summary = {"history": history, "eval": metrics, "train_pairs": len(train_rows), "eval_pairs": len(eval_rows),

@@ -160,22 +160,6 @@ def monitor(reward_model, pipe, emb, noise, projected) -> dict[str, float]:
     }
 
 
-def snapshot(accelerator, model):
-    """A plain eval-mode copy of the projector on the main process (None elsewhere).
-
-    Every process must call it: under FSDP ``get_state_dict`` gathers the shards, and a
-    forward of the sharded module on one process alone would hang.
-    """
-    from noisealign.policies import NoiseProjector
-
-    state_dict = accelerator.get_state_dict(model)
-    if not accelerator.is_main_process:
-        return None
-    copy_ = NoiseProjector(accelerator.unwrap_model(model).config)
-    copy_.load_state_dict(state_dict)
-    return copy_.to(accelerator.device).eval()
-
-
 def log_images(accelerator, config, projector, pipe, judge, step: int) -> None:
     """Standard-vs-projected grid of the fixed prompts and seeds: PNG in output_dir/images, and wandb."""
     from noisealign.policies.training import comparison_grid
@@ -212,10 +196,11 @@ def main(args: Sequence[str] | None = None) -> TrainProjectorResult:
     from noisealign.rewards.features import encode_prompt_table
     from noisealign.rewards.trainer import (
         check_output_dir,
+        gathered_copy,
         load_checkpoint,
         resolve_checkpoint,
         save_checkpoint,
-    )  # fmt: skip
+    )
     from noisealign.tracking import make_accelerator, start_tracking
 
     accelerator = make_accelerator(config)
@@ -294,8 +279,9 @@ def main(args: Sequence[str] | None = None) -> TrainProjectorResult:
             accelerator.log(logged, step=state["step"])
             bar.set_postfix(loss=f"{mean_loss:.4f}", gain=f"{logged['reward/gain']:.3f}")
         if config.image_steps and state["step"] % config.image_steps == 0:
-            projector = snapshot(accelerator, model)
+            projector = gathered_copy(accelerator, model)  # every process: FSDP gathers shards
             if projector is not None:
+                projector.to(accelerator.device)
                 log_images(accelerator, config, projector, pipe, judge, state["step"])
             accelerator.wait_for_everyone()
         if state["step"] % config.save_steps == 0:
@@ -303,7 +289,7 @@ def main(args: Sequence[str] | None = None) -> TrainProjectorResult:
     bar.close()
 
     # ---- 5. the projector folder (config records its pipeline) -------------------------
-    projector = snapshot(accelerator, model)
+    projector = gathered_copy(accelerator, model)
     if projector is not None:
         projector.save_pretrained(config.output_dir)
         Path(config.output_dir, "train_metrics.json").write_text(json.dumps(history, indent=2))
