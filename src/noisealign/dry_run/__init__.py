@@ -26,12 +26,9 @@ import dataclasses
 import json
 import logging
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-from filelock import FileLock
 
 from ..errors import ConfigError
 from .replicas import replica_judge_model, replica_pipeline
@@ -275,10 +272,10 @@ def trimmed_prompt_file(root: Path, path: str) -> str:
             kept.append(line)
     target = mirror(root / "prompts", path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-        tmp.write_text("\n".join(kept) + "\n", encoding="utf-8")
-        os.replace(tmp, target)
+    # ranks of one launch write the same text; the rename keeps each reader's file whole
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    tmp.write_text("\n".join(kept) + "\n", encoding="utf-8")
+    os.replace(tmp, target)
     return str(target)
 
 
@@ -288,10 +285,6 @@ def _trim_prompts(config: Any, plan: Plan, names: set[str]) -> None:
     if "prompt_sets" in names:
         sets = {k: trimmed_prompt_file(plan.root, v) for k, v in config.prompt_sets.items()}
         _set(config, plan, "prompt_sets", sets)
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "--", text.strip("/"))
 
 
 from .report import report  # noqa: E402  (report reads _PLAN and _TRACKED)

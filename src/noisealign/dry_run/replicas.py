@@ -38,6 +38,11 @@ KNOWN_VLMS: dict[str, str] = {
 }
 # model_type of CLIP checkpoints
 CLIP_TYPES = ("clip",)
+# pipeline class -> its tiny builder in noisealign.testing.pipelines (imported when used)
+PIPELINE_BUILDERS: dict[str, str] = {
+    "StableDiffusionPipeline": "build_tiny_sd_pipeline",
+    "StableDiffusionXLPipeline": "build_tiny_sdxl_pipeline",
+}
 
 
 def _config_on_disk(name_or_path: str, filename: str) -> dict | None:
@@ -100,13 +105,9 @@ def judge_model_type(judge: str, model: str) -> str:
 
 
 def _build_pipeline(class_name: str, folder: Path) -> None:
-    from ..testing.pipelines import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
+    from ..testing import pipelines
 
-    builders = {
-        "StableDiffusionPipeline": build_tiny_sd_pipeline,
-        "StableDiffusionXLPipeline": build_tiny_sdxl_pipeline,
-    }
-    builders[class_name](folder)
+    getattr(pipelines, PIPELINE_BUILDERS[class_name])(folder)
 
 
 def _build_judge_model(model_type: str, folder: Path) -> None:
@@ -118,10 +119,8 @@ def _build_judge_model(model_type: str, folder: Path) -> None:
         build_tiny_vlm(model_type, folder)
 
 
-PIPELINE_BUILDERS = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
-
-
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
+    """A file name for a model id or path: ``stabilityai/sdxl`` -> ``stabilityai--sdxl``."""
     return re.sub(r"[^A-Za-z0-9._-]+", "--", name.strip("/")) or "model"
 
 
@@ -131,7 +130,7 @@ def build_once(root: Path, kind: str, name: str, build: Callable[[Path], None]) 
     Processes of one launch may ask at once: a file lock lets one build, into a temporary
     folder renamed into place, and the others reuse it.
     """
-    folder = root / "models" / kind / _slug(name)
+    folder = root / "models" / kind / slug(name)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
         if not folder.is_dir():

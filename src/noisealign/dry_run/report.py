@@ -189,13 +189,14 @@ def gather_ranks(plan: Plan, mine: dict[str, Any], timeout: float = RANK_TIMEOUT
 def _report(plan: Plan, tracked: list[tuple[str, Any]]) -> dict[str, Any] | None:
     from accelerate import PartialState
 
-    from . import slug
+    from . import mirror
+    from .replicas import slug
 
     state = PartialState()
     ranks = gather_ranks(plan, rank_summary(tracked))
     if not state.is_main_process:
         return None
-    output_dir = Path(plan.changed.get("output_dir", [None, plan.output_dir])[1])  # mirrored
+    output_dir = mirror(plan.root, plan.output_dir)
     outputs, problems = check_outputs(output_dir)
     missing = sorted(set(range(state.num_processes)) - {r["rank"] for r in ranks})
     problems += [f"rank {r} did not report within {RANK_TIMEOUT:.0f} s" for r in missing]
