@@ -16,7 +16,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -29,10 +28,9 @@ from noisealign.cli import main as cli_main
 from noisealign.errors import NoiseAlignError
 
 from .test_bad_inputs import collect, evaluate, generate, snapshot, train_projector
+from .test_kill_resume import _launch
 
 pytestmark = pytest.mark.reliability
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 
 
@@ -225,14 +223,6 @@ def test_explain_classes(exc, line):
 
 
 # ---- Ctrl-C and SIGTERM: exit 130 / 143, one line, and the rerun finishes -----------------
-def _launch(argv: list[str]) -> subprocess.Popen:
-    stage, *rest = argv
-    return subprocess.Popen(
-        [sys.executable, "-m", f"noisealign.{stage}", *rest],
-        cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-
-
 def _signal_when(proc: subprocess.Popen, ready, signum: int) -> str:
     """Send ``signum`` once ``ready()`` holds; the process's stderr."""
     deadline = time.time() + 240
