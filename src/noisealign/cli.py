@@ -164,7 +164,7 @@ def _os_line(exc: BaseException, args: list[str]) -> str | None:
     path = exc.filename if isinstance(exc, OSError) and exc.filename is not None else None
     where = f"'{path}'" if path is not None else _output_dir_phrase(args)
     if code in (errno.ENOSPC, errno.EDQUOT):
-        return f"no space left on the disk holding {where}; free space or choose an output_dir on another disk"  # fmt: skip
+        return f"no space left on the disk holding {where}; free space or choose an output_dir on another disk"
     if code == errno.EROFS:
         return f"{where} is on a read-only file system; choose an output_dir on a writable disk"
     if code in (errno.EACCES, errno.EPERM):
@@ -173,7 +173,7 @@ def _os_line(exc: BaseException, args: list[str]) -> str | None:
         return None
     if code == errno.ENOTDIR:
         blocker = next((p for p in Path(path).parents if p.exists() and not p.is_dir()), Path(path))
-        return f"'{blocker}' is a file, not a folder, so '{path}' cannot be used; move the file away or choose another path"  # fmt: skip
+        return f"'{blocker}' is a file, not a folder, so '{path}' cannot be used; move the file away or choose another path"
     if code == errno.EISDIR:
         return f"'{path}' is a folder where a file is expected; pass a file"
     if code == errno.EEXIST and not Path(path).is_dir():
@@ -187,15 +187,17 @@ def _loading_line(exc: BaseException) -> str | None:
     from safetensors import SafetensorError
 
     if isinstance(exc, SafetensorError):
-        return f"a safetensors weights file is corrupt or truncated ({_first_line(exc)}); re-save or re-download the model folder"  # fmt: skip
+        return f"a safetensors weights file is corrupt or truncated ({_first_line(exc)}); re-save or re-download the model folder"
     if isinstance(exc, OSError) and exc.errno is None and _LOADING.search(str(exc)):
-        return f"cannot load a model: {_first_line(exc)}; re-save or re-download the folder it names"  # fmt: skip
+        return (
+            f"cannot load a model: {_first_line(exc)}; re-save or re-download the folder it names"
+        )
     return None
 
 
 def _decode_line(exc: BaseException) -> str | None:
     if isinstance(exc, UnicodeDecodeError):
-        return f"a file is not {exc.encoding} text (byte offset {exc.start}: {exc.reason}); save it as UTF-8"  # fmt: skip
+        return f"a file is not {exc.encoding} text (byte offset {exc.start}: {exc.reason}); save it as UTF-8"
     return None
 
 

@@ -16,12 +16,12 @@ import copy
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from noisealign.configs import TORCH_DTYPES, BaseConfig, check_seeds, parse_config
+from noisealign.configs import TORCH_DTYPES, BaseConfig, arg, check_seeds, parse_config
 
 logger = logging.getLogger("noisealign.collect")
 
@@ -30,104 +30,47 @@ logger = logging.getLogger("noisealign.collect")
 class CollectConfig(BaseConfig):
     """Recipe of the collect stage."""
 
-    pipeline: str = field(
-        default="",
-        metadata={"help": "Diffusers pipeline folder or hub id. Required.", "required": True},
-    )
-    judge: str = field(
-        default="",
-        metadata={
-            "help": "Registered judge name (e.g. 'shapes', 'vlm', 'clip'). Required.",
-            "required": True,
-        },
-    )
-    judge_kwargs: dict = field(
-        default_factory=dict,
-        metadata={"help": "Arguments of the judge factory (JSON on the command line)."},
-    )
-    prompts: str = field(
-        default="",
-        metadata={
-            "help": "Prompt file: .txt, .jsonl, .csv or a saved dataset folder. Required.",
-            "required": True,
-        },
-    )
-    prompt_column: str = field(
-        default="prompt", metadata={"help": "Column holding the prompt in JSONL/CSV/dataset files."}
-    )
-    seeds: str = field(
-        default="0:4",
-        metadata={
-            "help": "Seeds per prompt: 'start:stop', 'a,b,c', or a YAML list of ints.",
-            "check": check_seeds,
-        },
-    )
-    num_inference_steps: int = field(
-        default=20, metadata={"help": "Denoising steps per image.", "min": 1}
-    )
-    guidance_scale: float = field(
-        default=5.0, metadata={"help": "Classifier-free guidance scale.", "min": 0}
-    )
-    height: int | None = field(
-        default=None,
-        metadata={
-            "help": "Image height in pixels; the pipeline's default when unset.",
-            "min": 8,
-            "multiple_of": 8,
-        },
-    )
-    width: int | None = field(
-        default=None,
-        metadata={
-            "help": "Image width in pixels; the pipeline's default when unset.",
-            "min": 8,
-            "multiple_of": 8,
-        },
-    )
-    torch_dtype: str = field(
-        default="float32",
-        metadata={"help": "Pipeline dtype: float32, float16 or bfloat16.", "choices": TORCH_DTYPES},
-    )
-    batch_size: int = field(
-        default=8,
-        metadata={"help": "Images generated and judged per batch, per process.", "min": 1},
-    )
-    chunk_size: int = field(
-        default=64,
-        metadata={
-            "help": "Keys per shard. A kill loses at most one unfinished chunk per process.",
-            "min": 1,
-        },
-    )
-    save_images: bool = field(default=False, metadata={"help": "Store each image in the dataset."})
-    save_noise: bool = field(
-        default=False,
-        metadata={"help": "Store each initial noise (it is re-derivable from the seed)."},
-    )
-    exploration_images: str | None = field(
-        default=None,
-        metadata={
-            "help": "An earlier collect dataset with images (save_images: true): each row's noise becomes "
-            "√(1−γ)·ε + √γ·z with z the VAE latent of an image of the same prompt and γ ~ U(0, exploration_gamma), "
-            "so the rows cover layouts standard noise rarely reaches (noisealign.data.exploration). The mixed "
-            "noise is stored (save_noise)."
-        },
-    )
-    exploration_gamma: float = field(
-        default=0.2,
-        metadata={
-            "help": "Largest γ of the exploration mix (γ is drawn per row).",
-            "min": 0,
-            "min_exclusive": True,
-            "max": 1,
-        },
-    )
-    judge_retries: int = field(
-        default=2, metadata={"help": "Per-sample retries after a judge fails on a batch.", "min": 0}
-    )
-    log_images: int = field(
-        default=16, metadata={"help": "Sample images logged to the tracker as a table.", "min": 0}
-    )
+    pipeline: str = arg("", required=True)
+    """Diffusers pipeline folder or hub id. Required."""
+    judge: str = arg("", required=True)
+    """Registered judge name (e.g. 'shapes', 'vlm', 'clip'). Required."""
+    judge_kwargs: dict = arg({})
+    """Arguments of the judge factory (JSON on the command line)."""
+    prompts: str = arg("", required=True)
+    """Prompt file: .txt, .jsonl, .csv or a saved dataset folder. Required."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt in JSONL/CSV/dataset files."""
+    seeds: str = arg("0:4", check=check_seeds)
+    """Seeds per prompt: 'start:stop', 'a,b,c', or a YAML list of ints."""
+    num_inference_steps: int = arg(20, min=1)
+    """Denoising steps per image."""
+    guidance_scale: float = arg(5.0, min=0)
+    """Classifier-free guidance scale."""
+    height: int | None = arg(None, min=8, multiple_of=8)
+    """Image height in pixels; the pipeline's default when unset."""
+    width: int | None = arg(None, min=8, multiple_of=8)
+    """Image width in pixels; the pipeline's default when unset."""
+    torch_dtype: str = arg("float32", choices=TORCH_DTYPES)
+    """Pipeline dtype: float32, float16 or bfloat16."""
+    batch_size: int = arg(8, min=1)
+    """Images generated and judged per batch, per process."""
+    chunk_size: int = arg(64, min=1)
+    """Keys per shard. A kill loses at most one unfinished chunk per process."""
+    save_images: bool = False
+    """Store each image in the dataset."""
+    save_noise: bool = False
+    """Store each initial noise (it is re-derivable from the seed)."""
+    exploration_images: str | None = None
+    """An earlier collect dataset with images (save_images: true): each row's noise becomes √(1−γ)·ε
+    + √γ·z with z the VAE latent of an image of the same prompt and γ ~ U(0, exploration_gamma), so
+    the rows cover layouts standard noise rarely reaches (noisealign.data.exploration). The mixed
+    noise is stored (save_noise)."""
+    exploration_gamma: float = arg(0.2, min=0, min_exclusive=True, max=1)
+    """Largest γ of the exploration mix (γ is drawn per row)."""
+    judge_retries: int = arg(2, min=0)
+    """Per-sample retries after a judge fails on a batch."""
+    log_images: int = arg(16, min=0)
+    """Sample images logged to the tracker as a table."""
 
     def __post_init__(self) -> None:
         if isinstance(self.seeds, list):  # a YAML list arrives untouched by argparse
@@ -235,7 +178,12 @@ def main(args: Sequence[str] | None = None):
 
     # ---- 2. output folder, models, processes (all checks before any tracker run) ----
     store = ShardStore(config.output_dir, key_columns=("prompt_id", "seed"))
-    check_output_dir_against_inputs(config.output_dir, {"pipeline": config.pipeline, "exploration_images": config.exploration_images}, stage="collect", overwrite=config.overwrite_output_dir)  # fmt: skip
+    check_output_dir_against_inputs(
+        config.output_dir,
+        {"pipeline": config.pipeline, "exploration_images": config.exploration_images},
+        stage="collect",
+        overwrite=config.overwrite_output_dir,
+    )
     accelerator = make_accelerator(config)
     # after the Accelerator, so a judge's default device is this rank's; before the folder
     # is claimed, so an unknown judge or a bad judge_kwargs leaves no recipe.json behind

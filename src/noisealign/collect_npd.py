@@ -19,12 +19,12 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from noisealign.configs import TORCH_DTYPES, BaseConfig, check_seeds, parse_config
+from noisealign.configs import TORCH_DTYPES, BaseConfig, arg, check_seeds, parse_config
 
 logger = logging.getLogger("noisealign.collect_npd")
 
@@ -33,25 +33,45 @@ logger = logging.getLogger("noisealign.collect_npd")
 class CollectNPDConfig(BaseConfig):
     """Recipe of the collect_npd stage."""
 
-    pipeline: str = field(default="", metadata={"help": "Diffusers pipeline folder or hub id. Required.", "required": True})  # fmt: skip
-    judge: str = field(default="", metadata={"help": "Registered judge that scores both images (e.g. 'shapes', 'clip', 'vlm'). Required.", "required": True})  # fmt: skip
-    judge_kwargs: dict = field(default_factory=dict, metadata={"help": "Arguments of the judge factory (JSON on the command line)."})  # fmt: skip
-    prompts: str = field(default="", metadata={"help": "Prompt file: .txt, .jsonl, .csv or a saved dataset folder. Required.", "required": True})  # fmt: skip
-    prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt in JSONL/CSV/dataset files."})  # fmt: skip
-    seeds: str = field(default="0:4", metadata={"help": "Seeds per prompt: 'start:stop', 'a,b,c', or a YAML list of ints.", "check": check_seeds})  # fmt: skip
-    redenoise_steps: int = field(default=10, metadata={"help": "Length of the DDIM schedule whose first step re-denoise sampling takes (paper: 10 for SDXL).", "min": 1})  # fmt: skip
-    guidance_denoise: float = field(default=5.5, metadata={"help": "ω_l: CFG of the DDIM step (paper, SDXL: 5.5).", "min": 0})  # fmt: skip
-    guidance_invert: float = field(default=1.0, metadata={"help": "ω_w < ω_l: CFG of the inversion step (paper: 1.0); the gap injects the prompt.", "min": 0})  # fmt: skip
-    margin: float = field(default=0.0, metadata={"help": "m: a pair is kept when judge(x′_0) > judge(x_0) + m (paper: 0)."})  # fmt: skip
-    num_inference_steps: int = field(default=20, metadata={"help": "Denoising steps of the two judged images.", "min": 1})  # fmt: skip
-    guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale of the two judged images.", "min": 0})  # fmt: skip
-    height: int | None = field(default=None, metadata={"help": "Image height in pixels; the pipeline's default when unset.", "min": 8, "multiple_of": 8})  # fmt: skip
-    width: int | None = field(default=None, metadata={"help": "Image width in pixels; the pipeline's default when unset.", "min": 8, "multiple_of": 8})  # fmt: skip
-    torch_dtype: str = field(default="float32", metadata={"help": "Pipeline dtype: float32, float16 or bfloat16 (noises are stored in float32).", "choices": TORCH_DTYPES})  # fmt: skip
-    batch_size: int = field(default=8, metadata={"help": "Pairs re-denoised per batch, per process (2x this many images).", "min": 1})  # fmt: skip
-    chunk_size: int = field(default=64, metadata={"help": "Keys per shard. A kill loses at most one unfinished chunk per process.", "min": 1})  # fmt: skip
-    judge_retries: int = field(default=2, metadata={"help": "Per-sample retries after a judge fails on a batch.", "min": 0})  # fmt: skip
-    log_images: int = field(default=8, metadata={"help": "Source | target image pairs logged to the tracker as a table.", "min": 0})  # fmt: skip
+    pipeline: str = arg("", required=True)
+    """Diffusers pipeline folder or hub id. Required."""
+    judge: str = arg("", required=True)
+    """Registered judge that scores both images (e.g. 'shapes', 'clip', 'vlm'). Required."""
+    judge_kwargs: dict = arg({})
+    """Arguments of the judge factory (JSON on the command line)."""
+    prompts: str = arg("", required=True)
+    """Prompt file: .txt, .jsonl, .csv or a saved dataset folder. Required."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt in JSONL/CSV/dataset files."""
+    seeds: str = arg("0:4", check=check_seeds)
+    """Seeds per prompt: 'start:stop', 'a,b,c', or a YAML list of ints."""
+    redenoise_steps: int = arg(10, min=1)
+    """Length of the DDIM schedule whose first step re-denoise sampling takes (paper: 10 for SDXL).
+    """
+    guidance_denoise: float = arg(5.5, min=0)
+    """ω_l: CFG of the DDIM step (paper, SDXL: 5.5)."""
+    guidance_invert: float = arg(1.0, min=0)
+    """ω_w < ω_l: CFG of the inversion step (paper: 1.0); the gap injects the prompt."""
+    margin: float = 0.0
+    """m: a pair is kept when judge(x′_0) > judge(x_0) + m (paper: 0)."""
+    num_inference_steps: int = arg(20, min=1)
+    """Denoising steps of the two judged images."""
+    guidance_scale: float = arg(5.0, min=0)
+    """CFG scale of the two judged images."""
+    height: int | None = arg(None, min=8, multiple_of=8)
+    """Image height in pixels; the pipeline's default when unset."""
+    width: int | None = arg(None, min=8, multiple_of=8)
+    """Image width in pixels; the pipeline's default when unset."""
+    torch_dtype: str = arg("float32", choices=TORCH_DTYPES)
+    """Pipeline dtype: float32, float16 or bfloat16 (noises are stored in float32)."""
+    batch_size: int = arg(8, min=1)
+    """Pairs re-denoised per batch, per process (2x this many images)."""
+    chunk_size: int = arg(64, min=1)
+    """Keys per shard. A kill loses at most one unfinished chunk per process."""
+    judge_retries: int = arg(2, min=0)
+    """Per-sample retries after a judge fails on a batch."""
+    log_images: int = arg(8, min=0)
+    """Source | target image pairs logged to the tracker as a table."""
 
     def __post_init__(self) -> None:
         if isinstance(self.seeds, list):  # a YAML list arrives untouched by argparse
@@ -61,16 +81,27 @@ class CollectNPDConfig(BaseConfig):
             logger.warning(
                 "guidance_invert %.2f >= guidance_denoise %.2f: re-denoise sampling injects no prompt "
                 "semantics without a CFG gap (Theorem E.1); the paper uses 1.0 < 5.5",
-                self.guidance_invert, self.guidance_denoise,
-            )  # fmt: skip
+                self.guidance_invert,
+                self.guidance_denoise,
+            )
 
     def fingerprint(self) -> dict:
         """Settings that decide a row's content; a folder written with others is refused."""
         keys = (
-            "pipeline", "judge", "judge_kwargs", "prompt_column", "redenoise_steps",
-            "guidance_denoise", "guidance_invert", "margin", "num_inference_steps",
-            "guidance_scale", "height", "width", "torch_dtype",
-        )  # fmt: skip
+            "pipeline",
+            "judge",
+            "judge_kwargs",
+            "prompt_column",
+            "redenoise_steps",
+            "guidance_denoise",
+            "guidance_invert",
+            "margin",
+            "num_inference_steps",
+            "guidance_scale",
+            "height",
+            "width",
+            "torch_dtype",
+        )
         return {k: getattr(self, k) for k in keys}
 
 
@@ -90,34 +121,65 @@ def collect_pairs(chunk, records, pipe, judge, config, shape, signature: str) ->
         prompts = [records[pid].prompt for pid, _ in keys]
         source = batch_noise([pid for pid, _ in keys], [seed for _, seed in keys], shape)
         emb = encode_prompts(pipe, prompts)
-        target = re_denoise(
-            pipe, source, emb, num_inference_steps=config.redenoise_steps,
-            guidance_denoise=config.guidance_denoise, guidance_invert=config.guidance_invert,
-        ).float().cpu()  # fmt: skip
+        target = (
+            re_denoise(
+                pipe,
+                source,
+                emb,
+                num_inference_steps=config.redenoise_steps,
+                guidance_denoise=config.guidance_denoise,
+                guidance_invert=config.guidance_invert,
+            )
+            .float()
+            .cpu()
+        )
         both = generate(
-            pipe, emb.select(list(range(len(keys))) * 2), torch.cat([source, target]),
-            num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
-        )  # fmt: skip
+            pipe,
+            emb.select(list(range(len(keys))) * 2),
+            torch.cat([source, target]),
+            num_inference_steps=config.num_inference_steps,
+            guidance_scale=config.guidance_scale,
+        )
         # a fresh copy per image: judges write their scores into the concepts they are given
-        concepts = [copy.deepcopy(list(records[pid].concepts)) if records[pid].concepts else None for pid, _ in keys * 2]  # fmt: skip
+        concepts = [
+            copy.deepcopy(list(records[pid].concepts)) if records[pid].concepts else None
+            for pid, _ in keys * 2
+        ]
         verdicts = score_robustly(judge, both, prompts * 2, concepts, retries=config.judge_retries)
         for i, (pid, seed) in enumerate(keys):
             (src, src_error), (tgt, tgt_error) = verdicts[i], verdicts[len(keys) + i]
             s = float("nan") if src is None else float(src.overall)
             t = float("nan") if tgt is None else float(tgt.overall)
-            rows.append({
-                "prompt_id": pid, "prompt": prompts[i], "seed": seed,
-                "source_noise": source[i].numpy(), "target_noise": target[i].numpy(),
-                "source_score": s, "target_score": t, "kept": keep_pair(s, t, config.margin),
-                "failed": src is None or tgt is None, "error": src_error or tgt_error,
-                "judge": judge.name, "margin": config.margin, "pipeline": config.pipeline,
-                "pipeline_signature": signature, "latent_shape": list(shape),
-                "height": both[i].height, "width": both[i].width,
-                "num_inference_steps": config.num_inference_steps, "guidance_scale": config.guidance_scale,
-                "redenoise_steps": config.redenoise_steps, "guidance_denoise": config.guidance_denoise,
-                "guidance_invert": config.guidance_invert,
-                "_images": (both[i], both[len(keys) + i]),  # for the tracker's sample table only
-            })  # fmt: skip
+            rows.append(
+                {
+                    "prompt_id": pid,
+                    "prompt": prompts[i],
+                    "seed": seed,
+                    "source_noise": source[i].numpy(),
+                    "target_noise": target[i].numpy(),
+                    "source_score": s,
+                    "target_score": t,
+                    "kept": keep_pair(s, t, config.margin),
+                    "failed": src is None or tgt is None,
+                    "error": src_error or tgt_error,
+                    "judge": judge.name,
+                    "margin": config.margin,
+                    "pipeline": config.pipeline,
+                    "pipeline_signature": signature,
+                    "latent_shape": list(shape),
+                    "height": both[i].height,
+                    "width": both[i].width,
+                    "num_inference_steps": config.num_inference_steps,
+                    "guidance_scale": config.guidance_scale,
+                    "redenoise_steps": config.redenoise_steps,
+                    "guidance_denoise": config.guidance_denoise,
+                    "guidance_invert": config.guidance_invert,
+                    "_images": (
+                        both[i],
+                        both[len(keys) + i],
+                    ),  # for the tracker's sample table only
+                }
+            )
     return rows
 
 
@@ -144,15 +206,28 @@ def main(args: Sequence[str] | None = None):
 
     # ---- 2. output folder, models, processes (all checks before any tracker run) ----
     store = ShardStore(config.output_dir, key_columns=("prompt_id", "seed"))
-    check_output_dir_against_inputs(config.output_dir, {"pipeline": config.pipeline}, stage="collect_npd", overwrite=config.overwrite_output_dir)  # fmt: skip
+    check_output_dir_against_inputs(
+        config.output_dir,
+        {"pipeline": config.pipeline},
+        stage="collect_npd",
+        overwrite=config.overwrite_output_dir,
+    )
     accelerator = make_accelerator(config)
     # after the Accelerator, so a judge's default device is this rank's; before the folder
     # is claimed, so an unknown judge or a bad judge_kwargs leaves no recipe.json behind
     judge = build_judge(config.judge, **config.judge_kwargs)
     # the pipeline and the image size are checked before the folder is claimed too
-    pipe = load_pipeline(config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code)  # fmt: skip
+    pipe = load_pipeline(
+        config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code
+    )
     pipe.to(accelerator.device)
-    logger.info("process %d on %s: pipeline on %s, judge %r", accelerator.process_index, accelerator.device, pipe.device, judge)  # fmt: skip
+    logger.info(
+        "process %d on %s: pipeline on %s, judge %r",
+        accelerator.process_index,
+        accelerator.device,
+        pipe.device,
+        judge,
+    )
     shape = latent_shape(pipe, config.height, config.width)
     if accelerator.is_main_process:
         store.prepare(config.fingerprint(), overwrite=config.overwrite_output_dir)
@@ -167,33 +242,45 @@ def main(args: Sequence[str] | None = None):
     mine = chunks[accelerator.process_index :: accelerator.num_processes]
     logger.info(
         "%d of %d keys to collect; process %d takes %d chunks",
-        sum(map(len, chunks)), len(keys), accelerator.process_index, len(mine),
-    )  # fmt: skip
+        sum(map(len, chunks)),
+        len(keys),
+        accelerator.process_index,
+        len(mine),
+    )
 
     # ---- 4. re-denoise, generate, judge, write shard by shard ----------------------
     samples, counts = [], {"done": 0, "kept": 0, "failed": 0}
-    bar = tqdm(total=sum(map(len, mine)), desc="collect_npd", disable=not accelerator.is_local_main_process)  # fmt: skip
+    bar = tqdm(
+        total=sum(map(len, mine)), desc="collect_npd", disable=not accelerator.is_local_main_process
+    )
     for chunk in mine:
         started = time.perf_counter()
         rows = collect_pairs(chunk, records, pipe, judge, config, shape, signature)
         for row in rows:
             images = row.pop("_images")
             if len(samples) < config.log_images:
-                samples.append((row["prompt"], row["seed"], *images, row["source_score"], row["target_score"]))  # fmt: skip
+                samples.append(
+                    (row["prompt"], row["seed"], *images, row["source_score"], row["target_score"])
+                )
         store.write_shard(rows, npd_features(shape))
-        counts = {"done": counts["done"] + len(rows), "kept": counts["kept"] + sum(r["kept"] for r in rows),
-                  "failed": counts["failed"] + sum(r["failed"] for r in rows)}  # fmt: skip
+        counts = {
+            "done": counts["done"] + len(rows),
+            "kept": counts["kept"] + sum(r["kept"] for r in rows),
+            "failed": counts["failed"] + sum(r["failed"] for r in rows),
+        }
         judged = [r for r in rows if not r["failed"]]
         accelerator.log(
             {
                 "collect_npd/keep_rate": counts["kept"] / counts["done"],
-                "collect_npd/source_score": sum(r["source_score"] for r in judged) / max(1, len(judged)),
-                "collect_npd/target_score": sum(r["target_score"] for r in judged) / max(1, len(judged)),
+                "collect_npd/source_score": sum(r["source_score"] for r in judged)
+                / max(1, len(judged)),
+                "collect_npd/target_score": sum(r["target_score"] for r in judged)
+                / max(1, len(judged)),
                 "collect_npd/failed": counts["failed"],
                 "collect_npd/pairs_per_s": len(rows) / (time.perf_counter() - started),
             },
             step=counts["done"],
-        )  # fmt: skip
+        )
         bar.update(len(rows))
         bar.set_postfix(keep_rate=f"{counts['kept'] / counts['done']:.3f}")
     bar.close()
@@ -206,9 +293,15 @@ def main(args: Sequence[str] | None = None):
         report = summarize(dataset)
         logger.info(
             "dataset of %d pairs at %s; kept %d (keep-rate %.3f, margin %g); mean score source %.3f -> target %.3f; %d failed judge rows",
-            report["pairs"], store.dataset_dir, report["kept"], report["keep_rate"], config.margin,
-            report["source_score"], report["target_score"], report["failed"],
-        )  # fmt: skip
+            report["pairs"],
+            store.dataset_dir,
+            report["kept"],
+            report["keep_rate"],
+            config.margin,
+            report["source_score"],
+            report["target_score"],
+            report["failed"],
+        )
         (store.root / "summary.json").write_text(json.dumps(report, indent=2))
         accelerator.log({f"collect_npd/final_{k}": v for k, v in report.items()})
         _log_samples(accelerator, samples)
@@ -219,14 +312,22 @@ def main(args: Sequence[str] | None = None):
 def summarize(dataset) -> dict[str, float]:
     """Pairs, kept, keep-rate (over all pairs), failed, mean source / target scores of the judged pairs."""
     kept, failed = sum(dataset["kept"]), sum(dataset["failed"])
-    judged = [(s, t) for s, t, f in zip(dataset["source_score"], dataset["target_score"], dataset["failed"]) if not f]  # fmt: skip
+    judged = [
+        (s, t)
+        for s, t, f in zip(dataset["source_score"], dataset["target_score"], dataset["failed"])
+        if not f
+    ]
     n = max(1, len(judged))
     return {
-        "pairs": dataset.num_rows, "kept": kept, "keep_rate": kept / max(1, dataset.num_rows),
-        "failed": failed, "source_score": sum(s for s, _ in judged) / n,
+        "pairs": dataset.num_rows,
+        "kept": kept,
+        "keep_rate": kept / max(1, dataset.num_rows),
+        "failed": failed,
+        "source_score": sum(s for s, _ in judged) / n,
         "target_score": sum(t for _, t in judged) / n,
-        "target_better": sum(t > s for s, t in judged), "target_worse": sum(t < s for s, t in judged),
-    }  # fmt: skip
+        "target_better": sum(t > s for s, t in judged),
+        "target_worse": sum(t < s for s, t in judged),
+    }
 
 
 def _log_samples(accelerator, samples: list[tuple]) -> None:
@@ -234,7 +335,9 @@ def _log_samples(accelerator, samples: list[tuple]) -> None:
         return
     import wandb
 
-    table = wandb.Table(columns=["prompt", "seed", "source", "target", "source_score", "target_score"])  # fmt: skip
+    table = wandb.Table(
+        columns=["prompt", "seed", "source", "target", "source_score", "target_score"]
+    )
     for prompt, seed, src, tgt, s, t in samples:
         table.add_data(prompt, seed, wandb.Image(src), wandb.Image(tgt), s, t)
     accelerator.log({"collect_npd/samples": table})

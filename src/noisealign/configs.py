@@ -5,7 +5,9 @@ values come from ``--config recipe.yaml`` and are overridden by CLI flags
 (``--output_dir runs/x``). ``TrlParser`` copies YAML values in as argparse defaults without
 type conversion, so :meth:`BaseConfig.__post_init__` checks every field's type itself.
 
-Limits live beside each field, in its metadata, and the same ``__post_init__`` applies them:
+A field reads as its default (or :func:`arg` with limits) and a docstring under it; the
+docstring becomes its ``--help`` text (:class:`DocumentedFields`). Limits live in the field's
+metadata, and the same ``__post_init__`` applies them:
 
 - ``"required": True``: the field must not be empty;
 - ``"min"`` / ``"max"`` (with ``"min_exclusive"`` / ``"max_exclusive"``), ``"multiple_of"``: bounds
@@ -20,11 +22,15 @@ failure is one line naming the field, raised before the stage reads or writes an
 
 from __future__ import annotations
 
+import ast
+import copy
 import dataclasses
+import inspect
 import json
 import math
 import os
 import sys
+import textwrap
 import types
 import typing
 from collections.abc import Sequence
@@ -67,7 +73,67 @@ def _type_name(annotation: Any) -> str:
 TORCH_DTYPES = ("float32", "float16", "bfloat16")  # "choices" of every torch_dtype field
 
 # metadata keys read by BaseConfig.__post_init__; argparse never sees them
-LIMIT_KEYS = ("required", "min", "max", "min_exclusive", "max_exclusive", "multiple_of", "choices", "allow_inf", "check")  # fmt: skip
+LIMIT_KEYS = (
+    "required",
+    "min",
+    "max",
+    "min_exclusive",
+    "max_exclusive",
+    "multiple_of",
+    "choices",
+    "allow_inf",
+    "check",
+)
+
+
+def arg(default: Any = dataclasses.MISSING, **limits: Any) -> Any:
+    """A config field with limits (``min=0``, ``choices=(...)``...); list and dict defaults are
+    copied for every instance, as ``default_factory`` would."""
+    unknown = set(limits) - set(LIMIT_KEYS)
+    if unknown:
+        raise TypeError(f"unknown field limits {sorted(unknown)}; known: {', '.join(LIMIT_KEYS)}")
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=limits)
+    return field(default=default, metadata=limits)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a class body: the string right under each annotated name."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):  # no source (a class built at run time)
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        text = getattr(getattr(after, "value", None), "value", None)
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(after, ast.Expr)
+            and isinstance(text, str)
+        ):
+            docs[ast.unparse(node.target)] = " ".join(text.split())
+    return docs
+
+
+class DocumentedFields:
+    """Base of the recipe dataclasses: each field's docstring becomes its ``"help"`` metadata,
+    which ``--help`` prints. It runs as the class is created, before ``@dataclass`` reads it."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name, doc in field_docs(cls).items():
+            value = cls.__dict__.get(name, dataclasses.MISSING)
+            if not isinstance(value, dataclasses.Field):
+                value = field(default=value)
+            metadata = {**value.metadata, "help": doc}
+            setattr(
+                cls,
+                name,
+                field(
+                    default=value.default, default_factory=value.default_factory, metadata=metadata
+                ),
+            )
 
 
 def _bounds(limits: typing.Mapping[str, Any]) -> str:
@@ -134,63 +200,33 @@ def check_seeds(seeds: Any) -> str | None:
 
 
 @dataclass
-class BaseConfig:
+class BaseConfig(DocumentedFields):
     """Fields shared by every stage."""
 
-    output_dir: str = field(
-        default="",
-        metadata={
-            "help": "Folder for this run's outputs (datasets, checkpoints, logs). Required.",
-            "required": True,
-        },
-    )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={
-            "help": "Delete the outputs of a *different* recipe found in output_dir instead of "
-            "refusing to run. Outputs of the same recipe are always resumed."
-        },
-    )
-    report_to: str = field(
-        default="wandb",
-        metadata={
-            "help": "Tracker for accelerate: 'wandb' or 'none'.",
-            "choices": ("wandb", "none"),
-        },
-    )
-    wandb_project: str = field(default="noisealign", metadata={"help": "wandb project name."})
-    run_name: str | None = field(
-        default=None, metadata={"help": "Run name for the tracker; defaults to output_dir's name."}
-    )
-    seed: int = field(
-        default=0, metadata={"help": "Global seed for anything not keyed per sample."}
-    )
-    num_threads: int | None = field(
-        default=None,
-        metadata={
-            "help": "torch intra-op threads per process (unset: torch's default). Use 1 on a small shared "
-            "CPU: two threads per process stall each other ~5-10x when other processes compete for the cores.",
-            "min": 1,
-        },
-    )
-    trust_remote_code: bool = field(
-        default=False,
-        metadata={"help": "Allow models whose code lives on the hub. Off unless you set it."},
-    )
-    dry_run: bool = field(
-        default=False,
-        metadata={
-            "help": "Run the recipe as written on tiny random models of the same classes (built offline), "
-            "a few prompts, seeds and steps, with every path mirrored under dry_run_dir; ends with a report."
-        },
-    )
-    dry_run_dir: str = field(
-        default="dry_run",
-        metadata={
-            "help": "Folder a dry run writes into (outputs, replicas, report), mirroring the recipe's "
-            "paths: output_dir outputs/x becomes dry_run/outputs/x. A chain of dry runs shares it."
-        },
-    )
+    output_dir: str = arg("", required=True)
+    """Folder for this run's outputs (datasets, checkpoints, logs). Required."""
+    overwrite_output_dir: bool = False
+    """Delete the outputs of a *different* recipe found in output_dir instead of refusing to run.
+    Outputs of the same recipe are always resumed."""
+    report_to: str = arg("wandb", choices=("wandb", "none"))
+    """Tracker for accelerate: 'wandb' or 'none'."""
+    wandb_project: str = "noisealign"
+    """wandb project name."""
+    run_name: str | None = None
+    """Run name for the tracker; defaults to output_dir's name."""
+    seed: int = 0
+    """Global seed for anything not keyed per sample."""
+    num_threads: int | None = arg(None, min=1)
+    """torch intra-op threads per process (unset: torch's default). Use 1 on a small shared CPU: two
+    threads per process stall each other ~5-10x when other processes compete for the cores."""
+    trust_remote_code: bool = False
+    """Allow models whose code lives on the hub. Off unless you set it."""
+    dry_run: bool = False
+    """Run the recipe as written on tiny random models of the same classes (built offline), a few
+    prompts, seeds and steps, with every path mirrored under dry_run_dir; ends with a report."""
+    dry_run_dir: str = "dry_run"
+    """Folder a dry run writes into (outputs, replicas, report), mirroring the recipe's paths:
+    output_dir outputs/x becomes dry_run/outputs/x. A chain of dry runs shares it."""
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))

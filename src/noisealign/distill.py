@@ -18,10 +18,10 @@ import logging
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from noisealign.configs import TORCH_DTYPES, BaseConfig, parse_config
+from noisealign.configs import TORCH_DTYPES, BaseConfig, arg, parse_config
 from noisealign.errors import ConfigError
 
 logger = logging.getLogger("noisealign.distill")
@@ -31,166 +31,80 @@ logger = logging.getLogger("noisealign.distill")
 class DistillConfig(BaseConfig):
     """Recipe of the distill stage."""
 
-    dataset: str = field(
-        default="",
-        metadata={
-            "help": "The collect stage's dataset folder (<collect output_dir>/dataset). Required.",
-            "required": True,
-        },
-    )
-    pipeline: str = field(
-        default="",
-        metadata={
-            "help": "Pipeline the rows were collected with (folder or hub id); its frozen text encoder embeds the prompts. Required.",
-            "required": True,
-        },
-    )
-    torch_dtype: str = field(
-        default="float32",
-        metadata={"help": "Pipeline dtype: float32, float16 or bfloat16.", "choices": TORCH_DTYPES},
-    )
-    reward_model: str = field(
-        default="transformer", metadata={"help": "Architecture: 'transformer' or 'unet_lora'."}
-    )
-    model_kwargs: dict = field(
-        default_factory=dict,
-        metadata={"help": "Size of the reward model (its config fields, e.g. hidden_dim, depth)."},
-    )
-    input_steps: int = field(
-        default=0,
-        metadata={
-            "help": "k: DDIM steps of the collect schedule run before scoring (0 = pure noise; 1-3 trade k UNet calls for accuracy).",
-            "min": 0,
-            "max": 10,
-        },
-    )
-    input_kind: str = field(
-        default="latent",
-        metadata={
-            "help": "For k > 0: 'latent' (x_{T-k}) or 'x0' (predicted clean latent).",
-            "choices": ("latent", "x0"),
-        },
-    )
-    teacher: str | None = field(
-        default=None,
-        metadata={
-            "help": "A distilled k-step reward model folder. When set, the student trains on its "
-            "token and overall scores of teacher_seeds fresh noises per training prompt instead "
-            "of the judge's rows (held-out evaluation stays against the judge)."
-        },
-    )
-    teacher_seeds: int = field(
-        default=150,
-        metadata={"help": "Fresh seeds the teacher labels per training prompt.", "min": 1},
-    )
-    teacher_seed_start: int = field(
-        default=1_000_000,
-        metadata={
-            "help": "First seed of the teacher's noises (keep it above the collect's seeds).",
-            "min": 0,
-        },
-    )
-    seeds_per_group: int = field(
-        default=0,
-        metadata={
-            "help": "Seeds of one prompt per batch group (0: all of them); with a teacher, e.g. 8 "
-            "keeps batches at prompts_per_batch x 8 rows.",
-            "min": 0,
-        },
-    )
-    eval_fraction: float = field(
-        default=0.1,
-        metadata={
-            "help": "Fraction of prompts held out for evaluation.",
-            "min": 0,
-            "min_exclusive": True,
-            "max": 1,
-            "max_exclusive": True,
-        },
-    )
-    split_seed: int | None = field(
-        default=None,
-        metadata={
-            "help": "Seed of the held-out prompt split (default: seed), so runs with other "
-            "initialisation seeds can share one split."
-        },
-    )
-    min_eval_prompts: int = field(
-        default=2,
-        metadata={"help": "Fewest held-out prompts; fewer usable prompts is an error.", "min": 1},
-    )
-    prompts_per_batch: int = field(
-        default=8,
-        metadata={
-            "help": "Prompts per batch, each with all its seeds (pairs for the ranking term).",
-            "min": 1,
-        },
-    )
-    gradient_accumulation_steps: int = field(
-        default=1, metadata={"help": "Batches per optimizer step.", "min": 1}
-    )
-    max_steps: int = field(default=1000, metadata={"help": "Optimizer steps.", "min": 1})
-    learning_rate: float = field(
-        default=3e-4,
-        metadata={"help": "AdamW peak learning rate.", "min": 0, "min_exclusive": True},
-    )
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay.", "min": 0})
-    warmup_steps: int = field(
-        default=50, metadata={"help": "Linear warm-up steps before the cosine decay.", "min": 0}
-    )
-    max_grad_norm: float = field(
-        default=1.0, metadata={"help": "Gradient clipping norm; 0 turns clipping off.", "min": 0}
-    )
-    token_weight: float = field(
-        default=1.0, metadata={"help": "Weight of the token BCE.", "min": 0}
-    )
-    overall_weight: float = field(
-        default=1.0, metadata={"help": "Weight of the overall-score loss.", "min": 0}
-    )
-    overall_loss: str = field(
-        default="bce",
-        metadata={"help": "'bce' on the logit or 'mse' on its sigmoid.", "choices": ("bce", "mse")},
-    )
-    rank_weight: float = field(
-        default=1.0, metadata={"help": "Weight of the pairwise ranking term.", "min": 0}
-    )
-    rank_margin: float = field(
-        default=0.0,
-        metadata={"help": "Pairs count only if the judge scores differ by more.", "min": 0},
-    )
-    logging_steps: int = field(
-        default=10, metadata={"help": "Log train metrics every this many steps.", "min": 1}
-    )
-    eval_steps: int = field(
-        default=200,
-        metadata={
-            "help": "Evaluate on held-out prompts every this many steps (0: only at the end).",
-            "min": 0,
-        },
-    )
-    save_steps: int = field(
-        default=200,
-        metadata={"help": "Checkpoint (accelerate save_state) every this many steps.", "min": 1},
-    )
-    save_total_limit: int = field(
-        default=2, metadata={"help": "Checkpoints kept (0 keeps all).", "min": 0}
-    )
-    resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "'latest' or a checkpoint folder to resume from."}
-    )
-    feature_batch_size: int = field(
-        default=64,
-        metadata={
-            "help": "Rows per batch when embedding prompts and running the k steps.",
-            "min": 1,
-        },
-    )
-    push_to_hub: bool = field(
-        default=False, metadata={"help": "Push the saved folder to the hub as hub_model_id."}
-    )
-    hub_model_id: str | None = field(
-        default=None, metadata={"help": "Hub repo id for push_to_hub."}
-    )
+    dataset: str = arg("", required=True)
+    """The collect stage's dataset folder (<collect output_dir>/dataset). Required."""
+    pipeline: str = arg("", required=True)
+    """Pipeline the rows were collected with (folder or hub id); its frozen text encoder embeds the
+    prompts. Required."""
+    torch_dtype: str = arg("float32", choices=TORCH_DTYPES)
+    """Pipeline dtype: float32, float16 or bfloat16."""
+    reward_model: str = "transformer"
+    """Architecture: 'transformer' or 'unet_lora'."""
+    model_kwargs: dict = arg({})
+    """Size of the reward model (its config fields, e.g. hidden_dim, depth)."""
+    input_steps: int = arg(0, min=0, max=10)
+    """k: DDIM steps of the collect schedule run before scoring (0 = pure noise; 1-3 trade k UNet
+    calls for accuracy)."""
+    input_kind: str = arg("latent", choices=("latent", "x0"))
+    """For k > 0: 'latent' (x_{T-k}) or 'x0' (predicted clean latent)."""
+    teacher: str | None = None
+    """A distilled k-step reward model folder. When set, the student trains on its token and overall
+    scores of teacher_seeds fresh noises per training prompt instead of the judge's rows (held-out
+    evaluation stays against the judge)."""
+    teacher_seeds: int = arg(150, min=1)
+    """Fresh seeds the teacher labels per training prompt."""
+    teacher_seed_start: int = arg(1_000_000, min=0)
+    """First seed of the teacher's noises (keep it above the collect's seeds)."""
+    seeds_per_group: int = arg(0, min=0)
+    """Seeds of one prompt per batch group (0: all of them); with a teacher, e.g. 8 keeps batches at
+    prompts_per_batch x 8 rows."""
+    eval_fraction: float = arg(0.1, min=0, min_exclusive=True, max=1, max_exclusive=True)
+    """Fraction of prompts held out for evaluation."""
+    split_seed: int | None = None
+    """Seed of the held-out prompt split (default: seed), so runs with other initialisation seeds
+    can share one split."""
+    min_eval_prompts: int = arg(2, min=1)
+    """Fewest held-out prompts; fewer usable prompts is an error."""
+    prompts_per_batch: int = arg(8, min=1)
+    """Prompts per batch, each with all its seeds (pairs for the ranking term)."""
+    gradient_accumulation_steps: int = arg(1, min=1)
+    """Batches per optimizer step."""
+    max_steps: int = arg(1000, min=1)
+    """Optimizer steps."""
+    learning_rate: float = arg(3e-4, min=0, min_exclusive=True)
+    """AdamW peak learning rate."""
+    weight_decay: float = arg(0.01, min=0)
+    """AdamW weight decay."""
+    warmup_steps: int = arg(50, min=0)
+    """Linear warm-up steps before the cosine decay."""
+    max_grad_norm: float = arg(1.0, min=0)
+    """Gradient clipping norm; 0 turns clipping off."""
+    token_weight: float = arg(1.0, min=0)
+    """Weight of the token BCE."""
+    overall_weight: float = arg(1.0, min=0)
+    """Weight of the overall-score loss."""
+    overall_loss: str = arg("bce", choices=("bce", "mse"))
+    """'bce' on the logit or 'mse' on its sigmoid."""
+    rank_weight: float = arg(1.0, min=0)
+    """Weight of the pairwise ranking term."""
+    rank_margin: float = arg(0.0, min=0)
+    """Pairs count only if the judge scores differ by more."""
+    logging_steps: int = arg(10, min=1)
+    """Log train metrics every this many steps."""
+    eval_steps: int = arg(200, min=0)
+    """Evaluate on held-out prompts every this many steps (0: only at the end)."""
+    save_steps: int = arg(200, min=1)
+    """Checkpoint (accelerate save_state) every this many steps."""
+    save_total_limit: int = arg(2, min=0)
+    """Checkpoints kept (0 keeps all)."""
+    resume_from_checkpoint: str | None = None
+    """'latest' or a checkpoint folder to resume from."""
+    feature_batch_size: int = arg(64, min=1)
+    """Rows per batch when embedding prompts and running the k steps."""
+    push_to_hub: bool = False
+    """Push the saved folder to the hub as hub_model_id."""
+    hub_model_id: str | None = None
+    """Hub repo id for push_to_hub."""
 
     def __post_init__(self) -> None:
         super().__post_init__()  # types and the limits in each field's metadata
@@ -244,7 +158,12 @@ def main(args: Sequence[str] | None = None) -> DistillResult:
     )
 
     # ---- 2. rows, split, pipeline checks (all before any output is written) ----------
-    check_output_dir_against_inputs(config.output_dir, {"dataset": config.dataset, "pipeline": config.pipeline, "teacher": config.teacher}, stage="distill", overwrite=config.overwrite_output_dir)  # fmt: skip
+    check_output_dir_against_inputs(
+        config.output_dir,
+        {"dataset": config.dataset, "pipeline": config.pipeline, "teacher": config.teacher},
+        stage="distill",
+        overwrite=config.overwrite_output_dir,
+    )
     rows = clean_feedback(load_feedback(config.dataset))
     check_not_heldout(config.dataset, rows.prompt_ids)  # the evaluation prompts stay unseen
     # the validation split below is drawn from the collected (training) prompts only
@@ -277,9 +196,14 @@ def main(args: Sequence[str] | None = None) -> DistillResult:
     model = build_reward_model(config.reward_model, **model_config)
     logger.info(
         "%d usable rows (%d failed, %d NaN/Inf skipped); %d train / %d held-out prompts; %s with %d parameters",
-        len(rows), rows.skipped_failed, len(rows.skipped_nonfinite), len(train_ids), len(eval_ids),
-        config.reward_model, sum(p.numel() for p in model.parameters()),
-    )  # fmt: skip
+        len(rows),
+        rows.skipped_failed,
+        len(rows.skipped_nonfinite),
+        len(train_ids),
+        len(eval_ids),
+        config.reward_model,
+        sum(p.numel() for p in model.parameters()),
+    )
 
     # ---- 3. training rows (the judge's, or the teacher's labels of fresh noises) ---------
     eval_rows = rows.select(stage.indices(rows, eval_ids))
@@ -295,11 +219,16 @@ def main(args: Sequence[str] | None = None) -> DistillResult:
     started = time.perf_counter()
     features = tuple(
         precompute_features(
-            pipe, part, table, prompt_order, steps=config.input_steps, kind=config.input_kind,
+            pipe,
+            part,
+            table,
+            prompt_order,
+            steps=config.input_steps,
+            kind=config.input_kind,
             batch_size=config.feature_batch_size,
-        )  # fmt: skip
+        )
         for part in (train_rows, eval_rows)
-    )  # fmt: skip
+    )
     if features[0] is not None:
         logger.info(
             "k = %d features of %d rows in %.1f s",

@@ -20,45 +20,78 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from noisealign.configs import TORCH_DTYPES, BaseConfig, check_seeds, parse_config
+from noisealign.configs import TORCH_DTYPES, BaseConfig, arg, check_seeds, parse_config
 from noisealign.errors import ConfigError
 
 logger = logging.getLogger("noisealign.evaluate")
 
 # fields that do not change any number in the report
-_NOT_FINGERPRINTED = ("output_dir", "overwrite_output_dir", "report_to", "wandb_project", "run_name", "num_threads", "batch_size", "device")  # fmt: skip
+_NOT_FINGERPRINTED = (
+    "output_dir",
+    "overwrite_output_dir",
+    "report_to",
+    "wandb_project",
+    "run_name",
+    "num_threads",
+    "batch_size",
+    "device",
+)
 
 
 @dataclass
 class EvaluateConfig(BaseConfig):
     """Recipe of the evaluate stage."""
 
-    pipeline: str = field(default="", metadata={"help": "Diffusers pipeline folder or hub id. Required.", "required": True})  # fmt: skip
-    torch_dtype: str = field(default="float32", metadata={"help": "Pipeline dtype: float32, float16 or bfloat16.", "choices": TORCH_DTYPES})  # fmt: skip
-    device: str | None = field(default=None, metadata={"help": "torch device of the pipeline, policies and judges' inputs; unset: accelerate's device of each process. With several processes only a type without index ('cuda') is accepted."})  # fmt: skip
-    prompt_sets: dict = field(default_factory=dict, metadata={"help": "Prompt sets to evaluate: name -> prompt file (.txt, .jsonl with optional concepts, GenEval metadata .jsonl, DrawBench-style .csv). Required.", "required": True})  # fmt: skip
-    prompt_split: str | None = field(default=None, metadata={"help": "Keep only rows whose 'split' column equals this. Unset: the held-out rows (split 'eval') of a file with a 'split' column, every row of a file without one."})  # fmt: skip
-    prompt_column: str = field(default="prompt", metadata={"help": "Column holding the prompt in JSONL/CSV files (DrawBench: 'Prompts')."})  # fmt: skip
-    max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts of each set (quick runs).", "min": 1})  # fmt: skip
-    seeds: str = field(default="0:4", metadata={"help": "Seeds per prompt: 'start:stop', 'a,b,c', or a YAML list of ints.", "check": check_seeds})  # fmt: skip
-    judges: list[str] = field(default_factory=list, metadata={"help": "Evaluation judges by name; the first gives the alignment columns. Prefer a judge other than the training judge. Required.", "required": True})  # fmt: skip
-    judge_kwargs: dict = field(default_factory=dict, metadata={"help": "Judge name -> factory arguments (JSON on the command line)."})  # fmt: skip
-    methods: dict = field(default_factory=dict, metadata={"help": "Label -> {type: standard|policy|best_of_n|early_stop|noise_diffusion, ...settings}. Must include a 'standard' entry.", "required": True})  # fmt: skip
-    num_inference_steps: int = field(default=20, metadata={"help": "Denoising steps per image, for every method.", "min": 1})  # fmt: skip
-    guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale, for every method.", "min": 0})  # fmt: skip
-    batch_size: int = field(default=16, metadata={"help": "(prompt, seed) pairs per method call.", "min": 1})  # fmt: skip
-    grid_prompts: int = field(default=6, metadata={"help": "Rows of the image grid: the first N prompts of each set, at the first seed.", "min": 1})  # fmt: skip
+    pipeline: str = arg("", required=True)
+    """Diffusers pipeline folder or hub id. Required."""
+    torch_dtype: str = arg("float32", choices=TORCH_DTYPES)
+    """Pipeline dtype: float32, float16 or bfloat16."""
+    device: str | None = None
+    """torch device of the pipeline, policies and judges' inputs; unset: accelerate's device of each
+    process. With several processes only a type without index ('cuda') is accepted."""
+    prompt_sets: dict = arg({}, required=True)
+    """Prompt sets to evaluate: name -> prompt file (.txt, .jsonl with optional concepts, GenEval
+    metadata .jsonl, DrawBench-style .csv). Required."""
+    prompt_split: str | None = None
+    """Keep only rows whose 'split' column equals this. Unset: the held-out rows (split 'eval') of a
+    file with a 'split' column, every row of a file without one."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt in JSONL/CSV files (DrawBench: 'Prompts')."""
+    max_prompts: int | None = arg(None, min=1)
+    """Use only the first N prompts of each set (quick runs)."""
+    seeds: str = arg("0:4", check=check_seeds)
+    """Seeds per prompt: 'start:stop', 'a,b,c', or a YAML list of ints."""
+    judges: list[str] = arg([], required=True)
+    """Evaluation judges by name; the first gives the alignment columns. Prefer a judge other than
+    the training judge. Required."""
+    judge_kwargs: dict = arg({})
+    """Judge name -> factory arguments (JSON on the command line)."""
+    methods: dict = arg({}, required=True)
+    """Label -> {type: standard|policy|best_of_n|early_stop|noise_diffusion, ...settings}. Must
+    include a 'standard' entry."""
+    num_inference_steps: int = arg(20, min=1)
+    """Denoising steps per image, for every method."""
+    guidance_scale: float = arg(5.0, min=0)
+    """Classifier-free guidance scale, for every method."""
+    batch_size: int = arg(16, min=1)
+    """(prompt, seed) pairs per method call."""
+    grid_prompts: int = arg(6, min=1)
+    """Rows of the image grid: the first N prompts of each set, at the first seed."""
 
     def __post_init__(self) -> None:
         super().__post_init__()  # types and the limits in each field's metadata
         for label, settings in self.methods.items():
             if not isinstance(settings, dict) or "type" not in settings:
-                raise ConfigError(f"methods.{label} must be a mapping with a 'type', e.g. {{type: standard}}")  # fmt: skip
+                raise ConfigError(
+                    f"methods.{label} must be a mapping with a 'type', e.g. {{type: standard}}"
+                )
         if not any(s["type"] == "standard" for s in self.methods.values()):
-            raise ConfigError("methods needs a 'standard' entry ({type: standard}): win rates are measured against it")  # fmt: skip
+            raise ConfigError(
+                "methods needs a 'standard' entry ({type: standard}): win rates are measured against it"
+            )
 
 
 CONFIG_CLASS = EvaluateConfig
@@ -93,16 +126,27 @@ def main(args: Sequence[str] | None = None) -> dict | None:
     }
 
     policies = {f"methods.{label}.policy": s.get("policy") for label, s in config.methods.items()}
-    check_output_dir_against_inputs(config.output_dir, {"pipeline": config.pipeline, **policies}, stage="evaluate", overwrite=config.overwrite_output_dir)  # fmt: skip
+    check_output_dir_against_inputs(
+        config.output_dir,
+        {"pipeline": config.pipeline, **policies},
+        stage="evaluate",
+        overwrite=config.overwrite_output_dir,
+    )
 
     # ---- 2. pipeline, judges, methods (policies load and are checked against the pipe) --
-    pipe = load_pipeline(config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code)  # fmt: skip
+    pipe = load_pipeline(
+        config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code
+    )
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     ctx = EvalContext(
-        pipe, tuple(latent_shape(pipe)), config.num_inference_steps, config.guidance_scale,
-        default_judge=config.judges[0], judge_kwargs=judge_kwargs,
-    )  # fmt: skip
+        pipe,
+        tuple(latent_shape(pipe)),
+        config.num_inference_steps,
+        config.guidance_scale,
+        default_judge=config.judges[0],
+        judge_kwargs=judge_kwargs,
+    )
     judges = {name: ctx.judge(name) for name in config.judges}
     runs = {label: build_method(label, s, ctx) for label, s in config.methods.items()}
     # only a recipe that passed every check claims the folder
@@ -114,24 +158,50 @@ def main(args: Sequence[str] | None = None) -> dict | None:
     start_tracking(accelerator, config, "evaluate")
 
     # ---- 3. this process's share of the unfinished methods' batches ---------------------
-    work = runner.plan_work(out / "rows", prompt_sets, seeds, list(runs), batch_size=config.batch_size, grid_prompts=config.grid_prompts)  # fmt: skip
-    runner.run_share(work, runs, judges, process_index=accelerator.process_index, num_processes=accelerator.num_processes, device=device)  # fmt: skip
+    work = runner.plan_work(
+        out / "rows",
+        prompt_sets,
+        seeds,
+        list(runs),
+        batch_size=config.batch_size,
+        grid_prompts=config.grid_prompts,
+    )
+    runner.run_share(
+        work,
+        runs,
+        judges,
+        process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+        device=device,
+    )
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         accelerator.end_training()
         return None
     report = {
-        "pipeline": config.pipeline, "judges": list(config.judges), "seeds": seeds,
-        "num_inference_steps": config.num_inference_steps, "guidance_scale": config.guidance_scale,
-        "device": str(pipe._execution_device), "num_processes": accelerator.num_processes,
+        "pipeline": config.pipeline,
+        "judges": list(config.judges),
+        "seeds": seeds,
+        "num_inference_steps": config.num_inference_steps,
+        "guidance_scale": config.guidance_scale,
+        "device": str(pipe._execution_device),
+        "num_processes": accelerator.num_processes,
         "prompt_sets": {},
-    }  # fmt: skip
+    }
     samples = {}  # per prompt set: the grid's prompts, images and scores, for the tracker
     merged = runner.merged_results(out / "rows", work, list(prompt_sets), list(runs))
     for set_name, records in prompt_sets.items():
         results = merged[set_name]
         summary = report["prompt_sets"][set_name] = _summarise(config, records, seeds, results)
-        samples[set_name] = _write_figures(out, set_name, config, records[: config.grid_prompts], seeds[0], results, summary["methods"])  # fmt: skip
+        samples[set_name] = _write_figures(
+            out,
+            set_name,
+            config,
+            records[: config.grid_prompts],
+            seeds[0],
+            results,
+            summary["methods"],
+        )
 
     # ---- 4. report.md / report.json, tracker ------------------------------------------
     path = write_report(out, report)
@@ -157,11 +227,18 @@ def _summarise(config: EvaluateConfig, records, seeds, results: dict) -> dict:
     methods, others = [], {j: {} for j in config.judges[1:]}
     for label, (rows, cost, _grid) in results.items():
         rows1 = flat(rows, primary)
-        methods.append({
-            "name": label, "type": config.methods[label]["type"], "settings": config.methods[label],
-            "alignment": alignment(rows1), "concept_accuracy": concept_accuracy(rows1),
-            **compare(rows1, base, seed=config.seed), **cost, "images": len(rows),
-        })  # fmt: skip
+        methods.append(
+            {
+                "name": label,
+                "type": config.methods[label]["type"],
+                "settings": config.methods[label],
+                "alignment": alignment(rows1),
+                "concept_accuracy": concept_accuracy(rows1),
+                **compare(rows1, base, seed=config.seed),
+                **cost,
+                "images": len(rows),
+            }
+        )
         for judge in others:
             others[judge][label] = alignment(flat(rows, judge))
     summary = {"prompts": len(records), "methods": methods}
@@ -170,7 +247,9 @@ def _summarise(config: EvaluateConfig, records, seeds, results: dict) -> dict:
     return summary
 
 
-def _write_figures(out: Path, set_name: str, config, records, seed: int, results: dict, methods: list[dict]) -> dict:  # fmt: skip
+def _write_figures(
+    out: Path, set_name: str, config, records, seed: int, results: dict, methods: list[dict]
+) -> dict:
     """grid_<set>.png and cost_<set>.png; returns the grid's prompts, images and scores."""
     from noisealign.evaluation.report import cost_plot, image_grid
 
@@ -194,22 +273,36 @@ def _log_to_tracker(accelerator, out: Path, report: dict, samples: dict) -> None
 
     tracker = accelerator.get_tracker("wandb", unwrap=True)
     for set_name, result in report["prompt_sets"].items():
-        columns = ["method", "alignment", "difference", "win_rate", "denoising_steps", "judge_calls", "seconds_per_image", "peak_memory_mb"]  # fmt: skip
+        columns = [
+            "method",
+            "alignment",
+            "difference",
+            "win_rate",
+            "denoising_steps",
+            "judge_calls",
+            "seconds_per_image",
+            "peak_memory_mb",
+        ]
         table = wandb.Table(columns=columns)
         for m in result["methods"]:
             table.add_data(*(m[c] if c != "method" else m["name"] for c in columns))
         grid = samples[set_name]
         images = wandb.Table(columns=["prompt", "seed", *grid["images"]])
         for i, prompt in enumerate(grid["prompts"]):
-            cells = [wandb.Image(grid["images"][m][i], caption=f"{grid['scores'][m][i]:.2f}") for m in grid["images"]]  # fmt: skip
+            cells = [
+                wandb.Image(grid["images"][m][i], caption=f"{grid['scores'][m][i]:.2f}")
+                for m in grid["images"]
+            ]
             images.add_data(prompt, grid["seed"], *cells)
-        tracker.log({
-            f"{set_name}/table": table,
-            f"{set_name}/samples": images,
-            f"{set_name}/grid": wandb.Image(str(out / f"grid_{set_name}.png")),
-            f"{set_name}/alignment_vs_cost": wandb.Image(str(out / f"cost_{set_name}.png")),
-            **{f"{set_name}/{m['name']}/alignment": m["alignment"] for m in result["methods"]},
-        })  # fmt: skip
+        tracker.log(
+            {
+                f"{set_name}/table": table,
+                f"{set_name}/samples": images,
+                f"{set_name}/grid": wandb.Image(str(out / f"grid_{set_name}.png")),
+                f"{set_name}/alignment_vs_cost": wandb.Image(str(out / f"cost_{set_name}.png")),
+                **{f"{set_name}/{m['name']}/alignment": m["alignment"] for m in result["methods"]},
+            }
+        )
 
 
 if __name__ == "__main__":

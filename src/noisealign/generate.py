@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from noisealign.configs import TORCH_DTYPES, BaseConfig, parse_config
+from noisealign.configs import TORCH_DTYPES, BaseConfig, arg, parse_config
 from noisealign.errors import ConfigError
 
 logger = logging.getLogger("noisealign.generate")
@@ -33,18 +33,30 @@ logger = logging.getLogger("noisealign.generate")
 class GenerateConfig(BaseConfig):
     """Recipe of the generate stage (every field also works as a CLI flag)."""
 
-    output_dir: str = field(default="generated", metadata={"help": "Folder the PNGs are written to."})  # fmt: skip
-    report_to: str = field(default="none", metadata={"help": "Unused here (no tracker); kept for the shared fields.", "choices": ("wandb", "none")})  # fmt: skip
-    projector: str = field(default="", metadata={"help": "Projector folder written by train_projector (or a hub id). Required.", "required": True})  # fmt: skip
-    pipeline: str | None = field(default=None, metadata={"help": "Pipeline folder or hub id; default: the one recorded in the projector."})  # fmt: skip
-    torch_dtype: str = field(default="float32", metadata={"help": "Pipeline dtype: float32, float16 or bfloat16.", "choices": TORCH_DTYPES})  # fmt: skip
-    prompt: list[str] = field(default_factory=list, metadata={"help": "Prompts (one or more). Required.", "required": True})  # fmt: skip
-    seed: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds; every prompt is generated with every seed.", "required": True})  # fmt: skip
-    side_by_side: bool = field(default=False, metadata={"help": "Also render the standard noise, in one PNG beside the projected one."})  # fmt: skip
-    num_inference_steps: int = field(default=20, metadata={"help": "Sampling steps.", "min": 1})  # fmt: skip
-    guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale.", "min": 0})  # fmt: skip
-    height: int | None = field(default=None, metadata={"help": "Image height in pixels (default: the pipeline's).", "min": 8, "multiple_of": 8})  # fmt: skip
-    width: int | None = field(default=None, metadata={"help": "Image width in pixels (default: the pipeline's).", "min": 8, "multiple_of": 8})  # fmt: skip
+    output_dir: str = "generated"
+    """Folder the PNGs are written to."""
+    report_to: str = arg("none", choices=("wandb", "none"))
+    """Unused here (no tracker); kept for the shared fields."""
+    projector: str = arg("", required=True)
+    """Projector folder written by train_projector (or a hub id). Required."""
+    pipeline: str | None = None
+    """Pipeline folder or hub id; default: the one recorded in the projector."""
+    torch_dtype: str = arg("float32", choices=TORCH_DTYPES)
+    """Pipeline dtype: float32, float16 or bfloat16."""
+    prompt: list[str] = arg([], required=True)
+    """Prompts (one or more). Required."""
+    seed: list[int] = arg([0], required=True)
+    """Seeds; every prompt is generated with every seed."""
+    side_by_side: bool = False
+    """Also render the standard noise, in one PNG beside the projected one."""
+    num_inference_steps: int = arg(20, min=1)
+    """Sampling steps."""
+    guidance_scale: float = arg(5.0, min=0)
+    """Classifier-free guidance scale."""
+    height: int | None = arg(None, min=8, multiple_of=8)
+    """Image height in pixels (default: the pipeline's)."""
+    width: int | None = arg(None, min=8, multiple_of=8)
+    """Image width in pixels (default: the pipeline's)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()  # types and the limits in each field's metadata
@@ -68,9 +80,13 @@ def render(
 
     index, prompts, seeds = (list(column) for column in zip(*keys))
     size = dict(height=config.height, width=config.width)
-    projected, standard = apply_policy(pipe, projector, prompts, seeds, return_standard=True, **size)  # fmt: skip
+    projected, standard = apply_policy(
+        pipe, projector, prompts, seeds, return_standard=True, **size
+    )
     emb = encode_prompts(pipe, prompts)
-    settings = dict(num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale)  # fmt: skip
+    settings = dict(
+        num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale
+    )
     images = generate(pipe, emb, projected, **settings)
     plain = generate(pipe, emb, standard, **settings) if config.side_by_side else None
     out = Path(config.output_dir)
@@ -100,7 +116,12 @@ def main(args: Sequence[str] | None = None) -> list[Path]:
     from noisealign.policies import check_pipeline, load_projector
     from noisealign.tracking import make_accelerator
 
-    check_output_dir_against_inputs(config.output_dir, {"projector": config.projector, "pipeline": config.pipeline}, stage="generate", overwrite=config.overwrite_output_dir)  # fmt: skip
+    check_output_dir_against_inputs(
+        config.output_dir,
+        {"projector": config.projector, "pipeline": config.pipeline},
+        stage="generate",
+        overwrite=config.overwrite_output_dir,
+    )
     accelerator = make_accelerator(config)
     # ---- 1. projector and its pipeline (checked against each other) ---------------------
     projector = load_projector(config.projector)
@@ -109,19 +130,29 @@ def main(args: Sequence[str] | None = None) -> list[Path]:
     pipeline = config.pipeline or (recorded and resolve_recorded_path(recorded, config.projector))
     if not pipeline:
         raise ConfigError("the projector records no pipeline; pass --pipeline FOLDER")
-    pipe = load_pipeline(pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code)  # fmt: skip
+    pipe = load_pipeline(
+        pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code
+    )
     pipe.to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
     check_pipeline(projector, pipe, f"projector '{config.projector}'")
     projector = projector.to(accelerator.device)
-    logger.info("process %d on %s: pipeline on %s, projector on %s", accelerator.process_index, accelerator.device, pipe.device, next(projector.parameters()).device)  # fmt: skip
+    logger.info(
+        "process %d on %s: pipeline on %s, projector on %s",
+        accelerator.process_index,
+        accelerator.device,
+        pipe.device,
+        next(projector.parameters()).device,
+    )
 
     # ---- 2. this process's share of every prompt with every seed, as PNGs ----------------
     pairs = [(p, s) for p in config.prompt for s in config.seed]
     rank, world = accelerator.process_index, accelerator.num_processes
     keys = [(i, *pairs[i]) for i in range(rank, len(pairs), world)]
     written = render(config, pipe, projector, keys) if keys else []
-    logger.info("process %d wrote %d of %d images to %s", rank, len(written), len(pairs), config.output_dir)  # fmt: skip
+    logger.info(
+        "process %d wrote %d of %d images to %s", rank, len(written), len(pairs), config.output_dir
+    )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return written

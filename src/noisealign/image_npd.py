@@ -31,9 +31,9 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from noisealign.configs import TORCH_DTYPES, BaseConfig, parse_config
+from noisealign.configs import TORCH_DTYPES, BaseConfig, arg, parse_config
 from noisealign.errors import ConfigError
 
 logger = logging.getLogger("noisealign.image_npd")
@@ -43,12 +43,20 @@ logger = logging.getLogger("noisealign.image_npd")
 class ImageNPDConfig(BaseConfig):
     """Recipe of the image_npd stage."""
 
-    dataset: str = field(default="", metadata={"help": "A collect dataset folder (<output_dir>/dataset) collected with save_images: true. Required.", "required": True})  # fmt: skip
-    pipeline: str = field(default="", metadata={"help": "The pipeline the images were generated with; its VAE encodes them. Required.", "required": True})  # fmt: skip
-    gamma: float = field(default=0.1, metadata={"help": "γ of the target mix √(1−γ)·ε + √γ·z: how strongly the accepted layout is put into the noise.", "min": 0, "min_exclusive": True, "max": 1})  # fmt: skip
-    pairs_per_image: int = field(default=8, metadata={"help": "Fresh noises (pairs) per accepted image.", "min": 1})  # fmt: skip
-    min_score: float = field(default=1.0, metadata={"help": "Rows whose judge score is at least this are accepted images."})  # fmt: skip
-    torch_dtype: str = field(default="float32", metadata={"help": "Pipeline dtype: float32, float16 or bfloat16 (noises are stored in float32).", "choices": TORCH_DTYPES})  # fmt: skip
+    dataset: str = arg("", required=True)
+    """A collect dataset folder (<output_dir>/dataset) collected with save_images: true. Required.
+    """
+    pipeline: str = arg("", required=True)
+    """The pipeline the images were generated with; its VAE encodes them. Required."""
+    gamma: float = arg(0.1, min=0, min_exclusive=True, max=1)
+    """γ of the target mix √(1−γ)·ε + √γ·z: how strongly the accepted layout is put into the noise.
+    """
+    pairs_per_image: int = arg(8, min=1)
+    """Fresh noises (pairs) per accepted image."""
+    min_score: float = 1.0
+    """Rows whose judge score is at least this are accepted images."""
+    torch_dtype: str = arg("float32", choices=TORCH_DTYPES)
+    """Pipeline dtype: float32, float16 or bfloat16 (noises are stored in float32)."""
 
     def fingerprint(self) -> dict:
         keys = ("dataset", "pipeline", "gamma", "pairs_per_image", "min_score", "seed")
@@ -78,29 +86,62 @@ def main(args: Sequence[str] | None = None):
 
     accelerator = make_accelerator(config)
     if accelerator.num_processes > 1:  # N copies would each write the whole dataset
-        raise ConfigError(f"image_npd runs in one process (it writes one dataset), got {accelerator.num_processes} processes; run it as 'noisealign image_npd' or launch it with --num_processes 1")  # fmt: skip
-    check_output_dir_against_inputs(config.output_dir, {"dataset": config.dataset, "pipeline": config.pipeline}, stage="image_npd", overwrite=config.overwrite_output_dir)  # fmt: skip
-    pipe = load_pipeline(config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code)  # fmt: skip
+        raise ConfigError(
+            f"image_npd runs in one process (it writes one dataset), got {accelerator.num_processes} processes; run it as 'noisealign image_npd' or launch it with --num_processes 1"
+        )
+    check_output_dir_against_inputs(
+        config.output_dir,
+        {"dataset": config.dataset, "pipeline": config.pipeline},
+        stage="image_npd",
+        overwrite=config.overwrite_output_dir,
+    )
+    pipe = load_pipeline(
+        config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code
+    )
     pipe.to(accelerator.device)
-    logger.info("process %d on %s: pipeline on %s", accelerator.process_index, accelerator.device, pipe.device)  # fmt: skip
+    logger.info(
+        "process %d on %s: pipeline on %s",
+        accelerator.process_index,
+        accelerator.device,
+        pipe.device,
+    )
     source = ExplorationSource(config.dataset, pipe, config.gamma)
     table = source.dataset
-    needed = ("prompt_id", "prompt", "seed", "overall", "failed", "latent_shape", "pipeline",
-              "num_inference_steps", "guidance_scale", "height", "width", "judge")  # fmt: skip
+    needed = (
+        "prompt_id",
+        "prompt",
+        "seed",
+        "overall",
+        "failed",
+        "latent_shape",
+        "pipeline",
+        "num_inference_steps",
+        "guidance_scale",
+        "height",
+        "width",
+        "judge",
+    )
     missing = [c for c in needed if c not in table.column_names]
     if missing:
-        raise DataError(f"dataset '{config.dataset}' lacks the columns {', '.join(missing)}; point 'dataset' at a collect stage's <output_dir>/dataset")  # fmt: skip
+        raise DataError(
+            f"dataset '{config.dataset}' lacks the columns {', '.join(missing)}; point 'dataset' at a collect stage's <output_dir>/dataset"
+        )
     meta = table.select_columns(list(needed))
     heldout = check_not_heldout(config.dataset, meta["prompt_id"])  # evaluation prompts stay unseen
     accepted = [
-        i for i, (score, failed) in enumerate(zip(meta["overall"], meta["failed"]))
+        i
+        for i, (score, failed) in enumerate(zip(meta["overall"], meta["failed"]))
         if not failed and not math.isnan(score) and score >= config.min_score
-    ]  # fmt: skip
+    ]
     if not accepted:
-        raise DataError(f"no row of '{config.dataset}' has a judge score >= {config.min_score}; collect more seeds or lower 'min_score'")  # fmt: skip
+        raise DataError(
+            f"no row of '{config.dataset}' has a judge score >= {config.min_score}; collect more seeds or lower 'min_score'"
+        )
     signature = json.dumps(pipeline_signature(pipe))
     out = Path(config.output_dir)
-    claim_output_dir(out, config.fingerprint(), config.overwrite_output_dir, derived=[out / "dataset"])  # fmt: skip
+    claim_output_dir(
+        out, config.fingerprint(), config.overwrite_output_dir, derived=[out / "dataset"]
+    )
     if heldout is not None:  # passed on, so train_npnet can check the pairs too
         save_heldout_record(out, heldout)
 
@@ -114,21 +155,45 @@ def main(args: Sequence[str] | None = None):
         z = source.latent(i, shape, cache=False).expand_as(eps)  # each image is used once
         target = distribution_preserving_mix(eps, z, config.gamma)
         for j in range(k):
-            rows.append({
-                "prompt_id": row["prompt_id"], "prompt": row["prompt"], "seed": seeds[j],
-                "source_noise": eps[j].numpy(), "target_noise": target[j].numpy(),
-                "source_score": float("nan"), "target_score": float(row["overall"]),
-                "kept": True, "failed": False, "error": "", "judge": row["judge"],
-                "margin": float("nan"), "pipeline": config.pipeline, "pipeline_signature": signature,
-                "latent_shape": list(shape), "height": row["height"], "width": row["width"],
-                "num_inference_steps": row["num_inference_steps"],
-                "guidance_scale": row["guidance_scale"], "redenoise_steps": 0,
-                "guidance_denoise": float("nan"), "guidance_invert": float("nan"),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "prompt_id": row["prompt_id"],
+                    "prompt": row["prompt"],
+                    "seed": seeds[j],
+                    "source_noise": eps[j].numpy(),
+                    "target_noise": target[j].numpy(),
+                    "source_score": float("nan"),
+                    "target_score": float(row["overall"]),
+                    "kept": True,
+                    "failed": False,
+                    "error": "",
+                    "judge": row["judge"],
+                    "margin": float("nan"),
+                    "pipeline": config.pipeline,
+                    "pipeline_signature": signature,
+                    "latent_shape": list(shape),
+                    "height": row["height"],
+                    "width": row["width"],
+                    "num_inference_steps": row["num_inference_steps"],
+                    "guidance_scale": row["guidance_scale"],
+                    "redenoise_steps": 0,
+                    "guidance_denoise": float("nan"),
+                    "guidance_invert": float("nan"),
+                }
+            )
     shape = tuple(meta[accepted[0]]["latent_shape"])
-    dataset = replace_dataset(datasets.Dataset.from_list(rows, features=npd_features(shape)), out / "dataset")  # fmt: skip
+    dataset = replace_dataset(
+        datasets.Dataset.from_list(rows, features=npd_features(shape)), out / "dataset"
+    )
     prompts = len({r["prompt_id"] for r in rows})
-    logger.info("%d pairs from %d accepted images of %d prompts (of %d rows) at %s", len(rows), len(accepted), prompts, len(table), out / "dataset")  # fmt: skip
+    logger.info(
+        "%d pairs from %d accepted images of %d prompts (of %d rows) at %s",
+        len(rows),
+        len(accepted),
+        prompts,
+        len(table),
+        out / "dataset",
+    )
     return dataset
 
 

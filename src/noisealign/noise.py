@@ -47,7 +47,9 @@ def check_strings(values: object, name: str, what: str = "prompt") -> list[str]:
     "prompt" per character.
     """
     if isinstance(values, str):
-        raise ConfigError(f"'{name}' is a single string; pass a list of {what}s, e.g. [{values[:40]!r}]")  # fmt: skip
+        raise ConfigError(
+            f"'{name}' is a single string; pass a list of {what}s, e.g. [{values[:40]!r}]"
+        )
     if not isinstance(values, Iterable):
         raise ConfigError(f"'{name}' is a {type(values).__name__}; pass a list of {what} strings")
     values = list(values)
@@ -66,7 +68,9 @@ def check_seeds(seeds: object, count: int, what: str = "prompt") -> list[int]:
     included; ``bool`` and floats (even ``1.0``) are refused.
     """
     if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Iterable):
-        raise ConfigError(f"'seeds' is a {type(seeds).__name__}; pass a list of integer seeds, one per {what}, e.g. [0]")  # fmt: skip
+        raise ConfigError(
+            f"'seeds' is a {type(seeds).__name__}; pass a list of integer seeds, one per {what}, e.g. [0]"
+        )
     seeds = list(seeds)
     out = []
     for i, seed in enumerate(seeds):
@@ -75,7 +79,9 @@ def check_seeds(seeds: object, count: int, what: str = "prompt") -> list[int]:
                 raise TypeError
             out.append(operator.index(seed))
         except TypeError:
-            raise ConfigError(f"'seeds[{i}]' is {seed!r} ({type(seed).__name__}); seeds must be integers") from None  # fmt: skip
+            raise ConfigError(
+                f"'seeds[{i}]' is {seed!r} ({type(seed).__name__}); seeds must be integers"
+            ) from None
     if len(out) != count:
         raise ConfigError(f"got {count} {what}s but {len(out)} seeds; pass one seed per {what}")
     return out
@@ -83,7 +89,9 @@ def check_seeds(seeds: object, count: int, what: str = "prompt") -> list[int]:
 
 def _check_shape(shape: object) -> tuple[int, ...]:
     if isinstance(shape, (str, bytes)) or not isinstance(shape, Iterable):
-        raise ConfigError(f"'shape' is a {type(shape).__name__}; pass the latent shape (C, H, W), e.g. latent_shape(pipe)")  # fmt: skip
+        raise ConfigError(
+            f"'shape' is a {type(shape).__name__}; pass the latent shape (C, H, W), e.g. latent_shape(pipe)"
+        )
     dims = list(shape)
     try:
         if any(isinstance(d, bool) for d in dims):
@@ -92,7 +100,9 @@ def _check_shape(shape: object) -> tuple[int, ...]:
     except TypeError:
         sizes = ()
     if not sizes or min(sizes) < 1:
-        raise ConfigError(f"'shape' is {tuple(dims)}; pass positive integer sizes (C, H, W), e.g. latent_shape(pipe)")  # fmt: skip
+        raise ConfigError(
+            f"'shape' is {tuple(dims)}; pass positive integer sizes (C, H, W), e.g. latent_shape(pipe)"
+        )
     return sizes
 
 

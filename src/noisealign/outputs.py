@@ -68,11 +68,17 @@ def check_output_dir_against_inputs(
             continue
         path = Path(value).expanduser().resolve()
         if path == out:
-            raise DataError(f"output_dir '{output_dir}' is the {name} folder; choose another output_dir")  # fmt: skip
+            raise DataError(
+                f"output_dir '{output_dir}' is the {name} folder; choose another output_dir"
+            )
         if out.is_relative_to(path):
-            raise DataError(f"output_dir '{output_dir}' lies inside the {name} folder '{value}'; choose an output_dir outside it")  # fmt: skip
+            raise DataError(
+                f"output_dir '{output_dir}' lies inside the {name} folder '{value}'; choose an output_dir outside it"
+            )
         if path.is_relative_to(out):
-            raise DataError(f"output_dir '{output_dir}' contains the {name} '{value}'; choose an output_dir that does not")  # fmt: skip
+            raise DataError(
+                f"output_dir '{output_dir}' contains the {name} '{value}'; choose an output_dir that does not"
+            )
     if out.is_dir():
         _check_folder_contents(out, output_dir, stage, overwrite)
 
@@ -85,7 +91,9 @@ def _check_folder_contents(out: Path, output_dir, stage: str, overwrite: bool) -
     foreign = sorted(found - set(own))
     if foreign:
         what = ", ".join(f"{ARTEFACTS[m]} ({m})" for m in foreign)
-        raise DataError(f"output_dir '{output_dir}' holds another stage's output: {what}; choose another output_dir")  # fmt: skip
+        raise DataError(
+            f"output_dir '{output_dir}' holds another stage's output: {what}; choose another output_dir"
+        )
     # a trainer's folder is its own when it has complete checkpoints (then
     # rewards.trainer.check_output_dir asks for --resume_from_checkpoint or an overwrite)
     claimed = any(out.glob("checkpoints/checkpoint-*/trainer_state.json"))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 from noisealign.cli import run_stage
-from noisealign.configs import BaseConfig, parse_config
+from noisealign.configs import BaseConfig, arg, parse_config
 from noisealign.toy.evaluate import generate_and_judge, summarise
 from noisealign.toy.grammar import prompt_records
 from noisealign.toy.models import PRESETS, assemble_pipeline, build_components
@@ -45,94 +45,40 @@ logger = logging.getLogger("noisealign.pretrain")
 class PretrainConfig(BaseConfig):
     """Recipe of the toy model's pretraining (see recipes/toy/pretrain.yaml)."""
 
-    model_size: str = field(
-        default="toy",
-        metadata={
-            "help": "Architecture preset: 'toy' (the shipped model) or 'tiny' (tests).",
-            "choices": tuple(PRESETS),
-        },
-    )
-    pool_size: int = field(
-        default=40000,
-        metadata={
-            "help": "Ground-truth scenes rendered (and encoded once) for training.",
-            "min": 1,
-        },
-    )
-    p_single: float = field(
-        default=0.2,
-        metadata={
-            "help": "Share of one-object scenes in the pool; the rest are two-object training compositions.",
-            "min": 0,
-            "max": 1,
-            "max_exclusive": True,
-        },
-    )
-    vae_steps: int = field(default=1500, metadata={"help": "Optimiser steps of the VAE.", "min": 1})
-    vae_batch_size: int = field(default=64, metadata={"help": "Images per VAE step.", "min": 1})
-    vae_lr: float = field(
-        default=1e-3,
-        metadata={
-            "help": "Peak AdamW learning rate of the VAE (warm-up, cosine decay).",
-            "min": 0,
-            "min_exclusive": True,
-        },
-    )
-    vae_kl_weight: float = field(
-        default=1e-6,
-        metadata={"help": "Weight of the per-dimension KL term; tiny, as in SD's VAE.", "min": 0},
-    )
-    unet_steps: int = field(
-        default=3200, metadata={"help": "Optimiser steps of the UNet and text encoder.", "min": 1}
-    )
-    unet_batch_size: int = field(default=64, metadata={"help": "Latents per UNet step.", "min": 1})
-    unet_lr: float = field(
-        default=1e-3,
-        metadata={
-            "help": "Peak AdamW learning rate of UNet and text encoder.",
-            "min": 0,
-            "min_exclusive": True,
-        },
-    )
-    unet_warmup_steps: int = field(
-        default=200, metadata={"help": "Linear warm-up steps before the cosine decay.", "min": 0}
-    )
-    cfg_dropout: float = field(
-        default=0.1,
-        metadata={
-            "help": "Probability of training on the empty prompt (classifier-free guidance).",
-            "min": 0,
-            "max": 1,
-            "max_exclusive": True,
-        },
-    )
-    snr_gamma: float = field(
-        default=5.0,
-        metadata={"help": "Clip of the min-SNR loss weight.", "min": 0, "min_exclusive": True},
-    )
-    ema_decay: float = field(
-        default=0.999,
-        metadata={
-            "help": "EMA decay of the saved UNet and text-encoder weights.",
-            "min": 0,
-            "max": 1,
-            "max_exclusive": True,
-        },
-    )
-    eval_prompts: int = field(
-        default=16,
-        metadata={
-            "help": "Held-out and seen prompts (each) of the closing check; 0 skips it.",
-            "min": 0,
-        },
-    )
-    eval_seeds: int = field(
-        default=4, metadata={"help": "Seeds per prompt of the closing check.", "min": 1}
-    )
-    pipeline_dir: str = field(
-        default="",
-        metadata={"help": "Where the pipeline folder goes; default OUTPUT_DIR/pipeline."},
-    )
+    model_size: str = arg("toy", choices=tuple(PRESETS))
+    """Architecture preset: 'toy' (the shipped model) or 'tiny' (tests)."""
+    pool_size: int = arg(40000, min=1)
+    """Ground-truth scenes rendered (and encoded once) for training."""
+    p_single: float = arg(0.2, min=0, max=1, max_exclusive=True)
+    """Share of one-object scenes in the pool; the rest are two-object training compositions."""
+    vae_steps: int = arg(1500, min=1)
+    """Optimiser steps of the VAE."""
+    vae_batch_size: int = arg(64, min=1)
+    """Images per VAE step."""
+    vae_lr: float = arg(1e-3, min=0, min_exclusive=True)
+    """Peak AdamW learning rate of the VAE (warm-up, cosine decay)."""
+    vae_kl_weight: float = arg(1e-6, min=0)
+    """Weight of the per-dimension KL term; tiny, as in SD's VAE."""
+    unet_steps: int = arg(3200, min=1)
+    """Optimiser steps of the UNet and text encoder."""
+    unet_batch_size: int = arg(64, min=1)
+    """Latents per UNet step."""
+    unet_lr: float = arg(1e-3, min=0, min_exclusive=True)
+    """Peak AdamW learning rate of UNet and text encoder."""
+    unet_warmup_steps: int = arg(200, min=0)
+    """Linear warm-up steps before the cosine decay."""
+    cfg_dropout: float = arg(0.1, min=0, max=1, max_exclusive=True)
+    """Probability of training on the empty prompt (classifier-free guidance)."""
+    snr_gamma: float = arg(5.0, min=0, min_exclusive=True)
+    """Clip of the min-SNR loss weight."""
+    ema_decay: float = arg(0.999, min=0, max=1, max_exclusive=True)
+    """EMA decay of the saved UNet and text-encoder weights."""
+    eval_prompts: int = arg(16, min=0)
+    """Held-out and seen prompts (each) of the closing check; 0 skips it."""
+    eval_seeds: int = arg(4, min=1)
+    """Seeds per prompt of the closing check."""
+    pipeline_dir: str = ""
+    """Where the pipeline folder goes; default OUTPUT_DIR/pipeline."""
 
 
 CONFIG_CLASS = PretrainConfig  # read by the recipe tests

@@ -19,12 +19,12 @@ import logging
 import math
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from noisealign.configs import TORCH_DTYPES, BaseConfig, parse_config
+from noisealign.configs import TORCH_DTYPES, BaseConfig, arg, parse_config
 from noisealign.errors import ConfigError
 
 logger = logging.getLogger("noisealign.train_npnet")
@@ -35,28 +35,56 @@ POLICY_TYPES = ("npnet", "npnet_compat", "noise_projector")
 class TrainNPNetConfig(BaseConfig):
     """Recipe of the train_npnet stage."""
 
-    pipeline: str = field(default="", metadata={"help": "Pipeline (folder or hub id) the pairs were collected with; its text encoder embeds the prompts. Required.", "required": True})  # fmt: skip
-    torch_dtype: str = field(default="float32", metadata={"help": "Pipeline dtype: float32, float16 or bfloat16 (the policy trains in float32).", "choices": TORCH_DTYPES})  # fmt: skip
-    dataset: str = field(default="", metadata={"help": "collect_npd output folder (or its dataset/). Required.", "required": True})  # fmt: skip
-    margin: float | None = field(default=None, metadata={"help": "Re-filter the pairs with this m (target score > source score + m); None uses the 'kept' column."})  # fmt: skip
-    policy_type: str = field(default="npnet", metadata={"help": "'npnet' (improved, any latent size, per-token prompt attention), 'npnet_compat' (official architecture, 4 x 128 x 128 only) or 'noise_projector' (the quasi-DPO projector regressed onto the pairs, e.g. as train_projector's init_from).", "choices": POLICY_TYPES})  # fmt: skip
-    policy_kwargs: dict = field(default_factory=dict, metadata={"help": "Size of the policy (NPNetConfig / NPNetCompatConfig / NoiseProjectorConfig fields, e.g. hidden_dim, depth)."})  # fmt: skip
-    init_from: str | None = field(default=None, metadata={"help": "Start from this policy folder (e.g. a converted official checkpoint) instead of fresh weights."})  # fmt: skip
-    eval_fraction: float = field(default=0.1, metadata={"help": "Share of the prompts held out (all their pairs) for the eval MSE.", "min": 0, "min_exclusive": True, "max": 1, "max_exclusive": True})  # fmt: skip
-    min_eval_prompts: int = field(default=1, metadata={"help": "At least this many held-out prompts.", "min": 1})  # fmt: skip
-    batch_size: int = field(default=64, metadata={"help": "Pairs per process per forward (paper: 64).", "min": 1})  # fmt: skip
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Forwards per optimizer step.", "min": 1})  # fmt: skip
-    num_epochs: int = field(default=30, metadata={"help": "Passes over the training pairs (paper: 30); ignored when max_steps is set.", "min": 1})  # fmt: skip
-    max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps; overrides num_epochs.", "min": 1})  # fmt: skip
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (paper: 1e-4), constant after warm-up.", "min": 0, "min_exclusive": True})  # fmt: skip
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay.", "min": 0})  # fmt: skip
-    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps.", "min": 0})  # fmt: skip
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm; 0 turns clipping off.", "min": 0})  # fmt: skip
-    logging_steps: int = field(default=10, metadata={"help": "Log train metrics every this many steps.", "min": 1})  # fmt: skip
-    eval_steps: int = field(default=0, metadata={"help": "Held-out evaluation every this many steps (0: only at the end).", "min": 0})  # fmt: skip
-    save_steps: int = field(default=500, metadata={"help": "Checkpoint (accelerate save_state) every this many steps, and at the end.", "min": 1})  # fmt: skip
-    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (0 keeps all).", "min": 0})  # fmt: skip
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder to resume from."})  # fmt: skip
+    pipeline: str = arg("", required=True)
+    """Pipeline (folder or hub id) the pairs were collected with; its text encoder embeds the
+    prompts. Required."""
+    torch_dtype: str = arg("float32", choices=TORCH_DTYPES)
+    """Pipeline dtype: float32, float16 or bfloat16 (the policy trains in float32)."""
+    dataset: str = arg("", required=True)
+    """collect_npd output folder (or its dataset/). Required."""
+    margin: float | None = None
+    """Re-filter the pairs with this m (target score > source score + m); None uses the 'kept'
+    column."""
+    policy_type: str = arg("npnet", choices=POLICY_TYPES)
+    """'npnet' (improved, any latent size, per-token prompt attention), 'npnet_compat' (official
+    architecture, 4 x 128 x 128 only) or 'noise_projector' (the quasi-DPO projector regressed onto
+    the pairs, e.g. as train_projector's init_from)."""
+    policy_kwargs: dict = arg({})
+    """Size of the policy (NPNetConfig / NPNetCompatConfig / NoiseProjectorConfig fields, e.g.
+    hidden_dim, depth)."""
+    init_from: str | None = None
+    """Start from this policy folder (e.g. a converted official checkpoint) instead of fresh
+    weights."""
+    eval_fraction: float = arg(0.1, min=0, min_exclusive=True, max=1, max_exclusive=True)
+    """Share of the prompts held out (all their pairs) for the eval MSE."""
+    min_eval_prompts: int = arg(1, min=1)
+    """At least this many held-out prompts."""
+    batch_size: int = arg(64, min=1)
+    """Pairs per process per forward (paper: 64)."""
+    gradient_accumulation_steps: int = arg(1, min=1)
+    """Forwards per optimizer step."""
+    num_epochs: int = arg(30, min=1)
+    """Passes over the training pairs (paper: 30); ignored when max_steps is set."""
+    max_steps: int | None = arg(None, min=1)
+    """Optimizer steps; overrides num_epochs."""
+    learning_rate: float = arg(1e-4, min=0, min_exclusive=True)
+    """AdamW learning rate (paper: 1e-4), constant after warm-up."""
+    weight_decay: float = arg(0.0, min=0)
+    """AdamW weight decay."""
+    warmup_steps: int = arg(0, min=0)
+    """Linear warm-up steps."""
+    max_grad_norm: float = arg(1.0, min=0)
+    """Gradient clipping norm; 0 turns clipping off."""
+    logging_steps: int = arg(10, min=1)
+    """Log train metrics every this many steps."""
+    eval_steps: int = arg(0, min=0)
+    """Held-out evaluation every this many steps (0: only at the end)."""
+    save_steps: int = arg(500, min=1)
+    """Checkpoint (accelerate save_state) every this many steps, and at the end."""
+    save_total_limit: int = arg(2, min=0)
+    """Checkpoints kept (0 keeps all)."""
+    resume_from_checkpoint: str | None = None
+    """'latest' or a checkpoint folder to resume from."""
 
 
 CONFIG_CLASS = TrainNPNetConfig  # read by `noisealign.cli` and the recipe tests
@@ -77,16 +105,32 @@ def build_policy(config: TrainNPNetConfig, signature: dict, shape: tuple[int, in
     from noisealign.policies import POLICIES
 
     if config.policy_type in ("npnet", "noise_projector"):
-        fields = dict(latent_channels=shape[0], text_dim=signature["text_embed_dim"], pooled_dim=signature["pooled_dim"])  # fmt: skip
+        fields = dict(
+            latent_channels=shape[0],
+            text_dim=signature["text_embed_dim"],
+            pooled_dim=signature["pooled_dim"],
+        )
     else:  # the official architecture: one square 4-channel size, flattened (L, D) tokens
         if shape[0] != 4 or shape[1] != shape[2]:
-            raise PipelineError(f"policy_type 'npnet_compat' takes square 4-channel latents, the pairs have {shape}; use policy_type 'npnet'")  # fmt: skip
-        fields = dict(resolution=shape[1], text_dim=signature["text_embed_dim"], text_length=signature["text_length"])  # fmt: skip
+            raise PipelineError(
+                f"policy_type 'npnet_compat' takes square 4-channel latents, the pairs have {shape}; use policy_type 'npnet'"
+            )
+        fields = dict(
+            resolution=shape[1],
+            text_dim=signature["text_embed_dim"],
+            text_length=signature["text_length"],
+        )
     cls = POLICIES[config.policy_type]
     try:
-        policy_config = cls.config_class(**{**fields, **config.policy_kwargs}, pipeline_signature=signature, pipeline=config.pipeline)  # fmt: skip
+        policy_config = cls.config_class(
+            **{**fields, **config.policy_kwargs},
+            pipeline_signature=signature,
+            pipeline=config.pipeline,
+        )
     except TypeError as exc:  # an unknown policy_kwargs key
-        raise ConfigError(f"recipe field 'policy_kwargs' does not fit {cls.config_class.__name__}: {exc}") from exc  # fmt: skip
+        raise ConfigError(
+            f"recipe field 'policy_kwargs' does not fit {cls.config_class.__name__}: {exc}"
+        ) from exc
     torch.manual_seed(config.seed)  # the same initial weights on every process
     return cls(policy_config)
 
@@ -138,7 +182,12 @@ def train(accelerator, config, parts, pipe, pairs, state, model_config) -> list[
 
     model, optimizer, scheduler = parts["model"], parts["optimizer"], parts["scheduler"]
     per_epoch, max_steps, history = len(parts["train_loader"]), parts["max_steps"], []
-    bar = tqdm(total=max_steps, initial=state["step"], desc="train_npnet", disable=not accelerator.is_local_main_process)  # fmt: skip
+    bar = tqdm(
+        total=max_steps,
+        initial=state["step"],
+        desc="train_npnet",
+        disable=not accelerator.is_local_main_process,
+    )
     model.train()
     while state["step"] < max_steps:
         epoch, skip = divmod(state["batches"], per_epoch)
@@ -149,7 +198,9 @@ def train(accelerator, config, parts, pipe, pairs, state, model_config) -> list[
                 loss, predicted, metrics = batch_loss(model, pipe, pairs, batch)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    metrics["grad_norm"] = float(accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm))  # fmt: skip
+                    metrics["grad_norm"] = float(
+                        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    )
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
@@ -158,17 +209,29 @@ def train(accelerator, config, parts, pipe, pairs, state, model_config) -> list[
                 continue
             state["step"] += 1
             bar.update(1)
-            logged = {"step": state["step"], "epoch": epoch, "loss": accelerator.reduce(loss.detach(), reduction="mean").item(), "lr": scheduler.get_last_lr()[0], **metrics}  # fmt: skip
+            logged = {
+                "step": state["step"],
+                "epoch": epoch,
+                "loss": accelerator.reduce(loss.detach(), reduction="mean").item(),
+                "lr": scheduler.get_last_lr()[0],
+                **metrics,
+            }
             if state["step"] % config.logging_steps == 0 or state["step"] == 1:
                 logged |= noise_metrics(predicted, "eps_prime")
                 accelerator.log({f"train/{k}": v for k, v in logged.items()}, step=state["step"])
                 bar.set_postfix(loss=f"{logged['loss']:.4f}", rel=f"{metrics['relative_mse']:.3f}")
             history.append(logged)
-            if config.eval_steps and state["step"] % config.eval_steps == 0 and state["step"] < max_steps:  # fmt: skip
+            if (
+                config.eval_steps
+                and state["step"] % config.eval_steps == 0
+                and state["step"] < max_steps
+            ):
                 values = evaluate(accelerator, model, pipe, pairs, parts["eval_loader"])
                 accelerator.log({f"eval/{k}": v for k, v in values.items()}, step=state["step"])
             if state["step"] % config.save_steps == 0 or state["step"] == max_steps:
-                save_checkpoint(accelerator, config.output_dir, state, model_config, config.save_total_limit)  # fmt: skip
+                save_checkpoint(
+                    accelerator, config.output_dir, state, model_config, config.save_total_limit
+                )
             if state["step"] >= max_steps:
                 break
     bar.close()
@@ -185,16 +248,23 @@ def build_parts(config, pairs, train_rows, eval_rows, model, num_processes: int)
 
     train_set, eval_set = NoisePairDataset(pairs, train_rows), NoisePairDataset(pairs, eval_rows)
     # each pair is its own group: batches of `batch_size` pairs, reshuffled per epoch
-    sampler = PromptBatchSampler(range(len(train_set)), config.batch_size, shuffle=True, seed=config.seed)  # fmt: skip
+    sampler = PromptBatchSampler(
+        range(len(train_set)), config.batch_size, shuffle=True, seed=config.seed
+    )
     eval_sampler = PromptBatchSampler(range(len(eval_set)), config.batch_size, shuffle=False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
     # accelerate steps a prepared scheduler once per process per optimizer step
     scheduler = get_constant_schedule_with_warmup(optimizer, config.warmup_steps * num_processes)
     return {
-        "model": model, "optimizer": optimizer, "scheduler": scheduler, "sampler": sampler,
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "sampler": sampler,
         "train_loader": DataLoader(train_set, batch_sampler=sampler, collate_fn=pass_through),
         "eval_loader": DataLoader(eval_set, batch_sampler=eval_sampler, collate_fn=pass_through),
-    }  # fmt: skip
+    }
 
 
 def main(args: Sequence[str] | None = None) -> TrainNPNetResult:
@@ -214,19 +284,30 @@ def main(args: Sequence[str] | None = None) -> TrainNPNetResult:
     )
     from noisealign.tracking import make_accelerator, start_tracking
 
-    accelerator = make_accelerator(config, gradient_accumulation_steps=config.gradient_accumulation_steps)  # fmt: skip
+    accelerator = make_accelerator(
+        config, gradient_accumulation_steps=config.gradient_accumulation_steps
+    )
 
     # ---- 2. pairs, split, pipeline checks (all before any output is written) ----------
-    check_output_dir_against_inputs(config.output_dir, {"dataset": config.dataset, "pipeline": config.pipeline, "init_from": config.init_from}, stage="train_npnet", overwrite=config.overwrite_output_dir)  # fmt: skip
+    check_output_dir_against_inputs(
+        config.output_dir,
+        {"dataset": config.dataset, "pipeline": config.pipeline, "init_from": config.init_from},
+        stage="train_npnet",
+        overwrite=config.overwrite_output_dir,
+    )
     pairs = load_noise_pairs(config.dataset, config.margin)
     check_not_heldout(config.dataset, pairs.prompt_ids)  # the evaluation prompts stay unseen
-    train_ids, eval_ids = split_by_prompt(pairs.prompt_ids, config.eval_fraction, config.min_eval_prompts, config.seed)  # fmt: skip
+    train_ids, eval_ids = split_by_prompt(
+        pairs.prompt_ids, config.eval_fraction, config.min_eval_prompts, config.seed
+    )
     held_out = set(eval_ids)
     train_rows = [i for i, pid in enumerate(pairs.prompt_ids) if pid not in held_out]
     eval_rows = [i for i, pid in enumerate(pairs.prompt_ids) if pid in held_out]
     check_output_dir(config.output_dir, config.resume_from_checkpoint, config.overwrite_output_dir)
     resume = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
-    pipe = load_pipeline(config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code)  # fmt: skip
+    pipe = load_pipeline(
+        config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code
+    )
     pipe.to(accelerator.device)
     signature = pipeline_signature(pipe)
     check_pairs_fit_pipeline(pairs, signature, config.dataset)
@@ -254,9 +335,17 @@ def main(args: Sequence[str] | None = None) -> TrainNPNetResult:
     logger.info(
         "%d kept pairs (%d not kept, %d NaN/Inf skipped): %d train pairs of %d prompts, %d held-out pairs of %d prompts; "
         "%s with %d parameters; %d steps",
-        pairs.num_rows, pairs.skipped_not_kept, len(pairs.skipped_nonfinite), len(train_rows), len(train_ids),
-        len(eval_rows), len(eval_ids), config.policy_type, sum(p.numel() for p in model.parameters()), parts["max_steps"],
-    )  # fmt: skip
+        pairs.num_rows,
+        pairs.skipped_not_kept,
+        len(pairs.skipped_nonfinite),
+        len(train_rows),
+        len(train_ids),
+        len(eval_rows),
+        len(eval_ids),
+        config.policy_type,
+        sum(p.numel() for p in model.parameters()),
+        parts["max_steps"],
+    )
 
     # ---- 4. train ------------------------------------------------------------------------
     history = train(accelerator, config, parts, pipe, pairs, state, model_config)
@@ -268,8 +357,14 @@ def main(args: Sequence[str] | None = None) -> TrainNPNetResult:
     policy = gathered_copy(accelerator, parts["model"])
     if policy is not None:
         policy.save_pretrained(config.output_dir)
-        summary = {"history": history, "eval": metrics, "train_pairs": len(train_rows), "eval_pairs": len(eval_rows),
-                   "train_prompts": train_ids, "eval_prompts": eval_ids}  # fmt: skip
+        summary = {
+            "history": history,
+            "eval": metrics,
+            "train_pairs": len(train_rows),
+            "eval_pairs": len(eval_rows),
+            "train_prompts": train_ids,
+            "eval_prompts": eval_ids,
+        }
         Path(config.output_dir, "train_metrics.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -20,12 +20,12 @@ import copy
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from noisealign.configs import TORCH_DTYPES, BaseConfig, parse_config
+from noisealign.configs import TORCH_DTYPES, BaseConfig, arg, parse_config
 from noisealign.errors import ConfigError, DataError
 
 logger = logging.getLogger("noisealign.train_projector")
@@ -36,43 +36,89 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge", "reward_gradient")
 class TrainProjectorConfig(BaseConfig):
     """Recipe of the train_projector stage."""
 
-    pipeline: str = field(default="", metadata={"help": "Pipeline (folder or hub id) whose text encoder embeds the prompts and whose latents are projected. Required.", "required": True})  # fmt: skip
-    torch_dtype: str = field(default="float32", metadata={"help": "Pipeline dtype: float32, float16 or bfloat16.", "choices": TORCH_DTYPES})  # fmt: skip
-    reward_model: str = field(default="", metadata={"help": "Distilled reward model folder (distill stage output) that scores candidates. Required.", "required": True})  # fmt: skip
-    prompts: str | None = field(default=None, metadata={"help": "Prompt file (txt / jsonl / csv); else the prompts of 'dataset'."})  # fmt: skip
-    dataset: str | None = field(default=None, metadata={"help": "A collect stage dataset folder whose prompts are used when 'prompts' is unset."})  # fmt: skip
-    projector_kwargs: dict = field(default_factory=dict, metadata={"help": "Size of the projector (NoiseProjectorConfig fields, e.g. hidden_dim, depth, patch_size)."})  # fmt: skip
-    init_from: str | None = field(default=None, metadata={"help": "Start from this projector folder instead of the identity."})  # fmt: skip
-    reference: str = field(default="identity", metadata={"help": "π_ref's mean: 'identity' (ε itself) or 'initial' (frozen copy of the starting projector).", "choices": ("identity", "initial")})  # fmt: skip
-    loss_type: str = field(default="sigmoid", metadata={"help": "'sigmoid' (DPO), 'ipo', 'hinge' (TRL's names) or 'reward_gradient' (the ablation).", "choices": LOSS_TYPES})  # fmt: skip
-    beta: float = field(default=0.1, metadata={"help": "β: strength of the implicit KL to π_ref; only β/σ² matters for sigmoid/hinge.", "min": 0, "min_exclusive": True})  # fmt: skip
-    rpo_alpha: float = field(default=0.0, metadata={"help": "TRL's rpo_alpha: weight of the winner's per-value NLL under N(f_θ, σ²I) added to the preference loss (0: plain quasi-DPO); see losses.preference.", "min": 0})  # fmt: skip
-    sigma: float = field(default=0.3, metadata={"help": "σ of the surrogate policy N(f_θ, σ²I); √candidate_gamma is the natural choice.", "min": 0, "min_exclusive": True})  # fmt: skip
-    num_candidates: int = field(default=8, metadata={"help": "K candidates drawn per (ε, e).", "min": 1})  # fmt: skip
-    candidate_gamma: float = field(default=0.1, metadata={"help": "γ of the mix √(1−γ)·f_ref + √γ·ξ that draws candidates (their spread).", "min": 0, "min_exclusive": True, "max": 1})  # fmt: skip
-    candidate_grid: int = field(default=0, metadata={"help": "0: ξ is white N(0, I) noise; g > 0: ξ is a low-frequency field from a g×g grid (noisealign.noise.smooth_noise), so candidates differ in layout rather than in fine grain.", "min": 0})  # fmt: skip
-    candidate_images: str | None = field(default=None, metadata={"help": "A collect dataset with images (save_images: true): ξ is then the standardised VAE latent of one of its images of the same prompt (noisealign.data.exploration), so candidates differ in layout. Prompt ids must match the dataset's."})  # fmt: skip
-    candidate_scores: str = field(default="reward_model", metadata={"help": "What ranks the K candidates: 'reward_model' (r_φ, DESIGN.md) or 'source_judge' (with candidate_images: the judge's collected score of each candidate's source image, i.e. offline preference pairs from the collect rows; r_φ then only feeds the logged reward metrics).", "choices": ("reward_model", "source_judge")})  # fmt: skip
-    pair_mode: str = field(default="best_worst", metadata={"help": "'best_worst' (one pair per sample) or 'all' (every pair above the margin).", "choices": ("best_worst", "all")})  # fmt: skip
-    reward_margin: float = field(default=0.0, metadata={"help": "Pairs count only if r_φ's logits differ by more than this.", "min": 0})  # fmt: skip
-    gaussianity_weight: float = field(default=1.0, metadata={"help": "λ of the Gaussianity penalty on ε′ (moments and lag-1 correlation).", "min": 0})  # fmt: skip
-    batch_size: int = field(default=16, metadata={"help": "(ε, e) samples per process per step.", "min": 1})  # fmt: skip
-    max_steps: int = field(default=500, metadata={"help": "Optimizer steps.", "min": 1})  # fmt: skip
-    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant after warm-up).", "min": 0, "min_exclusive": True})  # fmt: skip
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay.", "min": 0})  # fmt: skip
-    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps.", "min": 0})  # fmt: skip
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm; 0 turns clipping off.", "min": 0})  # fmt: skip
-    logging_steps: int = field(default=10, metadata={"help": "Log train metrics every this many steps.", "min": 1})  # fmt: skip
-    save_steps: int = field(default=100, metadata={"help": "Checkpoint (accelerate save_state) every this many steps.", "min": 1})  # fmt: skip
-    save_total_limit: int = field(default=2, metadata={"help": "Checkpoints kept (0 keeps all).", "min": 0})  # fmt: skip
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder to resume from."})  # fmt: skip
-    image_steps: int = field(default=0, metadata={"help": "Every this many steps, a standard-vs-projected image grid from the real pipeline (0: never).", "min": 0})  # fmt: skip
-    image_prompts: list[str] = field(default_factory=list, metadata={"help": "Fixed prompts of the image grid."})  # fmt: skip
-    image_seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "Seeds of the image grid (each prompt with each seed)."})  # fmt: skip
-    judge: str | None = field(default=None, metadata={"help": "Judge that scores the grid's images (e.g. 'shapes'); None: no scores."})  # fmt: skip
-    judge_kwargs: dict = field(default_factory=dict, metadata={"help": "Arguments of the judge factory (JSON on the command line), e.g. {model: openai/clip-vit-large-patch14} for 'clip'."})  # fmt: skip
-    num_inference_steps: int = field(default=20, metadata={"help": "Sampling steps of the image grid.", "min": 1})  # fmt: skip
-    guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale of the image grid.", "min": 0})  # fmt: skip
+    pipeline: str = arg("", required=True)
+    """Pipeline (folder or hub id) whose text encoder embeds the prompts and whose latents are
+    projected. Required."""
+    torch_dtype: str = arg("float32", choices=TORCH_DTYPES)
+    """Pipeline dtype: float32, float16 or bfloat16."""
+    reward_model: str = arg("", required=True)
+    """Distilled reward model folder (distill stage output) that scores candidates. Required."""
+    prompts: str | None = None
+    """Prompt file (txt / jsonl / csv); else the prompts of 'dataset'."""
+    dataset: str | None = None
+    """A collect stage dataset folder whose prompts are used when 'prompts' is unset."""
+    projector_kwargs: dict = arg({})
+    """Size of the projector (NoiseProjectorConfig fields, e.g. hidden_dim, depth, patch_size)."""
+    init_from: str | None = None
+    """Start from this projector folder instead of the identity."""
+    reference: str = arg("identity", choices=("identity", "initial"))
+    """π_ref's mean: 'identity' (ε itself) or 'initial' (frozen copy of the starting projector)."""
+    loss_type: str = arg("sigmoid", choices=LOSS_TYPES)
+    """'sigmoid' (DPO), 'ipo', 'hinge' (TRL's names) or 'reward_gradient' (the ablation)."""
+    beta: float = arg(0.1, min=0, min_exclusive=True)
+    """β: strength of the implicit KL to π_ref; only β/σ² matters for sigmoid/hinge."""
+    rpo_alpha: float = arg(0.0, min=0)
+    """TRL's rpo_alpha: weight of the winner's per-value NLL under N(f_θ, σ²I) added to the
+    preference loss (0: plain quasi-DPO); see losses.preference."""
+    sigma: float = arg(0.3, min=0, min_exclusive=True)
+    """σ of the surrogate policy N(f_θ, σ²I); √candidate_gamma is the natural choice."""
+    num_candidates: int = arg(8, min=1)
+    """K candidates drawn per (ε, e)."""
+    candidate_gamma: float = arg(0.1, min=0, min_exclusive=True, max=1)
+    """γ of the mix √(1−γ)·f_ref + √γ·ξ that draws candidates (their spread)."""
+    candidate_grid: int = arg(0, min=0)
+    """0: ξ is white N(0, I) noise; g > 0: ξ is a low-frequency field from a g×g grid
+    (noisealign.noise.smooth_noise), so candidates differ in layout rather than in fine grain."""
+    candidate_images: str | None = None
+    """A collect dataset with images (save_images: true): ξ is then the standardised VAE latent of
+    one of its images of the same prompt (noisealign.data.exploration), so candidates differ in
+    layout. Prompt ids must match the dataset's."""
+    candidate_scores: str = arg("reward_model", choices=("reward_model", "source_judge"))
+    """What ranks the K candidates: 'reward_model' (r_φ, DESIGN.md) or 'source_judge' (with
+    candidate_images: the judge's collected score of each candidate's source image, i.e. offline
+    preference pairs from the collect rows; r_φ then only feeds the logged reward metrics)."""
+    pair_mode: str = arg("best_worst", choices=("best_worst", "all"))
+    """'best_worst' (one pair per sample) or 'all' (every pair above the margin)."""
+    reward_margin: float = arg(0.0, min=0)
+    """Pairs count only if r_φ's logits differ by more than this."""
+    gaussianity_weight: float = arg(1.0, min=0)
+    """λ of the Gaussianity penalty on ε′ (moments and lag-1 correlation)."""
+    batch_size: int = arg(16, min=1)
+    """(ε, e) samples per process per step."""
+    max_steps: int = arg(500, min=1)
+    """Optimizer steps."""
+    learning_rate: float = arg(1e-4, min=0, min_exclusive=True)
+    """AdamW learning rate (constant after warm-up)."""
+    weight_decay: float = arg(0.0, min=0)
+    """AdamW weight decay."""
+    warmup_steps: int = arg(0, min=0)
+    """Linear warm-up steps."""
+    max_grad_norm: float = arg(1.0, min=0)
+    """Gradient clipping norm; 0 turns clipping off."""
+    logging_steps: int = arg(10, min=1)
+    """Log train metrics every this many steps."""
+    save_steps: int = arg(100, min=1)
+    """Checkpoint (accelerate save_state) every this many steps."""
+    save_total_limit: int = arg(2, min=0)
+    """Checkpoints kept (0 keeps all)."""
+    resume_from_checkpoint: str | None = None
+    """'latest' or a checkpoint folder to resume from."""
+    image_steps: int = arg(0, min=0)
+    """Every this many steps, a standard-vs-projected image grid from the real pipeline (0: never).
+    """
+    image_prompts: list[str] = arg([])
+    """Fixed prompts of the image grid."""
+    image_seeds: list[int] = arg([0])
+    """Seeds of the image grid (each prompt with each seed)."""
+    judge: str | None = None
+    """Judge that scores the grid's images (e.g. 'shapes'); None: no scores."""
+    judge_kwargs: dict = arg({})
+    """Arguments of the judge factory (JSON on the command line), e.g. {model:
+    openai/clip-vit-large-patch14} for 'clip'."""
+    num_inference_steps: int = arg(20, min=1)
+    """Sampling steps of the image grid."""
+    guidance_scale: float = arg(5.0, min=0)
+    """CFG scale of the image grid."""
 
     def __post_init__(self) -> None:
         super().__post_init__()  # types and the limits in each field's metadata
@@ -83,7 +129,9 @@ class TrainProjectorConfig(BaseConfig):
         if self.loss_type != "reward_gradient" and self.num_candidates < 2:
             raise ConfigError("recipe field 'num_candidates' must be >= 2 to form pairs")
         if self.candidate_scores == "source_judge" and not self.candidate_images:
-            raise ConfigError("recipe field 'candidate_scores: source_judge' needs 'candidate_images' (a collect dataset with images)")  # fmt: skip
+            raise ConfigError(
+                "recipe field 'candidate_scores: source_judge' needs 'candidate_images' (a collect dataset with images)"
+            )
         if self.image_steps and not self.image_prompts:
             raise ConfigError("recipe field 'image_prompts' is required when image_steps > 0")
 
@@ -132,12 +180,20 @@ def step_loss(config, model, reference, reward_model, pipe, emb, noise, ids, see
         b, win, lose = make_pairs(scores.view(-1, k), config.pair_mode, config.reward_margin)
         if len(b):
             loss, metrics = quasi_dpo_loss(
-                projected[b], ref[b], cands[b, win], cands[b, lose],
-                sigma=config.sigma, beta=config.beta, loss_type=config.loss_type, rpo_alpha=config.rpo_alpha,
-            )  # fmt: skip
+                projected[b],
+                ref[b],
+                cands[b, win],
+                cands[b, lose],
+                sigma=config.sigma,
+                beta=config.beta,
+                loss_type=config.loss_type,
+                rpo_alpha=config.rpo_alpha,
+            )
         else:  # no pair above the margin: only the penalty acts (the graph stays connected)
             loss = projected.sum() * 0.0
-        metrics["candidates/spread"] = (scores.view(-1, k).amax(1) - scores.view(-1, k).amin(1)).mean().item()  # fmt: skip
+        metrics["candidates/spread"] = (
+            (scores.view(-1, k).amax(1) - scores.view(-1, k).amin(1)).mean().item()
+        )
     penalty, gauss = gaussianity_penalty(projected)
     loss = loss + config.gaussianity_weight * penalty
     return loss, projected.detach(), {**metrics, **gauss}
@@ -207,17 +263,32 @@ def main(args: Sequence[str] | None = None) -> TrainProjectorResult:
 
     # ---- 2. prompts, pipeline, reward model: every check before any output -------------
     prompt_ids, prompts = read_prompts(config.prompts, config.dataset)
-    check_output_dir_against_inputs(config.output_dir, {"pipeline": config.pipeline, "reward_model": config.reward_model, "dataset": config.dataset, "init_from": config.init_from, "candidate_images": config.candidate_images}, stage="train_projector", overwrite=config.overwrite_output_dir)  # fmt: skip
+    check_output_dir_against_inputs(
+        config.output_dir,
+        {
+            "pipeline": config.pipeline,
+            "reward_model": config.reward_model,
+            "dataset": config.dataset,
+            "init_from": config.init_from,
+            "candidate_images": config.candidate_images,
+        },
+        stage="train_projector",
+        overwrite=config.overwrite_output_dir,
+    )
     check_output_dir(config.output_dir, config.resume_from_checkpoint, config.overwrite_output_dir)
     resume = resolve_checkpoint(config.output_dir, config.resume_from_checkpoint)
-    pipe = load_pipeline(config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code)  # fmt: skip
+    pipe = load_pipeline(
+        config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code
+    )
     pipe.to(accelerator.device)
     pipe.set_progress_bar_config(disable=True)
     signature = pipeline_signature(pipe)
     reward_model = load_reward_model(config.reward_model, expected_signature=signature)
     reward_model.requires_grad_(False).eval().to(accelerator.device)
     if config.loss_type == "reward_gradient" and reward_model.config.input_steps > 0:
-        raise ConfigError("loss_type 'reward_gradient' needs a reward model with input_steps 0 (no UNet in the gradient path)")  # fmt: skip
+        raise ConfigError(
+            "loss_type 'reward_gradient' needs a reward model with input_steps 0 (no UNet in the gradient path)"
+        )
     # float32 whatever the pipeline dtype: the projector and reward model train in float32
     table = encode_prompt_table(pipe, prompts).to(accelerator.device, torch.float32)
     shape = latent_shape(pipe)
@@ -229,20 +300,36 @@ def main(args: Sequence[str] | None = None) -> TrainProjectorResult:
         source = ExplorationSource(config.candidate_images, pipe, config.candidate_gamma)
         unknown = sorted(set(prompt_ids) - set(source.by_prompt))
         if unknown:
-            raise DataError(f"'candidate_images' has no image of {len(unknown)} prompt(s), e.g. {unknown[0]!r}; collect them with save_images: true")  # fmt: skip
+            raise DataError(
+                f"'candidate_images' has no image of {len(unknown)} prompt(s), e.g. {unknown[0]!r}; collect them with save_images: true"
+            )
 
     # ---- 3. projector, reference, optimizer; resume; trackers --------------------------
     if config.init_from:
         model = load_projector(config.init_from, pipe).train()
     else:
-        fields = dict(latent_channels=shape[0], text_dim=signature["text_embed_dim"], pooled_dim=signature["pooled_dim"])  # fmt: skip
-        projector_config = NoiseProjectorConfig(**{**fields, **config.projector_kwargs}, pipeline_signature=signature, pipeline=config.pipeline)  # fmt: skip
+        fields = dict(
+            latent_channels=shape[0],
+            text_dim=signature["text_embed_dim"],
+            pooled_dim=signature["pooled_dim"],
+        )
+        projector_config = NoiseProjectorConfig(
+            **{**fields, **config.projector_kwargs},
+            pipeline_signature=signature,
+            pipeline=config.pipeline,
+        )
         torch.manual_seed(config.seed)  # same initial weights on every process
         model = NoiseProjector(projector_config)
-    reference = None if config.reference == "identity" else copy.deepcopy(model).requires_grad_(False).eval()  # fmt: skip
+    reference = (
+        None
+        if config.reference == "identity"
+        else copy.deepcopy(model).requires_grad_(False).eval()
+    )
     if reference is not None:
         reference.to(accelerator.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
     warmup = max(config.warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -251,17 +338,33 @@ def main(args: Sequence[str] | None = None) -> TrainProjectorResult:
     if resume is not None:
         state = load_checkpoint(accelerator, resume, saved_config)
     start_tracking(accelerator, config, "train_projector")
-    logger.info("%d prompts; projector with %d parameters; loss %s", len(prompts), sum(p.numel() for p in model.parameters()), config.loss_type)  # fmt: skip
+    logger.info(
+        "%d prompts; projector with %d parameters; loss %s",
+        len(prompts),
+        sum(p.numel() for p in model.parameters()),
+        config.loss_type,
+    )
 
     # ---- 4. train: fresh noise every step, keyed by (seed, step, position) -------------
     history: list[dict[str, float]] = []
-    bar = tqdm(total=config.max_steps, initial=state["step"], disable=not accelerator.is_main_process)  # fmt: skip
+    bar = tqdm(
+        total=config.max_steps, initial=state["step"], disable=not accelerator.is_main_process
+    )
     while state["step"] < config.max_steps:
-        keys = step_keys(len(prompts), state["step"], config.batch_size, config.seed, accelerator.process_index, accelerator.num_processes)  # fmt: skip
+        keys = step_keys(
+            len(prompts),
+            state["step"],
+            config.batch_size,
+            config.seed,
+            accelerator.process_index,
+            accelerator.num_processes,
+        )
         ids = [prompt_ids[i] for i in keys.prompt_index]
         emb = table.select(keys.prompt_index)
         noise = batch_noise(ids, keys.seeds, shape).to(accelerator.device)
-        loss, projected, metrics = step_loss(config, model, reference, reward_model, pipe, emb, noise, ids, keys.seeds, source)  # fmt: skip
+        loss, projected, metrics = step_loss(
+            config, model, reference, reward_model, pipe, emb, noise, ids, keys.seeds, source
+        )
         accelerator.backward(loss)
         clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
@@ -273,7 +376,12 @@ def main(args: Sequence[str] | None = None) -> TrainProjectorResult:
         bar.update(1)
         if state["step"] % config.logging_steps == 0 or state["step"] == config.max_steps:
             mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
-            logged = {"step": state["step"], "loss": mean_loss, "grad_norm": float(grad_norm), **metrics}  # fmt: skip
+            logged = {
+                "step": state["step"],
+                "loss": mean_loss,
+                "grad_norm": float(grad_norm),
+                **metrics,
+            }
             logged |= monitor(reward_model, pipe, emb, noise, projected)
             history.append(logged)
             accelerator.log(logged, step=state["step"])
@@ -285,7 +393,9 @@ def main(args: Sequence[str] | None = None) -> TrainProjectorResult:
                 log_images(accelerator, config, projector, pipe, judge, state["step"])
             accelerator.wait_for_everyone()
         if state["step"] % config.save_steps == 0:
-            save_checkpoint(accelerator, config.output_dir, state, saved_config, config.save_total_limit)  # fmt: skip
+            save_checkpoint(
+                accelerator, config.output_dir, state, saved_config, config.save_total_limit
+            )
     bar.close()
 
     # ---- 5. the projector folder (config records its pipeline) -------------------------

@@ -183,8 +183,13 @@ def noise_diffusion(
                 pipe, chunk_emb, chunk_prompts, z[rows], judge, **steps
             )
             gamma = step_size(score)
-            sigmas = _sigmas([prompt_ids[b] for b in rows], [seeds[b] for b in rows], round_,
-                             num_candidates, z.shape[1:])  # fmt: skip
+            sigmas = _sigmas(
+                [prompt_ids[b] for b in rows],
+                [seeds[b] for b in rows],
+                round_,
+                num_candidates,
+                z.shape[1:],
+            )
             index, _ = select_candidates(grad, z[rows], sigmas, gamma)
             best = sigmas[torch.arange(len(rows)), index]
             z[rows] = distribution_preserving_mix(z[rows], best, gamma.view(-1, 1, 1, 1))

@@ -26,9 +26,20 @@ from ..noise import batch_noise
 logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = (
-    "prompt_id", "prompt", "seed", "pipeline", "num_inference_steps", "guidance_scale",
-    "latent_shape", "judge", "overall", "tokens", "token_scores", "token_mask", "failed",
-)  # fmt: skip
+    "prompt_id",
+    "prompt",
+    "seed",
+    "pipeline",
+    "num_inference_steps",
+    "guidance_scale",
+    "latent_shape",
+    "judge",
+    "overall",
+    "tokens",
+    "token_scores",
+    "token_mask",
+    "failed",
+)
 
 
 @dataclass
@@ -238,8 +249,11 @@ class PromptBatchSampler(Sampler[list[int]]):
             self.members.setdefault(int(group), []).append(position)
         self.keys = sorted(self.members)
         self.prompts_per_batch, self.shuffle, self.seed, self.epoch = (
-            prompts_per_batch, shuffle, seed, 0,
-        )  # fmt: skip
+            prompts_per_batch,
+            shuffle,
+            seed,
+            0,
+        )
         self.seeds_per_group = seeds_per_group
 
     def use_epoch(self, epoch: int) -> None:

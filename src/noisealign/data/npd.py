@@ -32,9 +32,18 @@ from ..pipelines.signature import check_compatible
 logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = (
-    "prompt_id", "prompt", "seed", "latent_shape", "pipeline_signature", "source_noise",
-    "target_noise", "source_score", "target_score", "kept", "failed",
-)  # fmt: skip
+    "prompt_id",
+    "prompt",
+    "seed",
+    "latent_shape",
+    "pipeline_signature",
+    "source_noise",
+    "target_noise",
+    "source_score",
+    "target_score",
+    "kept",
+    "failed",
+)
 
 
 def npd_features(latent_shape: Sequence[int]) -> Features:
@@ -128,7 +137,10 @@ def _finite_rows(dataset: datasets.Dataset, rows: Sequence[int], chunk: int = 25
     ok = []
     for start in range(0, len(rows), chunk):
         batch = table[list(rows[start : start + chunk])]
-        both = [np.asarray(batch[c]).reshape(len(batch[c]), -1) for c in ("source_noise", "target_noise")]  # fmt: skip
+        both = [
+            np.asarray(batch[c]).reshape(len(batch[c]), -1)
+            for c in ("source_noise", "target_noise")
+        ]
         ok.append(np.isfinite(both[0]).all(1) & np.isfinite(both[1]).all(1))
     return np.concatenate(ok) if ok else np.zeros(0, dtype=bool)
 
@@ -148,7 +160,10 @@ def load_noise_pairs(path: str | Path, margin: float | None = None) -> NoisePair
     if margin is None:
         keep = [k and not f for k, f in zip(meta["kept"], meta["failed"])]
     else:
-        keep = [not f and keep_pair(s, t, margin) for f, s, t in zip(meta["failed"], meta["source_score"], meta["target_score"])]  # fmt: skip
+        keep = [
+            not f and keep_pair(s, t, margin)
+            for f, s, t in zip(meta["failed"], meta["source_score"], meta["target_score"])
+        ]
     rows = [i for i, k in enumerate(keep) if k]
     finite = _finite_rows(dataset, rows)
     bad = [r for r, ok in zip(rows, finite) if not ok]

@@ -106,7 +106,9 @@ def geneval_concepts(include: list[dict], prompt: str) -> tuple[Concept, ...]:
         concepts.append(Concept(name, "object", [span] if span else whole))
         if item.get("color"):
             color = _find(prompt, [item["color"]])
-            concepts.append(Concept(f"{item['color']} {name}", "attribute", [color] if color else whole))  # fmt: skip
+            concepts.append(
+                Concept(f"{item['color']} {name}", "attribute", [color] if color else whole)
+            )
         count = int(item.get("count", 1))
         if count > 1:
             where = _find(prompt, [_NUMBERS.get(count, str(count)), str(count)])
@@ -250,8 +252,11 @@ def load_training_prompts(
     if len(kept) < len(records):
         logger.info(
             "%s: %d held-out prompts (split '%s') left out of training, %d kept",
-            path, len(records) - len(kept), HELDOUT_SPLIT, len(kept),
-        )  # fmt: skip
+            path,
+            len(records) - len(kept),
+            HELDOUT_SPLIT,
+            len(kept),
+        )
     return kept
 
 
@@ -306,8 +311,11 @@ def check_not_heldout(dataset: str | Path, prompt_ids: Iterable[str]) -> dict[st
     if record is None:
         logger.warning(
             "dataset '%s' records no held-out prompts (%s): every row is trained on; if its prompt "
-            "file has rows with split '%s', collect it again", dataset, HELDOUT_FILE, HELDOUT_SPLIT,
-        )  # fmt: skip
+            "file has rows with split '%s', collect it again",
+            dataset,
+            HELDOUT_FILE,
+            HELDOUT_SPLIT,
+        )
         return None
     leaked = sorted(set(prompt_ids) & set(record["heldout_prompt_ids"]))
     if leaked:

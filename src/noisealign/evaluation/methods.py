@@ -94,7 +94,9 @@ def _best_of_n(ctx: EvalContext, n: int = 4, judge: str | None = None) -> Run:
     def run(prompts, prompt_ids, concepts, seeds):
         candidates = candidate_noise(prompt_ids, seeds, n, ctx.latent_shape)
         emb = encode_prompts(ctx.pipe, prompts)
-        return best_of_n(ctx.pipe, emb, prompts, candidates, scorer, concepts=concepts, **ctx.sampling)  # fmt: skip
+        return best_of_n(
+            ctx.pipe, emb, prompts, candidates, scorer, concepts=concepts, **ctx.sampling
+        )
 
     return run
 
@@ -112,9 +114,16 @@ def _early_stop(
         candidates = candidate_noise(prompt_ids, seeds, n, ctx.latent_shape)
         emb = encode_prompts(ctx.pipe, prompts)
         return early_stop_best_of_n(
-            ctx.pipe, emb, prompts, candidates, scorer, stop_step=stop_step, preview=preview,
-            concepts=concepts, **ctx.sampling,
-        )  # fmt: skip
+            ctx.pipe,
+            emb,
+            prompts,
+            candidates,
+            scorer,
+            stop_step=stop_step,
+            preview=preview,
+            concepts=concepts,
+            **ctx.sampling,
+        )
 
     return run
 
@@ -128,9 +137,17 @@ def _noise_diffusion(
         noise = batch_noise(prompt_ids, seeds, ctx.latent_shape)
         emb = encode_prompts(ctx.pipe, prompts)
         return noise_diffusion(
-            ctx.pipe, emb, prompts, noise, scorer, rounds=rounds, num_candidates=num_candidates,
-            prompt_ids=prompt_ids, seeds=seeds, **ctx.sampling,
-        )  # fmt: skip
+            ctx.pipe,
+            emb,
+            prompts,
+            noise,
+            scorer,
+            rounds=rounds,
+            num_candidates=num_candidates,
+            prompt_ids=prompt_ids,
+            seeds=seeds,
+            **ctx.sampling,
+        )
 
     return run
 

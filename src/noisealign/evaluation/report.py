@@ -67,7 +67,9 @@ def image_grid(
         for j, name in enumerate(names):
             image = columns[name][i].convert("RGB").resize((cell, cell), Image.NEAREST)
             grid.paste(image, (prompt_w + j * cell, top))
-            draw.text((prompt_w + j * cell + 2, top + cell + 2), f"{scores[name][i]:.2f}", fill="black")  # fmt: skip
+            draw.text(
+                (prompt_w + j * cell + 2, top + cell + 2), f"{scores[name][i]:.2f}", fill="black"
+            )
     return grid
 
 
@@ -82,7 +84,10 @@ def label_offsets(methods: Sequence[dict], gap: float = 10.0, height: float = 21
     span = (max(values) - min(values)) or 1.0
     offsets = [4.0] * len(methods)
     for steps in {m["denoising_steps"] for m in methods}:
-        group = sorted((i for i, m in enumerate(methods) if m["denoising_steps"] == steps), key=lambda i: values[i])  # fmt: skip
+        group = sorted(
+            (i for i, m in enumerate(methods) if m["denoising_steps"] == steps),
+            key=lambda i: values[i],
+        )
         previous = None  # label height (points) of the method below
         for i in group:
             at = values[i] / span * height
@@ -103,7 +108,13 @@ def cost_plot(methods: Sequence[dict], path: Path, title: str) -> None:
     for m in methods:
         ax.scatter(m["denoising_steps"], m["alignment"], s=30)
     for m, dy in zip(methods, label_offsets(methods)):
-        ax.annotate(m["name"], (m["denoising_steps"], m["alignment"]), textcoords="offset points", xytext=(4, dy), fontsize=8)  # fmt: skip
+        ax.annotate(
+            m["name"],
+            (m["denoising_steps"], m["alignment"]),
+            textcoords="offset points",
+            xytext=(4, dy),
+            fontsize=8,
+        )
     ax.set_xscale("log")
     steps = sorted({m["denoising_steps"] for m in methods})
     ax.set_xticks(steps, [f"{s:g}" for s in steps])
@@ -140,7 +151,10 @@ def write_report(output_dir: Path, report: dict) -> Path:
         lines += ["", f"## {name} ({result['prompts']} prompts × {len(report['seeds'])} seeds)", ""]
         lines.append(markdown_table(result["methods"]))
         for judge, values in result.get("other_judges", {}).items():
-            lines += ["", f"Alignment by `{judge}`: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items())]  # fmt: skip
+            lines += [
+                "",
+                f"Alignment by `{judge}`: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()),
+            ]
         lines += ["", f"![grid](grid_{name}.png)", "", f"![alignment vs cost](cost_{name}.png)"]
     path = output_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")

@@ -93,10 +93,14 @@ def process_device(requested: str | None, accelerator: Any, what: str) -> torch.
     try:
         asked = torch.device(requested)
     except RuntimeError as exc:
-        raise ConfigError(f"{what} '{requested}' is not a torch device; use e.g. 'cuda' or 'cpu', or leave it unset") from exc  # fmt: skip
+        raise ConfigError(
+            f"{what} '{requested}' is not a torch device; use e.g. 'cuda' or 'cpu', or leave it unset"
+        ) from exc
     # accelerate on a GPU means CUDA is there; checked first so no CUDA call runs without need
     if asked.type == "cuda" and accelerator.device.type != "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{what} is '{requested}', but CUDA is not available on this machine; remove {what} or use cpu")  # fmt: skip
+        raise ConfigError(
+            f"{what} is '{requested}', but CUDA is not available on this machine; remove {what} or use cpu"
+        )
     if accelerator.num_processes == 1:
         return asked
     if asked.index is None and asked.type == accelerator.device.type:
@@ -111,10 +115,14 @@ def judge_devices(judge_kwargs: dict, accelerator: Any) -> dict:
     """``judge_kwargs`` with each explicit ``device`` checked and resolved by :func:`process_device`
     (a judge without one picks accelerate's device itself)."""
     return {
-        name: {**kw, "device": str(process_device(kw["device"], accelerator, f"judge_kwargs.{name}.device"))}
-        if isinstance(kw, dict) and "device" in kw else kw
+        name: {
+            **kw,
+            "device": str(process_device(kw["device"], accelerator, f"judge_kwargs.{name}.device")),
+        }
+        if isinstance(kw, dict) and "device" in kw
+        else kw
         for name, kw in judge_kwargs.items()
-    }  # fmt: skip
+    }
 
 
 @dataclass
@@ -149,7 +157,9 @@ def plan_work(
         grid_keys = {(r.prompt_id, seeds[0]) for r in records[:grid_prompts]}
         for label in labels:
             if (folder / f"{label}.json").is_file():
-                logger.info("%s/%s: finished in an earlier run, read from %s", set_name, label, folder)  # fmt: skip
+                logger.info(
+                    "%s/%s: finished in an earlier run, read from %s", set_name, label, folder
+                )
             else:
                 work.append(MethodWork(folder, label, batches, grid_keys))
     return work
@@ -170,9 +180,14 @@ def run_share(
     todo = [(w, i) for w, i in mine if _read_part(w, i) is None]
     logger.info(
         "%d batches of unfinished methods; process %d takes %d (%d done in an earlier run)",
-        len(units), process_index, len(mine), len(mine) - len(todo),
-    )  # fmt: skip
-    for w, i in tqdm(todo, desc=f"evaluate (process {process_index})", unit="batch", disable=process_index != 0):  # fmt: skip
+        len(units),
+        process_index,
+        len(mine),
+        len(mine) - len(todo),
+    )
+    for w, i in tqdm(
+        todo, desc=f"evaluate (process {process_index})", unit="batch", disable=process_index != 0
+    ):
         part, grid = run_batch(runs[w.label], w.batches[i], judges, device, w.grid_keys)
         _save_part(w, i, part, grid)
 
@@ -255,7 +270,9 @@ def merge_method(work: MethodWork) -> None:
     for index in range(len(work.batches)):
         part = _read_part(work, index)
         if part is None:
-            raise DataError(f"{work.parts} lacks batch {index}; run the same command again to finish it")  # fmt: skip
+            raise DataError(
+                f"{work.parts} lacks batch {index}; run the same command again to finish it"
+            )
         rows += part["rows"]
         steps += part["denoising_steps"]
         calls += part["judge_calls"]

@@ -56,15 +56,21 @@ def _pixels(value: object, name: str) -> int | None:
             raise TypeError
         return operator.index(value)
     except TypeError:
-        raise ConfigError(f"'{name}' is {value!r}; pass an integer number of pixels or None") from None  # fmt: skip
+        raise ConfigError(
+            f"'{name}' is {value!r}; pass an integer number of pixels or None"
+        ) from None
 
 
 def _check_tensor(latents: object) -> None:
     """:class:`ConfigError` unless ``latents`` is a floating-point tensor without NaN/Inf."""
     if not isinstance(latents, torch.Tensor):
-        raise ConfigError(f"'latents' is a {type(latents).__name__}; pass a (B, C, h, w) torch tensor, e.g. batch_noise(...)")  # fmt: skip
+        raise ConfigError(
+            f"'latents' is a {type(latents).__name__}; pass a (B, C, h, w) torch tensor, e.g. batch_noise(...)"
+        )
     if not latents.is_floating_point():
-        raise ConfigError(f"'latents' have dtype {latents.dtype}; pass floating-point noise, e.g. batch_noise(...)")  # fmt: skip
+        raise ConfigError(
+            f"'latents' have dtype {latents.dtype}; pass floating-point noise, e.g. batch_noise(...)"
+        )
     try:
         check_finite(latents, "latents")
     except ValueError as exc:
@@ -72,10 +78,18 @@ def _check_tensor(latents: object) -> None:
 
 
 def _check_sampling(num_inference_steps: object, guidance_scale: object) -> None:
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, Integral) or num_inference_steps < 1:  # fmt: skip
-        raise ConfigError(f"'num_inference_steps' is {num_inference_steps!r}; pass an integer >= 1")  # fmt: skip
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, Real) or not math.isfinite(guidance_scale):  # fmt: skip
-        raise ConfigError(f"'guidance_scale' is {guidance_scale!r}; pass a finite number, e.g. 5.0")  # fmt: skip
+    if (
+        isinstance(num_inference_steps, bool)
+        or not isinstance(num_inference_steps, Integral)
+        or num_inference_steps < 1
+    ):
+        raise ConfigError(f"'num_inference_steps' is {num_inference_steps!r}; pass an integer >= 1")
+    if (
+        isinstance(guidance_scale, bool)
+        or not isinstance(guidance_scale, Real)
+        or not math.isfinite(guidance_scale)
+    ):
+        raise ConfigError(f"'guidance_scale' is {guidance_scale!r}; pass a finite number, e.g. 5.0")
 
 
 def _check_latents(
@@ -86,10 +100,14 @@ def _check_latents(
     width: int | None,
 ) -> None:
     if not isinstance(embeds, PromptEmbeddings):
-        raise ConfigError(f"'embeds' is a {type(embeds).__name__}; pass encode_prompts(pipe, prompts)")  # fmt: skip
+        raise ConfigError(
+            f"'embeds' is a {type(embeds).__name__}; pass encode_prompts(pipe, prompts)"
+        )
     _check_tensor(latents)
     if latents.ndim != 4:
-        raise ConfigError(f"latents must be (B, C, h, w), got shape {tuple(latents.shape)}; draw them with batch_noise(ids, seeds, latent_shape(pipe))")  # fmt: skip
+        raise ConfigError(
+            f"latents must be (B, C, h, w), got shape {tuple(latents.shape)}; draw them with batch_noise(ids, seeds, latent_shape(pipe))"
+        )
     scale = pipe.vae_scale_factor
     height = latents.shape[2] * scale if height is None else height
     width = latents.shape[3] * scale if width is None else width

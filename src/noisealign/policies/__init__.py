@@ -58,7 +58,9 @@ def _check_location(path_or_id: object, what: str) -> str:
     if isinstance(path_or_id, os.PathLike):
         path_or_id = os.fspath(path_or_id)
     if not isinstance(path_or_id, str) or not path_or_id:
-        raise ConfigError(f"'path_or_id' is {path_or_id!r}; pass the {what} folder or hub id as a string")  # fmt: skip
+        raise ConfigError(
+            f"'path_or_id' is {path_or_id!r}; pass the {what} folder or hub id as a string"
+        )
     return path_or_id
 
 
@@ -211,9 +213,15 @@ def apply_policy(
     _check_policy(policy)
     prompts = check_strings(prompts, "prompts")
     seeds = check_seeds(seeds, len(prompts))
-    ids = [prompt_hash_id(p) for p in prompts] if prompt_ids is None else check_strings(prompt_ids, "prompt_ids", "prompt id")  # fmt: skip
+    ids = (
+        [prompt_hash_id(p) for p in prompts]
+        if prompt_ids is None
+        else check_strings(prompt_ids, "prompt_ids", "prompt id")
+    )
     if len(ids) != len(prompts):
-        raise ConfigError(f"got {len(prompts)} prompts but {len(ids)} prompt_ids; pass one id per prompt or none")  # fmt: skip
+        raise ConfigError(
+            f"got {len(prompts)} prompts but {len(ids)} prompt_ids; pass one id per prompt or none"
+        )
     check_pipeline(policy, pipe, "this policy")
     noise = batch_noise(ids, seeds, latent_shape(pipe, height, width))
     projected = project(policy, noise, encode_prompts(pipe, prompts))

@@ -62,24 +62,34 @@ def _check_policy_type(config: Any, expected: str) -> None:
 class NPNetCompatConfig:
     """The official NPNet's constructor arguments; defaults are the SDXL checkpoint's."""
 
-    resolution: int = field(default=128, metadata={"help": "Latent side (image size // 8)."})
-    text_dim: int = field(default=2048, metadata={"help": "D of the token embeddings (DiT: 1024)."})
-    text_length: int = field(default=77, metadata={"help": "L; the tokens are flattened."})
-    swin_embed_dim: int = field(
-        default=96, metadata={"help": "Swin-T: 96 (smaller only in tests)."}
-    )
-    swin_depths: list[int] = field(default_factory=lambda: [2, 2, 6, 2], metadata={"help": "Swin-T blocks per stage."})  # fmt: skip
-    swin_heads: list[int] = field(default_factory=lambda: [3, 6, 12, 24], metadata={"help": "Swin-T heads per stage."})  # fmt: skip
-    swin_drop_path: float = field(default=0.1, metadata={"help": "timm's default stochastic depth; train mode only."})  # fmt: skip
-    pipeline_signature: dict[str, Any] | None = field(default=None, metadata={"help": "noisealign.pipelines.pipeline_signature of the pipeline."})  # fmt: skip
-    pipeline: str | None = field(default=None, metadata={"help": "Folder or hub id of that pipeline."})  # fmt: skip
-    policy_type: str = field(default="npnet_compat", metadata={"help": "Key in noisealign.policies.POLICIES."})  # fmt: skip
+    resolution: int = 128
+    """Latent side (image size // 8)."""
+    text_dim: int = 2048
+    """D of the token embeddings (DiT: 1024)."""
+    text_length: int = 77
+    """L; the tokens are flattened."""
+    swin_embed_dim: int = 96
+    """Swin-T: 96 (smaller only in tests)."""
+    swin_depths: list[int] = field(default_factory=lambda: [2, 2, 6, 2])
+    """Swin-T blocks per stage."""
+    swin_heads: list[int] = field(default_factory=lambda: [3, 6, 12, 24])
+    """Swin-T heads per stage."""
+    swin_drop_path: float = 0.1
+    """timm's default stochastic depth; train mode only."""
+    pipeline_signature: dict[str, Any] | None = None
+    """noisealign.pipelines.pipeline_signature of the pipeline."""
+    pipeline: str | None = None
+    """Folder or hub id of that pipeline."""
+    policy_type: str = "npnet_compat"
+    """Key in noisealign.policies.POLICIES."""
 
     def __post_init__(self) -> None:
         _check_policy_type(self, "npnet_compat")
         for name in ("resolution", "text_dim", "text_length", "swin_embed_dim"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"npnet_compat field '{name}' must be >= 1, got {getattr(self, name)}")  # fmt: skip
+                raise ConfigError(
+                    f"npnet_compat field '{name}' must be >= 1, got {getattr(self, name)}"
+                )
 
 
 class SVDAttention(nn.Module):
@@ -131,9 +141,12 @@ class NPNetCompat(nn.Module, PyTorchModelHubMixin, tags=["noisealign", "npnet"],
         self.config = config
         self.unet_svd = SVDBranch(config.resolution)
         self.unet_embedding = SwinResidual(
-            config.resolution, config.swin_embed_dim, config.swin_depths, config.swin_heads,
+            config.resolution,
+            config.swin_embed_dim,
+            config.swin_depths,
+            config.swin_heads,
             config.swin_drop_path,
-        )  # fmt: skip
+        )
         self.text_embedding = AdaGroupNorm(config.text_dim * config.text_length, 4, 1, eps=1e-6)
         self.alpha = nn.Parameter(torch.zeros(1))
         self.beta = nn.Parameter(torch.zeros(1))
@@ -179,23 +192,44 @@ class NPNetCompat(nn.Module, PyTorchModelHubMixin, tags=["noisealign", "npnet"],
 class NPNetConfig:
     """Size of the improved :class:`NPNet` and the pipeline it was trained for."""
 
-    latent_channels: int = field(default=4, metadata={"help": "C of the noise."})
-    text_dim: int = field(default=768, metadata={"help": "D of the prompt token embeddings."})
-    pooled_dim: int | None = field(default=None, metadata={"help": "P of the pooled embedding (SDXL), None for SD."})  # fmt: skip
-    hidden_dim: int = field(default=128, metadata={"help": "Width of both branches."})
-    depth: int = field(default=2, metadata={"help": "Blocks of the residual (patch) branch."})
-    spectral_depth: int = field(default=1, metadata={"help": "Blocks of the spectral (singular value) branch."})  # fmt: skip
-    num_heads: int = field(default=4, metadata={"help": "Attention heads."})
-    patch_size: int = field(default=4, metadata={"help": "Latent pixels per patch side in the residual branch."})  # fmt: skip
-    mlp_ratio: float = field(default=2.0, metadata={"help": "MLP width / hidden_dim."})
-    moment_match: bool = field(default=True, metadata={"help": "Give ε′ the per-sample mean and std of ε."})  # fmt: skip
-    pipeline_signature: dict[str, Any] | None = field(default=None, metadata={"help": "noisealign.pipelines.pipeline_signature of the training pipeline."})  # fmt: skip
-    pipeline: str | None = field(default=None, metadata={"help": "Folder or hub id of that pipeline."})  # fmt: skip
-    policy_type: str = field(default="npnet", metadata={"help": "Key in noisealign.policies.POLICIES."})  # fmt: skip
+    latent_channels: int = 4
+    """C of the noise."""
+    text_dim: int = 768
+    """D of the prompt token embeddings."""
+    pooled_dim: int | None = None
+    """P of the pooled embedding (SDXL), None for SD."""
+    hidden_dim: int = 128
+    """Width of both branches."""
+    depth: int = 2
+    """Blocks of the residual (patch) branch."""
+    spectral_depth: int = 1
+    """Blocks of the spectral (singular value) branch."""
+    num_heads: int = 4
+    """Attention heads."""
+    patch_size: int = 4
+    """Latent pixels per patch side in the residual branch."""
+    mlp_ratio: float = 2.0
+    """MLP width / hidden_dim."""
+    moment_match: bool = True
+    """Give ε′ the per-sample mean and std of ε."""
+    pipeline_signature: dict[str, Any] | None = None
+    """noisealign.pipelines.pipeline_signature of the training pipeline."""
+    pipeline: str | None = None
+    """Folder or hub id of that pipeline."""
+    policy_type: str = "npnet"
+    """Key in noisealign.policies.POLICIES."""
 
     def __post_init__(self) -> None:
         _check_policy_type(self, "npnet")
-        for name in ("latent_channels", "text_dim", "hidden_dim", "depth", "spectral_depth", "num_heads", "patch_size"):  # fmt: skip
+        for name in (
+            "latent_channels",
+            "text_dim",
+            "hidden_dim",
+            "depth",
+            "spectral_depth",
+            "num_heads",
+            "patch_size",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"npnet field '{name}' must be >= 1, got {getattr(self, name)}")
         if self.hidden_dim % self.num_heads or self.hidden_dim % 4:
@@ -222,21 +256,34 @@ class NPNet(nn.Module, PyTorchModelHubMixin, tags=["noisealign", "npnet"], **_HU
         self.config = config
         d, c, p = config.hidden_dim, config.latent_channels, config.patch_size
         self.token_in = nn.Sequential(nn.LayerNorm(config.text_dim), nn.Linear(config.text_dim, d))
-        self.pooled_film = None if config.pooled_dim is None else _zero_linear(config.pooled_dim, 4 * d)  # fmt: skip
+        self.pooled_film = (
+            None if config.pooled_dim is None else _zero_linear(config.pooled_dim, 4 * d)
+        )
         # spectral branch: one token per singular value of each channel
         self.spectral_in = nn.Linear(1 + 2 * RANK_FREQS, d)
         self.channel_embed = nn.Embedding(c, d)
-        self.spectral_blocks = nn.ModuleList(ProjectorBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.spectral_depth))  # fmt: skip
+        self.spectral_blocks = nn.ModuleList(
+            ProjectorBlock(d, config.num_heads, config.mlp_ratio)
+            for _ in range(config.spectral_depth)
+        )
         self.spectral_head = nn.Sequential(nn.LayerNorm(d), _zero_linear(d, 1))
         # residual branch: patches of the noise
-        self.patch_embed = nn.Sequential(nn.Conv2d(c, d // 2, 3, padding=1), nn.GELU(), nn.Conv2d(d // 2, d, p, stride=p))  # fmt: skip
-        self.blocks = nn.ModuleList(ProjectorBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth))  # fmt: skip
+        self.patch_embed = nn.Sequential(
+            nn.Conv2d(c, d // 2, 3, padding=1), nn.GELU(), nn.Conv2d(d // 2, d, p, stride=p)
+        )
+        self.blocks = nn.ModuleList(
+            ProjectorBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
+        )
         self.head = nn.Sequential(nn.LayerNorm(d), _zero_linear(d, c * p * p))
 
-    def spectral(self, x: torch.Tensor, tokens: torch.Tensor, pad: torch.Tensor, film: Film) -> torch.Tensor:  # fmt: skip
+    def spectral(
+        self, x: torch.Tensor, tokens: torch.Tensor, pad: torch.Tensor, film: Film
+    ) -> torch.Tensor:
         """``U diag(Δs) Vᵀ`` per channel, ``(B, C, H, W)``; ``tokens`` (B, L, d), ``pad`` (B, L)."""
         b, c, h, w = x.shape
-        u, s, vh = (t.to(x.dtype) for t in torch.linalg.svd(x.float().flatten(0, 1), full_matrices=False))  # fmt: skip
+        u, s, vh = (
+            t.to(x.dtype) for t in torch.linalg.svd(x.float().flatten(0, 1), full_matrices=False)
+        )
         # ≈ the largest singular value of an h × w N(0, 1) matrix: keeps s / scale in [0, 1]
         scale = math.sqrt(h) + math.sqrt(w)
         rank = torch.linspace(0, 1, s.shape[1], device=x.device, dtype=x.dtype)[:, None]
@@ -252,12 +299,16 @@ class NPNet(nn.Module, PyTorchModelHubMixin, tags=["noisealign", "npnet"], **_HU
         delta = self.spectral_head(t).squeeze(2) * scale  # (B·C, k)
         return ((u * delta[:, None]) @ vh).reshape(b, c, h, w)
 
-    def residual(self, x: torch.Tensor, tokens: torch.Tensor, pad: torch.Tensor, film: Film) -> torch.Tensor:  # fmt: skip
+    def residual(
+        self, x: torch.Tensor, tokens: torch.Tensor, pad: torch.Tensor, film: Film
+    ) -> torch.Tensor:
         """Patch-transformer residual, ``(B, C, H, W)``."""
         p, (height, width) = self.config.patch_size, x.shape[2:]
         grid = self.patch_embed(F.pad(x, (0, (-width) % p, 0, (-height) % p)))
         h, w = grid.shape[2:]
-        patches = grid.flatten(2).transpose(1, 2) + sincos_2d(h, w, grid.shape[1], grid.device).to(x.dtype)  # fmt: skip
+        patches = grid.flatten(2).transpose(1, 2) + sincos_2d(h, w, grid.shape[1], grid.device).to(
+            x.dtype
+        )
         if film is not None:
             patches = patches * (1 + film[0]) + film[1]
         for block in self.blocks:
@@ -281,7 +332,11 @@ class NPNet(nn.Module, PyTorchModelHubMixin, tags=["noisealign", "npnet"], **_HU
             )
         dtype = self.spectral_in.weight.dtype
         x = noise.to(dtype)
-        pad = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device) if mask is None else ~mask.bool()  # fmt: skip
+        pad = (
+            torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+            if mask is None
+            else ~mask.bool()
+        )
         tokens = self.token_in(embeds.to(dtype))
         film_s = film_r = None  # (scale, shift) of each branch's tokens, from SDXL's pooled
         if self.pooled_film is not None:

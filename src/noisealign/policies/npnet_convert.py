@@ -76,28 +76,36 @@ def read_official(path: str | Path) -> dict[str, Any]:
     except pickle.UnpicklingError as exc:
         # torch words it "Unsupported global" or "unsupported GLOBAL" depending on the version
         if "unsupported global" not in str(exc).lower():  # no object refused: a damaged file
-            raise DataError(f"official NPNet checkpoint '{path}' is corrupt or not a torch file ({_first_line(exc)})") from exc  # fmt: skip
+            raise DataError(
+                f"official NPNet checkpoint '{path}' is corrupt or not a torch file ({_first_line(exc)})"
+            ) from exc
         raise DataError(
             f"'{path}' holds pickled Python objects, not just tensors, and is not unpickled here "
             "(it could run code); on a machine where you trust the file, re-save it as a dict of "
             "state dicts of tensors (torch.save) or as safetensors, then convert that"
         ) from exc
     except (RuntimeError, EOFError, OSError) as exc:
-        raise DataError(f"official NPNet checkpoint '{path}' is corrupt or not a torch file ({_first_line(exc)})") from exc  # fmt: skip
+        raise DataError(
+            f"official NPNet checkpoint '{path}' is corrupt or not a torch file ({_first_line(exc)})"
+        ) from exc
 
 
 def _text_group(official: Mapping[str, Any], path: object) -> Mapping[str, torch.Tensor]:
     for name in TEXT_ALIASES:
         if name in official:
             return official[name]
-    missing = [k for k in ("unet_embedding", "unet_svd", "embeeding", "alpha", "beta") if k not in official]  # fmt: skip
+    missing = [
+        k for k in ("unet_embedding", "unet_svd", "embeeding", "alpha", "beta") if k not in official
+    ]
     raise DataError(
         f"'{path}' is not an official NPNet checkpoint: missing {missing}; it must hold "
         "unet_embedding, unet_svd, embeeding (or embedding), alpha and beta"
     )
 
 
-def official_to_state_dict(official: Mapping[str, Any], path: object = "checkpoint", text_length: int = TEXT_LENGTH) -> tuple[dict[str, torch.Tensor], NPNetCompatConfig]:  # fmt: skip
+def official_to_state_dict(
+    official: Mapping[str, Any], path: object = "checkpoint", text_length: int = TEXT_LENGTH
+) -> tuple[dict[str, torch.Tensor], NPNetCompatConfig]:
     """:class:`NPNetCompat` state dict and config (read off the tensor shapes) of an official dict."""
     text = _text_group(official, path)
     for key in ("unet_embedding", "unet_svd", "alpha", "beta"):
@@ -121,9 +129,16 @@ def _config_from(swin, svd, text, path, text_length: int) -> NPNetCompatConfig:
                 f"'{path}': the text embedding takes {flat_text} numbers, not a multiple of "
                 f"{text_length} tokens; pass text_length (the pipeline's token count)"
             )
-        stages = sorted({int(m.group(1)) for k in swin if (m := re.match(r"layers\.(\d+)\.blocks\.", k))})  # fmt: skip
-        depths = [len({k.split(".")[3] for k in swin if k.startswith(f"layers.{i}.blocks.")}) for i in stages]  # fmt: skip
-        heads = [swin[f"layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1] for i in stages]  # fmt: skip
+        stages = sorted(
+            {int(m.group(1)) for k in swin if (m := re.match(r"layers\.(\d+)\.blocks\.", k))}
+        )
+        depths = [
+            len({k.split(".")[3] for k in swin if k.startswith(f"layers.{i}.blocks.")})
+            for i in stages
+        ]
+        heads = [
+            swin[f"layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1] for i in stages
+        ]
         return NPNetCompatConfig(
             resolution=svd["mlp1.0.weight"].shape[1] // 2,
             text_dim=flat_text // text_length,
@@ -136,7 +151,9 @@ def _config_from(swin, svd, text, path, text_length: int) -> NPNetCompatConfig:
         raise DataError(f"'{path}' is not an official NPNet checkpoint (no tensor {exc})") from exc
 
 
-def load_official_npnet(path: str | Path, text_length: int = TEXT_LENGTH, **config_fields: Any) -> NPNetCompat:  # fmt: skip
+def load_official_npnet(
+    path: str | Path, text_length: int = TEXT_LENGTH, **config_fields: Any
+) -> NPNetCompat:
     """:class:`NPNetCompat` in eval mode with the weights of an official ``.pth`` / ``.safetensors``.
 
     ``config_fields`` (e.g. ``pipeline="stabilityai/stable-diffusion-xl-base-1.0"``) are
@@ -161,9 +178,17 @@ def load_official_npnet(path: str | Path, text_length: int = TEXT_LENGTH, **conf
 def official_state(model: NPNetCompat) -> dict[str, Any]:
     """The official dict of ``model`` (timm >= 0.9 Swin layout, key ``embeeding``), tensors only."""
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    features = {k.removeprefix("unet_embedding.features."): v for k, v in state.items() if k.startswith("unet_embedding.features.")}  # fmt: skip
+    features = {
+        k.removeprefix("unet_embedding.features."): v
+        for k, v in state.items()
+        if k.startswith("unet_embedding.features.")
+    }
     embedding = {f"swin.{k}": v for k, v in transformers_to_timm(features).items()}
-    embedding |= {k.removeprefix("unet_embedding."): v for k, v in state.items() if k.startswith(("unet_embedding.downconv", "unet_embedding.upconv"))}  # fmt: skip
+    embedding |= {
+        k.removeprefix("unet_embedding."): v
+        for k, v in state.items()
+        if k.startswith(("unet_embedding.downconv", "unet_embedding.upconv"))
+    }
 
     def group(prefix: str) -> dict[str, torch.Tensor]:
         return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
@@ -191,12 +216,21 @@ def save_official(model: NPNetCompat, path: str | Path) -> None:
 
 def main(args: Sequence[str] | None = None) -> Path:
     """Convert an official checkpoint to a ``save_pretrained`` folder; returns the folder."""
-    parser = argparse.ArgumentParser(prog="noisealign convert_npnet", description=__doc__.splitlines()[0])  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="noisealign convert_npnet", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("checkpoint", help="Official NPNet .pth or its .safetensors mirror.")
     parser.add_argument("output", help="Folder to write (config.json + model.safetensors).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing folder.")
-    parser.add_argument("--text_length", type=int, default=TEXT_LENGTH, help="Tokens per prompt (77 for every released checkpoint).")  # fmt: skip
-    parser.add_argument("--pipeline", default=None, help="Recorded in config.json as the pipeline it belongs to.")  # fmt: skip
+    parser.add_argument(
+        "--text_length",
+        type=int,
+        default=TEXT_LENGTH,
+        help="Tokens per prompt (77 for every released checkpoint).",
+    )
+    parser.add_argument(
+        "--pipeline", default=None, help="Recorded in config.json as the pipeline it belongs to."
+    )
     ns = parser.parse_args(args)
     out = Path(ns.output)
     if out.exists() and not ns.overwrite:
@@ -205,9 +239,13 @@ def main(args: Sequence[str] | None = None) -> Path:
     model.save_pretrained(out)
     logger.info(
         "converted %s → %s (%d parameters, resolution %d, text %dx%d)",
-        ns.checkpoint, out, sum(p.numel() for p in model.parameters()),
-        model.config.resolution, model.config.text_length, model.config.text_dim,
-    )  # fmt: skip
+        ns.checkpoint,
+        out,
+        sum(p.numel() for p in model.parameters()),
+        model.config.resolution,
+        model.config.text_length,
+        model.config.text_dim,
+    )
     return out
 
 

@@ -30,7 +30,7 @@ Example:
 
 # no ``from __future__ import annotations``: PyTorchModelHubMixin reads the ``config``
 # annotation at class creation to rebuild the dataclass from config.json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,27 +48,26 @@ MOMENT_EPS = 1e-6  # keeps s(y) away from 0 for a degenerate residual
 class NoiseProjectorConfig:
     """Size of :class:`NoiseProjector` and the pipeline it was trained for; saved as ``config.json``."""
 
-    latent_channels: int = field(default=4, metadata={"help": "C of the noise."})
-    text_dim: int = field(default=768, metadata={"help": "D of the prompt token embeddings."})
-    pooled_dim: int | None = field(
-        default=None, metadata={"help": "P of the pooled embedding (SDXL), None for SD."}
-    )
-    hidden_dim: int = field(default=128, metadata={"help": "Width of the patch transformer."})
-    depth: int = field(
-        default=2, metadata={"help": "Patch self-attention + token cross-attention blocks."}
-    )
-    num_heads: int = field(default=4, metadata={"help": "Attention heads."})
-    patch_size: int = field(
-        default=4, metadata={"help": "Latent pixels per patch side (SD1.5 64x64 → 256 patches)."}
-    )
-    mlp_ratio: float = field(default=4.0, metadata={"help": "MLP width / hidden_dim."})
-    pipeline_signature: dict[str, Any] | None = field(
-        default=None,
-        metadata={"help": "noisealign.pipelines.pipeline_signature of the training pipeline."},
-    )
-    pipeline: str | None = field(
-        default=None, metadata={"help": "Folder or hub id of the pipeline it was trained with."}
-    )
+    latent_channels: int = 4
+    """C of the noise."""
+    text_dim: int = 768
+    """D of the prompt token embeddings."""
+    pooled_dim: int | None = None
+    """P of the pooled embedding (SDXL), None for SD."""
+    hidden_dim: int = 128
+    """Width of the patch transformer."""
+    depth: int = 2
+    """Patch self-attention + token cross-attention blocks."""
+    num_heads: int = 4
+    """Attention heads."""
+    patch_size: int = 4
+    """Latent pixels per patch side (SD1.5 64x64 → 256 patches)."""
+    mlp_ratio: float = 4.0
+    """MLP width / hidden_dim."""
+    pipeline_signature: dict[str, Any] | None = None
+    """noisealign.pipelines.pipeline_signature of the training pipeline."""
+    pipeline: str | None = None
+    """Folder or hub id of the pipeline it was trained with."""
 
     def __post_init__(self) -> None:
         for name in (

@@ -74,10 +74,17 @@ class SwinFeatures(nn.Module):
         from transformers import SwinConfig, SwinModel
 
         config = SwinConfig(
-            image_size=224, patch_size=4, num_channels=3, embed_dim=embed_dim,
-            depths=list(depths), num_heads=list(num_heads), window_size=7,
-            drop_path_rate=drop_path, hidden_act="gelu", layer_norm_eps=1e-5,
-        )  # fmt: skip
+            image_size=224,
+            patch_size=4,
+            num_channels=3,
+            embed_dim=embed_dim,
+            depths=list(depths),
+            num_heads=list(num_heads),
+            window_size=7,
+            drop_path_rate=drop_path,
+            hidden_act="gelu",
+            layer_norm_eps=1e-5,
+        )
         self.swin = SwinModel(config, add_pooling_layer=False)
         self.head = nn.Linear(embed_dim * 2 ** (len(depths) - 1), num_classes)
 

@@ -131,9 +131,13 @@ def step_features(
     for index in range(steps):
         x_prev = x
         x = denoise_step(
-            pipe, x, embeds, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, step_index=index,
-        )  # fmt: skip
+            pipe,
+            x,
+            embeds,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            step_index=index,
+        )
     if kind == "latent":
         return x
     return _x0_from_ddim_step(pipe, x_prev, x, steps, num_inference_steps)
@@ -147,9 +151,14 @@ def score_noise(
     cfg = model.config
     if cfg.input_steps > 0:
         x = step_features(
-            pipe, x, embeds, steps=cfg.input_steps, kind=cfg.input_kind,
-            num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-        )  # fmt: skip
+            pipe,
+            x,
+            embeds,
+            steps=cfg.input_steps,
+            kind=cfg.input_kind,
+            num_inference_steps=cfg.num_inference_steps,
+            guidance_scale=cfg.guidance_scale,
+        )
     dtype = next(model.parameters()).dtype
     embeds = embeds.to(dtype=dtype)
     return model(x.to(dtype), embeds.embeds, embeds.mask, embeds.pooled)
@@ -180,8 +189,13 @@ def precompute_features(
         )
         emb = table.select([position[p] for p in ids])
         x = step_features(
-            pipe, noise.to(pipe.device), emb, steps=steps, kind=kind,
-            num_inference_steps=rows.num_inference_steps, guidance_scale=rows.guidance_scale,
-        )  # fmt: skip
+            pipe,
+            noise.to(pipe.device),
+            emb,
+            steps=steps,
+            kind=kind,
+            num_inference_steps=rows.num_inference_steps,
+            guidance_scale=rows.guidance_scale,
+        )
         out.append(x.float().cpu())
     return torch.cat(out)

@@ -118,9 +118,13 @@ def load_reward_model(
     if isinstance(path_or_id, os.PathLike):
         path_or_id = os.fspath(path_or_id)
     if not isinstance(path_or_id, str) or not path_or_id:
-        raise ConfigError(f"'path_or_id' is {path_or_id!r}; pass the reward model folder or hub id as a string")  # fmt: skip
+        raise ConfigError(
+            f"'path_or_id' is {path_or_id!r}; pass the reward model folder or hub id as a string"
+        )
     if expected_signature is not None and not isinstance(expected_signature, dict):
-        raise ConfigError(f"'expected_signature' is a {type(expected_signature).__name__}; pass pipeline_signature(pipe) or None")  # fmt: skip
+        raise ConfigError(
+            f"'expected_signature' is a {type(expected_signature).__name__}; pass pipeline_signature(pipe) or None"
+        )
 
     config = read_config(path_or_id, **hub_kwargs)
     name = config.get("architecture")

@@ -17,7 +17,7 @@ Example:
 # no ``from __future__ import annotations``: PyTorchModelHubMixin reads the ``config`` annotation
 # at class creation to rebuild the dataclass from config.json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 import torch
@@ -59,42 +59,41 @@ class RewardModel(Protocol):
 class NoiseRewardConfig:
     """Size and inputs of :class:`NoiseRewardModel`; saved as the folder's ``config.json``."""
 
-    architecture: str = field(default="transformer", metadata={"help": "Always 'transformer'."})
-    latent_channels: int = field(default=4, metadata={"help": "C of the noise."})
-    text_dim: int = field(default=768, metadata={"help": "D of the prompt token embeddings."})
-    pooled_dim: int | None = field(
-        default=None, metadata={"help": "P of the pooled embedding (SDXL), None for SD."}
-    )
-    hidden_dim: int = field(default=128, metadata={"help": "Width of the transformer."})
-    depth: int = field(default=3, metadata={"help": "Token-to-patch transformer blocks."})
-    patch_layers: int = field(default=1, metadata={"help": "Self-attention layers over patches."})
-    num_heads: int = field(default=4, metadata={"help": "Attention heads."})
-    patch_size: int = field(default=2, metadata={"help": "Latent pixels per patch side."})
-    noise_pool: int = field(
-        default=1,
-        metadata={
-            "help": "Average-pool the input by this factor (scaled to keep unit variance) before the "
-            "patch encoder: only the coarse noise structure that decides layouts is seen (1 = off)."
-        },
-    )
-    mlp_ratio: float = field(default=4.0, metadata={"help": "MLP width / hidden_dim."})
-    dropout: float = field(default=0.0, metadata={"help": "Dropout in attention and MLPs."})
-    input_steps: int = field(
-        default=0,
-        metadata={"help": "k: DDIM steps run on the noise before scoring (0 = the noise itself)."},
-    )
-    input_kind: str = field(
-        default="latent",
-        metadata={"help": "For k > 0: 'latent' feeds x_{T-k}, 'x0' the predicted clean latent."},
-    )
-    num_inference_steps: int = field(
-        default=0, metadata={"help": "Schedule length of the k steps (the collect recipe's)."}
-    )
-    guidance_scale: float = field(default=0.0, metadata={"help": "CFG scale of the k steps."})
-    pipeline_signature: dict[str, Any] | None = field(
-        default=None,
-        metadata={"help": "noisealign.pipelines.pipeline_signature of the training pipeline."},
-    )
+    architecture: str = "transformer"
+    """Always 'transformer'."""
+    latent_channels: int = 4
+    """C of the noise."""
+    text_dim: int = 768
+    """D of the prompt token embeddings."""
+    pooled_dim: int | None = None
+    """P of the pooled embedding (SDXL), None for SD."""
+    hidden_dim: int = 128
+    """Width of the transformer."""
+    depth: int = 3
+    """Token-to-patch transformer blocks."""
+    patch_layers: int = 1
+    """Self-attention layers over patches."""
+    num_heads: int = 4
+    """Attention heads."""
+    patch_size: int = 2
+    """Latent pixels per patch side."""
+    noise_pool: int = 1
+    """Average-pool the input by this factor (scaled to keep unit variance) before the patch
+    encoder: only the coarse noise structure that decides layouts is seen (1 = off)."""
+    mlp_ratio: float = 4.0
+    """MLP width / hidden_dim."""
+    dropout: float = 0.0
+    """Dropout in attention and MLPs."""
+    input_steps: int = 0
+    """k: DDIM steps run on the noise before scoring (0 = the noise itself)."""
+    input_kind: str = "latent"
+    """For k > 0: 'latent' feeds x_{T-k}, 'x0' the predicted clean latent."""
+    num_inference_steps: int = 0
+    """Schedule length of the k steps (the collect recipe's)."""
+    guidance_scale: float = 0.0
+    """CFG scale of the k steps."""
+    pipeline_signature: dict[str, Any] | None = None
+    """noisealign.pipelines.pipeline_signature of the training pipeline."""
 
     def __post_init__(self) -> None:
         if self.architecture != "transformer":

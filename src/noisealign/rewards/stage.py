@@ -77,9 +77,12 @@ def build_parts(
     train_set = FeedbackDataset(train_rows, range(len(train_rows)), prompt_order, features[0])
     eval_set = FeedbackDataset(eval_rows, range(len(eval_rows)), prompt_order, features[1])
     sampler = PromptBatchSampler(
-        train_set.prompt, config.prompts_per_batch, shuffle=True, seed=config.seed,
+        train_set.prompt,
+        config.prompts_per_batch,
+        shuffle=True,
+        seed=config.seed,
         seeds_per_group=config.seeds_per_group,
-    )  # fmt: skip
+    )
     eval_sampler = PromptBatchSampler(eval_set.prompt, config.prompts_per_batch, shuffle=False)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad],
@@ -107,16 +110,23 @@ def device_table(table: PromptEmbeddings, device: torch.device) -> PromptTable:
 
 def loss_settings(config: Any) -> LossSettings:
     return LossSettings(
-        config.token_weight, config.overall_weight, config.rank_weight,
-        config.overall_loss, config.rank_margin,
-    )  # fmt: skip
+        config.token_weight,
+        config.overall_weight,
+        config.rank_weight,
+        config.overall_loss,
+        config.rank_margin,
+    )
 
 
 def schedule(config: Any) -> Schedule:
     return Schedule(
-        config.max_steps, config.logging_steps, config.eval_steps, config.save_steps,
-        config.save_total_limit, config.max_grad_norm,
-    )  # fmt: skip
+        config.max_steps,
+        config.logging_steps,
+        config.eval_steps,
+        config.save_steps,
+        config.save_total_limit,
+        config.max_grad_norm,
+    )
 
 
 def baseline_metrics(
@@ -139,15 +149,22 @@ def baseline_metrics(
     summed = torch.zeros_like(scored).index_add_(0, group, rows.token_targets * mask)
     mean_tokens = summed / scored.clamp(min=1)
     baseline = PromptOnlyBaseline.fit(
-        table.embeds[train_p], table.mask[train_p], mean_tokens[train_p], scored[train_p] > 0,
+        table.embeds[train_p],
+        table.mask[train_p],
+        mean_tokens[train_p],
+        scored[train_p] > 0,
         mean_overall[train_p],
-    )  # fmt: skip
+    )
     eval_rows = torch.tensor(indices(rows, eval_ids))
     tokens, overall = baseline.predict(table.embeds[group[eval_rows]], table.mask[group[eval_rows]])
     return reward_metrics(
-        tokens, overall, rows.token_targets[eval_rows], rows.token_mask[eval_rows],
-        rows.overall[eval_rows], group[eval_rows],
-    )  # fmt: skip
+        tokens,
+        overall,
+        rows.token_targets[eval_rows],
+        rows.token_mask[eval_rows],
+        rows.overall[eval_rows],
+        group[eval_rows],
+    )
 
 
 def teacher_training_rows(
@@ -168,15 +185,29 @@ def teacher_training_rows(
 
     ids, seeds = label_plan(train_ids, config.teacher_seeds, config.teacher_seed_start)
     labels = teacher_labels(
-        accelerator, teacher, config.teacher, pipe, table, prompt_order, ids, seeds,
-        rows.latent_shape, config.output_dir, batch_size=config.feature_batch_size,
+        accelerator,
+        teacher,
+        config.teacher,
+        pipe,
+        table,
+        prompt_order,
+        ids,
+        seeds,
+        rows.latent_shape,
+        config.output_dir,
+        batch_size=config.feature_batch_size,
         overwrite=config.overwrite_output_dir,
-    )  # fmt: skip
+    )
     cfg = teacher.config
     inputs = precompute_features(
-        pipe, eval_rows, table, prompt_order, steps=cfg.input_steps, kind=cfg.input_kind,
+        pipe,
+        eval_rows,
+        table,
+        prompt_order,
+        steps=cfg.input_steps,
+        kind=cfg.input_kind,
         batch_size=config.feature_batch_size,
-    )  # fmt: skip
+    )
     held_out = FeedbackDataset(eval_rows, range(len(eval_rows)), prompt_order, inputs)
     loader = DataLoader(
         held_out, batch_sampler=PromptBatchSampler(held_out.prompt, config.prompts_per_batch, False)
@@ -184,8 +215,11 @@ def teacher_training_rows(
     metrics = evaluate(accelerator, teacher, loader, device_table(table, accelerator.device))
     logger.info(
         "%d noises (%d seeds x %d training prompts) labelled by the teacher; its held-out metrics: %s",
-        len(ids), config.teacher_seeds, len(train_ids), rounded(metrics),
-    )  # fmt: skip
+        len(ids),
+        config.teacher_seeds,
+        len(train_ids),
+        rounded(metrics),
+    )
     return teacher_rows(rows, ids, seeds, labels, config.teacher), metrics
 
 

@@ -75,11 +75,18 @@ def batch_loss(model: Any, batch: dict, table: PromptTable, losses: LossSettings
     embeds, mask, pooled = table.gather(batch["prompt"])
     out = model(batch["inputs"], embeds, mask, pooled)
     return reward_loss(
-        out.token_logits, out.overall_logit, batch["token_targets"], batch["token_mask"],
-        batch["overall"], batch["prompt"], token_weight=losses.token_weight,
-        overall_weight=losses.overall_weight, rank_weight=losses.rank_weight,
-        overall_kind=losses.overall_kind, rank_margin=losses.rank_margin,
-    )  # fmt: skip
+        out.token_logits,
+        out.overall_logit,
+        batch["token_targets"],
+        batch["token_mask"],
+        batch["overall"],
+        batch["prompt"],
+        token_weight=losses.token_weight,
+        overall_weight=losses.overall_weight,
+        rank_weight=losses.rank_weight,
+        overall_kind=losses.overall_kind,
+        rank_margin=losses.rank_margin,
+    )
 
 
 @torch.no_grad()
@@ -97,10 +104,13 @@ def evaluate(accelerator: Accelerator, model: Any, loader: DataLoader, table: Pr
         embeds, mask, pooled = table.gather(batch["prompt"])
         out = model(batch["inputs"], embeds, mask, pooled)
         values = {
-            "token_logits": out.token_logits, "overall_logit": out.overall_logit,
-            "token_targets": batch["token_targets"], "token_mask": batch["token_mask"],
-            "overall": batch["overall"], "prompt": batch["prompt"],
-        }  # fmt: skip
+            "token_logits": out.token_logits,
+            "overall_logit": out.overall_logit,
+            "token_targets": batch["token_targets"],
+            "token_mask": batch["token_mask"],
+            "overall": batch["overall"],
+            "prompt": batch["prompt"],
+        }
         for key, value in values.items():
             parts.setdefault(key, []).append(
                 value.float().cpu() if value.is_floating_point() else value.cpu()
@@ -108,9 +118,13 @@ def evaluate(accelerator: Accelerator, model: Any, loader: DataLoader, table: Pr
     model.train()
     p = {k: torch.cat(v) for k, v in parts.items()}
     return reward_metrics(
-        p["token_logits"], p["overall_logit"], p["token_targets"], p["token_mask"],
-        p["overall"], p["prompt"],
-    )  # fmt: skip
+        p["token_logits"],
+        p["overall_logit"],
+        p["token_targets"],
+        p["token_mask"],
+        p["overall"],
+        p["prompt"],
+    )
 
 
 # ---- checkpoints ---------------------------------------------------------------------
@@ -255,9 +269,11 @@ def train(
     per_epoch = len(parts["train_loader"])
     history: list[dict[str, float]] = []
     progress = tqdm(
-        total=schedule.max_steps, initial=state["step"], desc="distill",
+        total=schedule.max_steps,
+        initial=state["step"],
+        desc="distill",
         disable=not accelerator.is_local_main_process,
-    )  # fmt: skip
+    )
     model.train()
     while state["step"] < schedule.max_steps:
         epoch, skip = divmod(state["batches"], per_epoch)

@@ -45,52 +45,50 @@ BACKBONE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16
 class UNetRewardConfig:
     """Fields of :class:`UNetRewardModel`; ``unet_config`` is filled from ``pipeline`` when built."""
 
-    architecture: str = field(default="unet_lora", metadata={"help": "Always 'unet_lora'."})
-    pipeline: str = field(
-        default="", metadata={"help": "Pipeline whose UNet initialises the backbone."}
-    )
-    unet_config: dict[str, Any] | None = field(
-        default=None, metadata={"help": "The UNet's config (set from the pipeline at build)."}
-    )
-    latent_channels: int = field(default=4, metadata={"help": "C of the noise."})
-    text_dim: int = field(default=768, metadata={"help": "D of the prompt token embeddings."})
-    pooled_dim: int | None = field(
-        default=None, metadata={"help": "P of the pooled embedding (SDXL)."}
-    )
-    vae_scale_factor: int = field(
-        default=8, metadata={"help": "Pixels per latent (SDXL size ids)."}
-    )
-    timestep: int = field(default=999, metadata={"help": "UNet timestep of the pure noise, T."})
-    backbone_dtype: str = field(
-        default="float32",
-        metadata={"help": "dtype of the frozen UNet weights (float32, float16 or bfloat16); "
-                  "distill sets the recipe's torch_dtype. LoRA adapters and heads stay float32."},
-    )  # fmt: skip
-    gradient_checkpointing: bool = field(
-        default=True,
-        metadata={"help": "Recompute the UNet blocks' activations in the backward pass instead "
-                  "of storing them (diffusers' enable_gradient_checkpointing)."},
-    )  # fmt: skip
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank of the attention projections."})
-    lora_alpha: float = field(default=8.0, metadata={"help": "LoRA scaling numerator."})
-    lora_targets: list[str] = field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
-        metadata={"help": "Module names that get LoRA adapters."},
-    )
-    hidden_dim: int = field(default=128, metadata={"help": "Width of the token transformer."})
-    depth: int = field(default=2, metadata={"help": "Token transformer layers."})
-    num_heads: int = field(
-        default=4, metadata={"help": "Attention heads of the token transformer."}
-    )
-    input_steps: int = field(default=0, metadata={"help": "k: DDIM steps before scoring."})
-    input_kind: str = field(default="latent", metadata={"help": "'latent' or 'x0' for k > 0."})
-    num_inference_steps: int = field(
-        default=0, metadata={"help": "Schedule length of the k steps."}
-    )
-    guidance_scale: float = field(default=0.0, metadata={"help": "CFG scale of the k steps."})
-    pipeline_signature: dict[str, Any] | None = field(
-        default=None, metadata={"help": "pipeline_signature of the training pipeline."}
-    )
+    architecture: str = "unet_lora"
+    """Always 'unet_lora'."""
+    pipeline: str = ""
+    """Pipeline whose UNet initialises the backbone."""
+    unet_config: dict[str, Any] | None = None
+    """The UNet's config (set from the pipeline at build)."""
+    latent_channels: int = 4
+    """C of the noise."""
+    text_dim: int = 768
+    """D of the prompt token embeddings."""
+    pooled_dim: int | None = None
+    """P of the pooled embedding (SDXL)."""
+    vae_scale_factor: int = 8
+    """Pixels per latent (SDXL size ids)."""
+    timestep: int = 999
+    """UNet timestep of the pure noise, T."""
+    backbone_dtype: str = "float32"
+    """dtype of the frozen UNet weights (float32, float16 or bfloat16); distill sets the recipe's
+    torch_dtype. LoRA adapters and heads stay float32."""
+    gradient_checkpointing: bool = True
+    """Recompute the UNet blocks' activations in the backward pass instead of storing them
+    (diffusers' enable_gradient_checkpointing)."""
+    lora_rank: int = 8
+    """LoRA rank of the attention projections."""
+    lora_alpha: float = 8.0
+    """LoRA scaling numerator."""
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """Module names that get LoRA adapters."""
+    hidden_dim: int = 128
+    """Width of the token transformer."""
+    depth: int = 2
+    """Token transformer layers."""
+    num_heads: int = 4
+    """Attention heads of the token transformer."""
+    input_steps: int = 0
+    """k: DDIM steps before scoring."""
+    input_kind: str = "latent"
+    """'latent' or 'x0' for k > 0."""
+    num_inference_steps: int = 0
+    """Schedule length of the k steps."""
+    guidance_scale: float = 0.0
+    """CFG scale of the k steps."""
+    pipeline_signature: dict[str, Any] | None = None
+    """pipeline_signature of the training pipeline."""
 
     def __post_init__(self) -> None:
         if self.architecture != "unet_lora":
@@ -126,7 +124,15 @@ class CrossAttentionReader:
     def __init__(self) -> None:
         self.store: list[torch.Tensor] | None = None
 
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs: Any) -> torch.Tensor:  # fmt: skip
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         batch, pixels, channels = hidden_states.shape
         context = (
             attn.norm_encoder_hidden_states(encoder_hidden_states)
@@ -269,7 +275,13 @@ class UNetRewardModel(
         self.token_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 1))
         self.overall_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 1))
 
-    def forward(self, noise: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor | None = None, pooled: torch.Tensor | None = None) -> RewardOutput:  # fmt: skip
+    def forward(
+        self,
+        noise: torch.Tensor,
+        embeds: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        pooled: torch.Tensor | None = None,
+    ) -> RewardOutput:
         """Score ``noise`` (B, C, H, W) for ``embeds`` (B, L, D), ``mask`` (B, L), ``pooled`` (B, P)."""
         if (pooled is None) != (self.pooled_in is None):
             raise ValueError(
@@ -302,9 +314,12 @@ class UNetRewardModel(
             reader.store = features
         try:
             mid = self.encoder(
-                noise.to(dtype), self.config.timestep, embeds.to(dtype),
-                None if pooled is None else pooled.to(dtype), self.config.vae_scale_factor,
-            )  # fmt: skip
+                noise.to(dtype),
+                self.config.timestep,
+                embeds.to(dtype),
+                None if pooled is None else pooled.to(dtype),
+                self.config.vae_scale_factor,
+            )
         finally:
             for reader in self._readers:
                 reader.store = None

@@ -59,14 +59,26 @@ def build_feedback_rows(
             scored = [s for s, m in zip(scores, mask) if m]
             rows.append(
                 {
-                    "prompt_id": pid, "prompt": prompt, "seed": int(seed), "pipeline": pipeline,
-                    "num_inference_steps": 2, "guidance_scale": 3.0, "height": shape[1] * 2,
-                    "width": shape[2] * 2, "latent_shape": list(shape), "judge": "rule",
-                    "overall": sum(scored) / max(1, len(scored)), "tokens": emb.tokens[i],
-                    "token_scores": scores, "token_mask": mask, "concepts": [], "failed": False,
-                    "error": "", "noise": noise.numpy(),
+                    "prompt_id": pid,
+                    "prompt": prompt,
+                    "seed": int(seed),
+                    "pipeline": pipeline,
+                    "num_inference_steps": 2,
+                    "guidance_scale": 3.0,
+                    "height": shape[1] * 2,
+                    "width": shape[2] * 2,
+                    "latent_shape": list(shape),
+                    "judge": "rule",
+                    "overall": sum(scored) / max(1, len(scored)),
+                    "tokens": emb.tokens[i],
+                    "token_scores": scores,
+                    "token_mask": mask,
+                    "concepts": [],
+                    "failed": False,
+                    "error": "",
+                    "noise": noise.numpy(),
                 }
-            )  # fmt: skip
+            )
     return rows
 
 

@@ -281,8 +281,11 @@ def _moments(mask: torch.Tensor) -> dict[str, torch.Tensor]:
 def _shape_probs(m: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     triangle = torch.sigmoid((SKEW_CUT - m["skew"]) / SKEW_TAU)
     square = torch.sigmoid((m["ratio"] - RATIO_CUT) / RATIO_TAU)
-    return {"triangle": triangle, "square": (1 - triangle) * square,
-            "circle": (1 - triangle) * (1 - square)}  # fmt: skip
+    return {
+        "triangle": triangle,
+        "square": (1 - triangle) * square,
+        "circle": (1 - triangle) * (1 - square),
+    }
 
 
 def _soft_relation(first: dict, second: dict, relation: str) -> torch.Tensor:
