@@ -353,3 +353,34 @@ def test_a_tab_in_the_yaml_names_the_line_and_the_tab(tmp_path):
         ConfigError, match=r"r.yaml, line 3, column 1: .*a tab: YAML indents with spaces"
     ):
         parse_config(stage_config("collect"), ["--config", str(recipe)])
+
+
+def test_field_docstrings_become_help_and_list_defaults_are_copied(capsys):
+    from noisealign.configs import BaseConfig, arg
+
+    @dataclasses.dataclass
+    class Recipe(BaseConfig):
+        steps: int = arg(4, min=1)
+        """How many steps the
+        recipe takes."""
+        tags: list[str] = arg(["a"])
+        """Tags of the run."""
+
+    fields = {f.name: f for f in dataclasses.fields(Recipe)}
+    assert fields["steps"].metadata == {"min": 1, "help": "How many steps the recipe takes."}
+    assert fields["tags"].metadata["help"] == "Tags of the run."
+    first, second = Recipe(output_dir="o"), Recipe(output_dir="o")
+    first.tags.append("b")
+    assert second.tags == ["a"]
+    with pytest.raises(ConfigError, match=r"^recipe field 'steps' must be >= 1, got 0"):
+        Recipe(output_dir="o", steps=0)
+    with pytest.raises(SystemExit):
+        parse_config(Recipe, ["--help"])
+    assert "How many steps the recipe takes. [>= 1]" in " ".join(capsys.readouterr().out.split())
+
+
+def test_arg_refuses_an_unknown_limit():
+    from noisealign.configs import arg
+
+    with pytest.raises(TypeError, match=r"unknown field limits \['maximum'\]"):
+        arg(1, maximum=3)

@@ -27,11 +27,9 @@ import copy
 import dataclasses
 import inspect
 import json
-import math
 import os
 import sys
 import textwrap
-import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,50 +38,21 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .limits import LIMIT_KEYS, bounds, check_seeds, field_problem, matches, type_name
+
+__all__ = [
+    "LIMIT_KEYS",
+    "TORCH_DTYPES",
+    "BaseConfig",
+    "DocumentedFields",
+    "arg",
+    "check_seeds",
+    "field_docs",
+    "parse_config",
+]
 
 T = typing.TypeVar("T")
-
-
-def _matches(value: Any, annotation: Any) -> bool:
-    origin = typing.get_origin(annotation)
-    if annotation is Any:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, arg) for arg in typing.get_args(annotation))
-    if annotation is type(None):
-        return value is None
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if origin in (list, Sequence):
-        (item,) = typing.get_args(annotation) or (Any,)
-        return isinstance(value, list) and all(_matches(v, item) for v in value)
-    if origin is dict or annotation is dict:
-        return isinstance(value, dict)
-    if isinstance(annotation, type):
-        return isinstance(value, annotation)
-    return True
-
-
-def _type_name(annotation: Any) -> str:
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-
-
 TORCH_DTYPES = ("float32", "float16", "bfloat16")  # "choices" of every torch_dtype field
-
-# metadata keys read by BaseConfig.__post_init__; argparse never sees them
-LIMIT_KEYS = (
-    "required",
-    "min",
-    "max",
-    "min_exclusive",
-    "max_exclusive",
-    "multiple_of",
-    "choices",
-    "allow_inf",
-    "check",
-)
 
 
 def arg(default: Any = dataclasses.MISSING, **limits: Any) -> Any:
@@ -136,69 +105,6 @@ class DocumentedFields:
             )
 
 
-def _bounds(limits: typing.Mapping[str, Any]) -> str:
-    """``"> 0"``, ``"in (0, 1]"``, ``">= 8 and a multiple of 8"``... or ``""`` without limits."""
-    low, high = limits.get("min"), limits.get("max")
-    if low is not None and high is not None:
-        text = "in " + "[("[bool(limits.get("min_exclusive"))] + f"{low}, {high}"
-        text += "])"[bool(limits.get("max_exclusive"))]
-    elif low is not None:
-        text = (">" if limits.get("min_exclusive") else ">=") + f" {low}"
-    elif high is not None:
-        text = ("<" if limits.get("max_exclusive") else "<=") + f" {high}"
-    else:
-        text = ""
-    if limits.get("multiple_of"):
-        text += (" and " if text else "") + f"a multiple of {limits['multiple_of']}"
-    return text
-
-
-def _number_problem(value: float, limits: typing.Mapping[str, Any]) -> str | None:
-    """What is wrong with one int or float value, as "must be ..."; ``None`` when it is fine."""
-    bounds = _bounds(limits)
-    low, high = limits.get("min"), limits.get("max")
-    inside = value == value  # NaN is in no range
-    if low is not None:
-        inside = inside and (value > low if limits.get("min_exclusive") else value >= low)
-    if high is not None:
-        inside = inside and (value < high if limits.get("max_exclusive") else value <= high)
-    if limits.get("multiple_of") and inside and not math.isinf(value):
-        inside = value % limits["multiple_of"] == 0
-    if not inside:
-        return f"must be {bounds or 'a finite number'}"
-    if math.isinf(value) and not limits.get("allow_inf"):
-        return "must be finite" + (f" and {bounds}" if bounds else "")
-    return None
-
-
-def _field_problem(value: Any, limits: typing.Mapping[str, Any]) -> str | None:
-    """What is wrong with a field's (type-checked) value under its metadata limits, or ``None``."""
-    if limits.get("required") and value in (None, "", [], {}):
-        return "is required"
-    if value is None:  # an unset optional field
-        return None
-    if "choices" in limits and value not in limits["choices"]:
-        return f"must be one of {', '.join(map(repr, limits['choices']))}, got {value!r}"
-    for item in value if isinstance(value, list) else [value]:
-        if isinstance(item, (int, float)) and not isinstance(item, bool):
-            problem = _number_problem(item, limits)
-            if problem:
-                return f"{problem}, got {item!r}"
-    return limits["check"](value) if "check" in limits else None
-
-
-def check_seeds(seeds: Any) -> str | None:
-    """A ``"check"`` for seed fields: ``'start:stop'`` or ``'a,b,c'`` selecting at least one seed."""
-    from .data.prompts import parse_seeds
-    from .errors import DataError
-
-    try:
-        parse_seeds(seeds)
-    except DataError as exc:
-        return f"is not a usable seed list: {exc}"
-    return None
-
-
 @dataclass
 class BaseConfig(DocumentedFields):
     """Fields shared by every stage."""
@@ -232,13 +138,13 @@ class BaseConfig(DocumentedFields):
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if not _matches(value, hints[f.name]):
+            if not matches(value, hints[f.name]):
                 raise ConfigError(
-                    f"recipe field '{f.name}' must be {_type_name(hints[f.name])}, got "
+                    f"recipe field '{f.name}' must be {type_name(hints[f.name])}, got "
                     f"{type(value).__name__} {value!r}; fix it in the YAML or on the command line"
                 )
         for f in dataclasses.fields(self):  # the limits in each field's metadata
-            problem = _field_problem(getattr(self, f.name), f.metadata)
+            problem = field_problem(getattr(self, f.name), f.metadata)
             if problem == "is required":
                 raise ConfigError(
                     f"recipe field '{f.name}' is required: set it in the YAML or pass --{f.name}"
@@ -291,7 +197,7 @@ def parse_config(config_cls: type[T], args: Sequence[str] | None = None) -> T:
     class RecipeParser(TrlParser):
         def add_argument(self, *names, **kwargs):  # HfArgumentParser passes metadata as kwargs
             limits = {key: kwargs.pop(key) for key in LIMIT_KEYS if key in kwargs}
-            allowed = _bounds(limits)
+            allowed = bounds(limits)
             if "choices" in limits:
                 allowed = "one of " + ", ".join(map(str, limits["choices"]))
             if allowed and kwargs.get("help"):  # --help shows the limits too
