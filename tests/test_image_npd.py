@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from noisealign import collect, image_npd, train_npnet
-from noisealign.data.exploration import ExplorationSource
+from noisealign.data.image_latents import ImageLatents
 from noisealign.data.npd import load_noise_pairs
 from noisealign.errors import ConfigError, DataError
 from noisealign.pipelines import load_pipeline
@@ -43,7 +43,7 @@ def test_targets_mix_the_accepted_images_latent_into_fresh_noise(collected, tmp_
     pairs = image_npd.main(_args(collected, out, "--min_score", "0", "--gamma", "0.2"))
     source_rows = datasets.load_from_disk(str(collected / "collect" / "dataset"))
     assert pairs.num_rows == 3 * source_rows.num_rows
-    src = ExplorationSource(str(collected / "collect" / "dataset"), load_pipeline(str(collected / "sd")), 0.2)  # fmt: skip
+    src = ImageLatents(str(collected / "collect" / "dataset"), load_pipeline(str(collected / "sd")))
     for i, row in enumerate(pairs.select(range(6))):
         z = src.latent(i // 3, row["latent_shape"])  # rows of one image are consecutive
         eps, target = torch.tensor(row["source_noise"]), torch.tensor(row["target_noise"])

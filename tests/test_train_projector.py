@@ -24,24 +24,29 @@ def tiny(tmp_path_factory):
     pipe = build_tiny_sd_pipeline(root / "sd")
     build_tiny_sdxl_pipeline(root / "sdxl")
     torch.manual_seed(0)
-    config = NoiseRewardConfig(
-        latent_channels=4, text_dim=32, hidden_dim=16, depth=1, num_heads=2, mlp_ratio=2.0,
-        pipeline_signature=pipeline_signature(pipe),
-    )  # fmt: skip
+    sizes = dict(latent_channels=4, text_dim=32, hidden_dim=16, depth=1, num_heads=2)
+    config = NoiseRewardConfig(**sizes, mlp_ratio=2.0, pipeline_signature=pipeline_signature(pipe))
     NoiseRewardModel(config).save_pretrained(root / "reward")
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     return root
 
 
 def args(root, out, *extra):
-    return [
-        "--pipeline", str(root / "sd"), "--reward_model", str(root / "reward"),
-        "--prompts", str(root / "prompts.txt"), "--output_dir", str(out), "--report_to", "none",
-        "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1", "--batch_size", "2",
-        "--num_candidates", "4", "--learning_rate", "1e-3",
-        "--projector_kwargs", '{"hidden_dim": 16, "depth": 1, "num_heads": 2, "patch_size": 2}',
-        *extra,
-    ]  # fmt: skip
+    options = {
+        "--pipeline": root / "sd",
+        "--reward_model": root / "reward",
+        "--prompts": root / "prompts.txt",
+        "--output_dir": out,
+        "--report_to": "none",
+        "--max_steps": 4,
+        "--save_steps": 2,
+        "--logging_steps": 1,
+        "--batch_size": 2,
+        "--num_candidates": 4,
+        "--learning_rate": "1e-3",
+        "--projector_kwargs": '{"hidden_dim": 16, "depth": 1, "num_heads": 2, "patch_size": 2}',
+    }
+    return [str(x) for option in options.items() for x in option] + list(extra)
 
 
 def test_trains_logs_and_saves_a_folder_that_records_its_pipeline(tiny, tmp_path):
@@ -49,8 +54,9 @@ def test_trains_logs_and_saves_a_folder_that_records_its_pipeline(tiny, tmp_path
     result = train_projector.main(args(tiny, out))
     assert [h["step"] for h in result.history] == [1, 2, 3, 4]
     first = result.history[0]
-    for key in ("rewards/accuracies", "rewards/margins", "reward/projected", "reward/standard",
-                "eps_prime/mean", "eps_prime/std", "eps_prime/ks", "loss/gaussianity"):  # fmt: skip
+    logged = ("rewards/accuracies", "rewards/margins", "reward/projected", "reward/standard")
+    logged += ("eps_prime/mean", "eps_prime/std", "eps_prime/ks", "loss/gaussianity")
+    for key in logged:
         assert key in first
     assert first["rewards/margins"] == 0.0  # step 1 starts at the identity: Δ = 0
     config = json.loads((out / "config.json").read_text())
@@ -79,10 +85,8 @@ def test_every_parameter_changes(tiny, tmp_path, loss_type):
 
 @pytest.mark.parametrize("loss_type", ["ipo", "hinge"])
 def test_other_loss_types_and_all_pairs(tiny, tmp_path, loss_type):
-    result = train_projector.main(
-        args(tiny, tmp_path / "o", "--max_steps", "2", "--loss_type", loss_type,
-             "--pair_mode", "all", "--reference", "initial")
-    )  # fmt: skip
+    options = ("--max_steps", "2", "--loss_type", loss_type, "--pair_mode", "all")
+    result = train_projector.main(args(tiny, tmp_path / "o", *options))
     assert result.history[0]["pairs"] > 2  # several pairs per sample
 
 
@@ -106,10 +110,9 @@ def test_resume_gives_the_same_next_losses(tiny, tmp_path):
 
 def test_image_grid_with_judge_scores(tiny, tmp_path):
     out = tmp_path / "out"
-    train_projector.main(
-        args(tiny, out, "--max_steps", "2", "--image_steps", "2", "--image_prompts", "a red circle",
-             "--image_seeds", "0", "1", "--judge", "shapes", "--num_inference_steps", "2")
-    )  # fmt: skip
+    grid = ("--max_steps", "2", "--image_steps", "2", "--image_prompts", "a red circle")
+    grid += ("--image_seeds", "0", "1", "--judge", "shapes", "--num_inference_steps", "2")
+    train_projector.main(args(tiny, out, *grid))
     grid = out / "images" / "step-000002.png"
     from PIL import Image
 
@@ -121,10 +124,14 @@ def test_grid_judge_is_built_with_the_recipes_judge_kwargs(tiny, tmp_path):
     from noisealign.testing.vlms import build_tiny_clip
 
     clip = str(build_tiny_clip(tmp_path / "clip"))
-    grid = ["--max_steps", "2", "--image_steps", "2", "--image_prompts", "a red circle", "--judge", "clip", "--num_inference_steps", "2"]  # fmt: skip
-    with pytest.raises(JudgeError, match=r"judge 'clip' does not accept judge_kwargs \['colour', 'model'\]"):  # fmt: skip
-        train_projector.main(args(tiny, tmp_path / "bad", *grid, "--judge_kwargs", json.dumps({"model": clip, "colour": "red"})))  # fmt: skip
-    train_projector.main(args(tiny, tmp_path / "out", *grid, "--judge_kwargs", json.dumps({"model": clip})))  # fmt: skip
+    grid = ("--max_steps", "2", "--image_steps", "2", "--image_prompts", "a red circle")
+    grid += ("--judge", "clip", "--num_inference_steps", "2")
+    refused = r"judge 'clip' does not accept judge_kwargs \['colour', 'model'\]"
+    with pytest.raises(JudgeError, match=refused):
+        bad = json.dumps({"model": clip, "colour": "red"})
+        train_projector.main(args(tiny, tmp_path / "bad", *grid, "--judge_kwargs", bad))
+    good = json.dumps({"model": clip})
+    train_projector.main(args(tiny, tmp_path / "out", *grid, "--judge_kwargs", good))
     assert (tmp_path / "out" / "images" / "step-000002.png").exists()
 
 
@@ -150,11 +157,10 @@ def test_two_processes_match_one_process(tiny, tmp_path):
     one = train_projector.main(
         args(tiny, tmp_path / "one", "--batch_size", "4", "--max_steps", "2")
     )
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(Path(train_projector.__file__)), *args(tiny, tmp_path / "two", "--max_steps", "2"),
-    ]  # fmt: skip
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+    launch += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    launch += ["--dynamo_backend", "no", str(Path(train_projector.__file__))]
+    launch += args(tiny, tmp_path / "two", "--max_steps", "2")
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]

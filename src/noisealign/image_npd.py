@@ -9,7 +9,7 @@ For every row of a collect dataset (``save_images: true``) whose judge score is 
 
     source = ε,   target = √(1−γ)·ε + √γ·z,
 
-z the image's VAE latent standardised per sample (:mod:`noisealign.data.exploration`). The
+z the image's VAE latent standardised per sample (:mod:`noisealign.data.image_latents`). The
 target is a distribution-preserving mix, so it is as Gaussian per value as ε, and it carries
 the layout of an image the judge accepted: generation from it follows that image (on the toy
 world 82–90% of such rows come out right for γ ≥ 0.05, docs/collect.md). A policy regressed
@@ -74,7 +74,7 @@ def main(args: Sequence[str] | None = None):
     import datasets
     from tqdm.auto import tqdm
 
-    from noisealign.data.exploration import ExplorationSource
+    from noisealign.data.image_latents import ImageLatents
     from noisealign.data.npd import npd_features
     from noisealign.data.prompts import check_not_heldout, save_heldout_record
     from noisealign.data.shards import claim_output_dir, replace_dataset
@@ -105,7 +105,7 @@ def main(args: Sequence[str] | None = None):
         accelerator.device,
         pipe.device,
     )
-    source = ExplorationSource(config.dataset, pipe, config.gamma)
+    source = ImageLatents(config.dataset, pipe)
     table = source.dataset
     needed = (
         "prompt_id",

@@ -6,9 +6,11 @@ Launch (any of):
     noisealign train_projector --config recipes/tiny/train_projector.yaml --output_dir runs/p
 
 Each step draws fresh noise ε for prompts of the prompt file (or the collected dataset), K
-candidates around the reference output with the distribution-preserving mix, scores them with
-r_φ, forms (winner, loser) pairs and minimises the quasi-DPO loss (docs/method.md) — with
-``rpo_alpha`` > 0 plus the winner's NLL (TRL's RPO term) — and a Gaussianity penalty on ε′.
+candidates around ε (π_ref's mean) with the distribution-preserving mix — white noise or the
+latents of collected images mixed in (``candidate_images``) — ranks them by r_φ (or by the
+collected verdicts, ``rank_by``), forms (winner, loser) pairs and minimises the quasi-DPO
+loss (docs/method.md) — with ``rpo_alpha`` > 0 plus the winner's NLL (TRL's RPO term) — and a
+Gaussianity penalty on ε′.
 ``loss_type: reward_gradient`` is the ablation that maximises r_φ(f_θ(ε, e)) directly. Saves
 a projector folder (config.json + model.safetensors) that records its pipeline; resume with
 ``--resume_from_checkpoint latest``.
@@ -16,7 +18,6 @@ a projector folder (config.json + model.safetensors) that records its pipeline; 
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from noisealign.configs import TORCH_DTYPES, BaseConfig, arg, parse_config
-from noisealign.errors import ConfigError, DataError
+from noisealign.errors import ConfigError
 
 logger = logging.getLogger("noisealign.train_projector")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "reward_gradient")
@@ -51,8 +52,6 @@ class TrainProjectorConfig(BaseConfig):
     """Size of the projector (NoiseProjectorConfig fields, e.g. hidden_dim, depth, patch_size)."""
     init_from: str | None = None
     """Start from this projector folder instead of the identity."""
-    reference: str = arg("identity", choices=("identity", "initial"))
-    """π_ref's mean: 'identity' (ε itself) or 'initial' (frozen copy of the starting projector)."""
     loss_type: str = arg("sigmoid", choices=LOSS_TYPES)
     """'sigmoid' (DPO), 'ipo', 'hinge' (TRL's names) or 'reward_gradient' (the ablation)."""
     beta: float = arg(0.1, min=0, min_exclusive=True)
@@ -66,21 +65,17 @@ class TrainProjectorConfig(BaseConfig):
     """K candidates drawn per (ε, e)."""
     candidate_gamma: float = arg(0.1, min=0, min_exclusive=True, max=1)
     """γ of the mix √(1−γ)·f_ref + √γ·ξ that draws candidates (their spread)."""
-    candidate_grid: int = arg(0, min=0)
-    """0: ξ is white N(0, I) noise; g > 0: ξ is a low-frequency field from a g×g grid
-    (noisealign.noise.smooth_noise), so candidates differ in layout rather than in fine grain."""
     candidate_images: str | None = None
-    """A collect dataset with images (save_images: true): ξ is then the standardised VAE latent of
-    one of its images of the same prompt (noisealign.data.exploration), so candidates differ in
-    layout. Prompt ids must match the dataset's."""
-    candidate_scores: str = arg("reward_model", choices=("reward_model", "source_judge"))
-    """What ranks the K candidates: 'reward_model' (r_φ, DESIGN.md) or 'source_judge' (with
+    """Where the candidates' ξ comes from (noisealign.policies.candidates): unset, white N(0, I)
+    noise; a collect dataset with images (save_images: true), the standardised VAE latent of one
+    of its images of the same prompt, so candidates differ in layout. Prompt ids must match the
+    dataset's."""
+    rank_by: str = arg("reward_model", choices=("reward_model", "verdicts"))
+    """What ranks the K candidates: 'reward_model' (r_φ, DESIGN.md) or 'verdicts' (with
     candidate_images: the judge's collected score of each candidate's source image, i.e. offline
     preference pairs from the collect rows; r_φ then only feeds the logged reward metrics)."""
     pair_mode: str = arg("best_worst", choices=("best_worst", "all"))
-    """'best_worst' (one pair per sample) or 'all' (every pair above the margin)."""
-    reward_margin: float = arg(0.0, min=0)
-    """Pairs count only if r_φ's logits differ by more than this."""
+    """'best_worst' (one pair per sample) or 'all' (every ordered pair of distinct scores)."""
     gaussianity_weight: float = arg(1.0, min=0)
     """λ of the Gaussianity penalty on ε′ (moments and lag-1 correlation)."""
     batch_size: int = arg(16, min=1)
@@ -128,9 +123,10 @@ class TrainProjectorConfig(BaseConfig):
             )
         if self.loss_type != "reward_gradient" and self.num_candidates < 2:
             raise ConfigError("recipe field 'num_candidates' must be >= 2 to form pairs")
-        if self.candidate_scores == "source_judge" and not self.candidate_images:
+        if self.rank_by == "verdicts" and not self.candidate_images:
             raise ConfigError(
-                "recipe field 'candidate_scores: source_judge' needs 'candidate_images' (a collect dataset with images)"
+                "recipe field 'rank_by: verdicts' needs 'candidate_images' "
+                "(a collect dataset with images)"
             )
         if self.image_steps and not self.image_prompts:
             raise ConfigError("recipe field 'image_prompts' is required when image_steps > 0")
@@ -147,20 +143,19 @@ class TrainProjectorResult:
     model_dir: str
 
 
-def step_loss(config, model, reference, reward_model, pipe, emb, noise, ids, seeds, source=None):
-    """Loss and metrics of one step on this process's samples (the formulas are in losses.preference)."""
+def step_loss(config, model, reward_model, pipe, emb, noise, ids, seeds, source):
+    """Loss and metrics of one step on this process's samples (formulas: losses.preference).
+
+    π_ref's mean is the identity (ε itself); ``source`` is the
+    :class:`~noisealign.policies.candidates.CandidateSource` of the K candidates.
+    """
     from noisealign.losses.preference import (
         gaussianity_penalty,
         quasi_dpo_loss,
         reward_gradient_loss,
     )
-    from noisealign.policies.training import (
-        draw_candidates,
-        image_candidate_keys,
-        make_pairs,
-        repeat,
-        reward_logits,
-    )
+    from noisealign.policies.candidates import draw_candidates
+    from noisealign.policies.training import make_pairs, repeat, reward_logits
 
     projected = model(noise, emb.embeds, emb.mask, emb.pooled)
     metrics: dict[str, float] = {}
@@ -168,20 +163,17 @@ def step_loss(config, model, reference, reward_model, pipe, emb, noise, ids, see
         loss, metrics = reward_gradient_loss(reward_logits(reward_model, projected, emb, pipe))
     else:
         with torch.no_grad():
-            ref = noise if reference is None else reference(noise, emb.embeds, emb.mask, emb.pooled)
             k = config.num_candidates
-            cands = draw_candidates(
-                ref, ids, seeds, k, config.candidate_gamma, config.candidate_grid, source
-            )
-            if config.candidate_scores == "source_judge":  # the images draw_candidates mixed in
-                scores = source.verdicts(*image_candidate_keys(ids, seeds, k)).to(ref.device)
+            cands = draw_candidates(source, noise, ids, seeds, k, config.candidate_gamma)
+            if config.rank_by == "verdicts":  # of the images the candidates mixed in
+                scores = source.verdicts(ids, seeds, k).to(noise.device)
             else:
                 scores = reward_logits(reward_model, cands.flatten(0, 1), repeat(emb, k), pipe)
-        b, win, lose = make_pairs(scores.view(-1, k), config.pair_mode, config.reward_margin)
+        b, win, lose = make_pairs(scores.view(-1, k), config.pair_mode)
         if len(b):
             loss, metrics = quasi_dpo_loss(
                 projected[b],
-                ref[b],
+                noise[b],
                 cands[b, win],
                 cands[b, lose],
                 sigma=config.sigma,
@@ -189,7 +181,7 @@ def step_loss(config, model, reference, reward_model, pipe, emb, noise, ids, see
                 loss_type=config.loss_type,
                 rpo_alpha=config.rpo_alpha,
             )
-        else:  # no pair above the margin: only the penalty acts (the graph stays connected)
+        else:  # no pair of distinct scores: only the penalty acts (the graph stays connected)
             loss = projected.sum() * 0.0
         metrics["candidates/spread"] = (
             (scores.view(-1, k).amax(1) - scores.view(-1, k).amin(1)).mean().item()
@@ -247,6 +239,7 @@ def main(args: Sequence[str] | None = None) -> TrainProjectorResult:
     from noisealign.outputs import check_output_dir_against_inputs
     from noisealign.pipelines import latent_shape, load_pipeline, pipeline_signature
     from noisealign.policies import NoiseProjector, NoiseProjectorConfig, load_projector
+    from noisealign.policies.candidates import candidate_source
     from noisealign.policies.training import read_prompts, step_keys
     from noisealign.rewards import load_reward_model
     from noisealign.rewards.features import encode_prompt_table
@@ -293,18 +286,9 @@ def main(args: Sequence[str] | None = None) -> TrainProjectorResult:
     table = encode_prompt_table(pipe, prompts).to(accelerator.device, torch.float32)
     shape = latent_shape(pipe)
     judge = build_judge(config.judge, **config.judge_kwargs) if config.judge else None
-    source = None
-    if config.candidate_images:
-        from noisealign.data.exploration import ExplorationSource
+    source = candidate_source(config.candidate_images, pipe, prompt_ids)
 
-        source = ExplorationSource(config.candidate_images, pipe, config.candidate_gamma)
-        unknown = sorted(set(prompt_ids) - set(source.by_prompt))
-        if unknown:
-            raise DataError(
-                f"'candidate_images' has no image of {len(unknown)} prompt(s), e.g. {unknown[0]!r}; collect them with save_images: true"
-            )
-
-    # ---- 3. projector, reference, optimizer; resume; trackers --------------------------
+    # ---- 3. projector, optimizer; resume; trackers --------------------------
     if config.init_from:
         model = load_projector(config.init_from, pipe).train()
     else:
@@ -320,13 +304,6 @@ def main(args: Sequence[str] | None = None) -> TrainProjectorResult:
         )
         torch.manual_seed(config.seed)  # same initial weights on every process
         model = NoiseProjector(projector_config)
-    reference = (
-        None
-        if config.reference == "identity"
-        else copy.deepcopy(model).requires_grad_(False).eval()
-    )
-    if reference is not None:
-        reference.to(accelerator.device)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
@@ -363,7 +340,7 @@ def main(args: Sequence[str] | None = None) -> TrainProjectorResult:
         emb = table.select(keys.prompt_index)
         noise = batch_noise(ids, keys.seeds, shape).to(accelerator.device)
         loss, projected, metrics = step_loss(
-            config, model, reference, reward_model, pipe, emb, noise, ids, keys.seeds, source
+            config, model, reward_model, pipe, emb, noise, ids, keys.seeds, source
         )
         accelerator.backward(loss)
         clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")

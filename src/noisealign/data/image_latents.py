@@ -1,20 +1,20 @@
-"""Exploration noise for the collect stage: image latents mixed into the standard noise.
+"""Image latents of a collect dataset: the VAE latent of one of its images, standardised.
 
 Under standard Gaussian noise the judge's verdict is a nearly chaotic function of ε: the
 coarse pattern that decides the layout has a projection of about one standard deviation on
-any direction, so a reward model that sees only ε has little it can learn (docs/distill.md).
-Mixing the VAE latent of an image of the prompt into the noise,
+any direction (docs/distill.md). The standardised VAE latent z of an image the pipeline made
+for the prompt carries that image's layout; mixed into noise,
 
-    ε̃ = √(1−γ)·ε + √γ·z,   z = the image's latent, standardised per sample,   γ ~ U(0, γ_max),
+    √(1−γ)·ε + √γ·z,
 
-moves the noise far along layout directions (SDEdit from pure noise, in effect): where the
-objects appear now follows the image, and rows with γ near 0 stay close to standard noise.
-The judge still scores the generated image, so the rows teach which coarse patterns of the
-noise make the prompt come out right; the projector then learns to put them there.
+it moves the noise far along layout directions (SDEdit from pure noise, in effect). Two
+stages use it: ``train_projector`` draws its candidates around the reference with these
+latents (``candidate_images``, :mod:`noisealign.policies.candidates`) and ``image_npd`` makes
+golden-noise targets of the accepted images.
 
-The images come from an earlier collect run of the same prompts with ``save_images: true``
-(the pipeline's own outputs), so nothing here is specific to a model or a world. Choices are
-keyed by (prompt id, seed): the same row gets the same image and γ on any number of processes.
+The images come from an earlier collect run with ``save_images: true`` (the pipeline's own
+outputs), so nothing here is specific to a model or a world. Choices are keyed by
+(prompt id, seed): the same key gets the same image on any number of processes.
 """
 
 from __future__ import annotations
@@ -24,30 +24,30 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 
 from ..errors import DataError
-from ..noise import distribution_preserving_mix, noise_seed
+from ..noise import noise_seed
 
 
-class ExplorationSource:
+class ImageLatents:
     """Images of an earlier collect dataset, encoded on demand by the pipeline's VAE."""
 
-    def __init__(self, dataset: str | Path, pipe: Any, gamma_max: float) -> None:
+    def __init__(self, dataset: str | Path, pipe: Any) -> None:
         path = Path(dataset)
         if not (path / "dataset_info.json").is_file():
             raise DataError(
-                f"exploration dataset '{path}' is not a saved dataset; point 'exploration_images' at "
+                f"image dataset '{path}' is not a saved dataset; point it at "
                 "<an earlier collect's output_dir>/dataset"
             )
-        import datasets
-
         table = datasets.load_from_disk(str(path))
         self.dataset = table  # every column, for callers that need more than the images
         missing = [c for c in ("prompt_id", "image") if c not in table.column_names]
         if missing:
             raise DataError(
-                f"exploration dataset '{path}' lacks column(s) {missing}; collect it with save_images: true"
+                f"image dataset '{path}' lacks column(s) {missing}; "
+                "collect it with save_images: true"
             )
         self.table = table.select_columns(["prompt_id", "image"])
         self.scores = (
@@ -59,14 +59,15 @@ class ExplorationSource:
         for index, pid in enumerate(self.table["prompt_id"]):
             self.by_prompt.setdefault(pid, []).append(index)
         self.pipe = pipe
-        self.gamma_max = float(gamma_max)
         self._latents: dict[tuple, torch.Tensor] = {}
 
-    def choose(self, prompt_id: str, seed: int) -> tuple[int, float]:
-        """(source row, γ) of one key: an image of the same prompt when there is one, else any."""
+    def choose(self, prompt_id: str, seed: int) -> int:
+        """The source row of one key: an image of the same prompt when there is one, else any."""
+        # the stream's name predates this module (its first use mixed images into collect rows);
+        # kept so every key still picks the image it always did
         rng = random.Random(noise_seed(f"{prompt_id}\x1fexplore", seed))
         pool = self.by_prompt.get(prompt_id) or range(len(self.table))
-        return pool[rng.randrange(len(pool))], self.gamma_max * rng.random()
+        return pool[rng.randrange(len(pool))]
 
     @torch.no_grad()
     def latent(self, index: int, shape: Sequence[int], cache: bool = True) -> torch.Tensor:
@@ -74,8 +75,8 @@ class ExplorationSource:
 
         The image is resized to the latent size × the VAE scale factor first (as diffusers'
         img2img pipelines do), so a source of another resolution still fits. With ``cache``
-        the latent is kept for the next call (collect and train_projector reuse images);
-        callers that use each image once pass ``cache=False``.
+        the latent is kept for the next call (train_projector reuses images); callers that
+        use each image once pass ``cache=False``.
         """
         key = (index, tuple(int(s) for s in shape))
         if key not in self._latents:
@@ -97,22 +98,13 @@ class ExplorationSource:
     ) -> torch.Tensor:
         """(B, C, H, W) standardised latents of the images :meth:`choose` picks for these keys."""
         return torch.stack(
-            [self.latent(self.choose(p, s)[0], shape) for p, s in zip(prompt_ids, seeds)]
+            [self.latent(self.choose(p, s), shape) for p, s in zip(prompt_ids, seeds)]
         )
 
     def verdicts(self, prompt_ids: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
         """(B,) the judge's stored overall score of the image :meth:`choose` picks for each key."""
         if self.scores is None:
             raise DataError(
-                "the exploration dataset has no 'overall' column; use a collect stage dataset"
+                "the image dataset has no 'overall' column; use a collect stage dataset"
             )
-        return self.scores[[self.choose(p, s)[0] for p, s in zip(prompt_ids, seeds)]]
-
-    def mix(
-        self, noise: torch.Tensor, prompt_ids: Sequence[str], seeds: Sequence[int]
-    ) -> tuple[torch.Tensor, list[float]]:
-        """(ε̃ (B, C, H, W), the γ of each row) for standard noise ``noise`` of these keys."""
-        choices = [self.choose(p, s) for p, s in zip(prompt_ids, seeds)]
-        fields = torch.stack([self.latent(i, noise.shape[1:]) for i, _ in choices])
-        gammas = torch.tensor([g for _, g in choices], dtype=noise.dtype).view(-1, 1, 1, 1)
-        return distribution_preserving_mix(noise, fields, gammas), [g for _, g in choices]
+        return self.scores[[self.choose(p, s) for p, s in zip(prompt_ids, seeds)]]

@@ -1,8 +1,8 @@
-"""Pieces of the train_projector stage: prompts, per-step noise keys, candidates, pairs, statistics, image grids.
+"""Pieces of the train_projector stage: prompts, per-step noise keys, pairs, statistics, image grids.
 
 Everything random in a step is derived from (recipe seed, step, position in the global batch),
 never from a global RNG, so a resumed run and a run on any number of processes draw exactly
-the same prompts, noises and candidates.
+the same prompts, noises and candidates (:mod:`noisealign.policies.candidates`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..errors import DataError
-from ..noise import batch_noise, distribution_preserving_mix, gaussian_stats, smooth_noise
+from ..noise import batch_noise, gaussian_stats
 from ..pipelines import PromptEmbeddings
 from ..rewards.features import score_noise
 from .projector import NoiseProjector
@@ -67,58 +67,19 @@ def step_keys(
     return StepKeys(index[part], seeds[part])
 
 
-def image_candidate_keys(
-    ids: Sequence[str], seeds: Sequence[int], k: int
-) -> tuple[list[str], list[int]]:
-    """The (prompt id, seed) keys whose :class:`~noisealign.data.exploration.ExplorationSource`
-    draw gives candidate j of each sample: its own prompt, seed·K + j (B·K keys, sample-major)."""
-    return [p for p in ids for _ in range(k)], [s * k + j for s in seeds for j in range(k)]
-
-
-def draw_candidates(
-    reference: torch.Tensor,
-    ids: Sequence[str],
-    seeds: Sequence[int],
-    k: int,
-    gamma: float,
-    grid: int = 0,
-    source: Any | None = None,
-) -> torch.Tensor:
-    """(B, K, C, H, W): √(1−γ)·f_ref(ε, e) + √γ·ξ_k with ξ_k keyed by (prompt id, seed, k).
-
-    ``grid`` 0: ξ_k ~ N(0, I); ``grid`` g > 0: ξ_k is a unit-variance low-frequency field
-    (:func:`noisealign.noise.smooth_noise` from a g×g grid); ``source`` (an
-    :class:`~noisealign.data.exploration.ExplorationSource`): ξ_k is the standardised latent of
-    an image of the same prompt, so the K candidates differ in layout the way images do.
-    """
-    if source is not None:
-        xi = source.fields(*image_candidate_keys(ids, seeds, k), reference.shape[1:])
-    else:
-        keys = [f"{pid}|candidate-{j}" for pid in ids for j in range(k)]
-        key_seeds = [s for s in seeds for _ in range(k)]
-        if grid:
-            xi = smooth_noise(keys, key_seeds, reference.shape[1:], grid)
-        else:
-            xi = batch_noise(keys, key_seeds, reference.shape[1:])
-    xi = xi.view(len(ids), k, *reference.shape[1:]).to(reference.device, reference.dtype)
-    return distribution_preserving_mix(reference[:, None], xi, gamma)
-
-
-def make_pairs(
-    rewards: torch.Tensor, mode: str, margin: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_pairs(rewards: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sample, winner, loser) indices from candidate rewards (B, K).
 
-    ``best_worst``: one pair per sample, its best and worst candidate, kept if they differ by
-    more than ``margin``; ``all``: every (i, j) of one sample with r_i − r_j > margin.
+    ``best_worst``: one pair per sample, its best and worst candidate, kept if they differ;
+    ``all``: every (i, j) of one sample with r_i > r_j.
     """
     if mode == "best_worst":
         best, worst = rewards.argmax(1), rewards.argmin(1)
         gap = rewards.gather(1, best[:, None]) - rewards.gather(1, worst[:, None])
-        keep = (gap[:, 0] > margin).nonzero().flatten()
+        keep = (gap[:, 0] > 0.0).nonzero().flatten()
         return keep, best[keep], worst[keep]
     if mode == "all":
-        better = (rewards[:, :, None] - rewards[:, None, :]) > margin
+        better = (rewards[:, :, None] - rewards[:, None, :]) > 0.0
         sample, winner, loser = better.nonzero(as_tuple=True)
         return sample, winner, loser
     raise ValueError(f"pair mode must be one of {PAIR_MODES}, got {mode!r}")
