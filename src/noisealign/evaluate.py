@@ -1,4 +1,4 @@
-"""evaluate stage: every method on the same prompts and seeds, one table, one grid, one cost plot.
+"""evaluate stage: every method on the same prompts and seeds; one table, grid and cost plot.
 
 Launch (any of):
     noisealign evaluate --config recipes/toy/evaluate.yaml
@@ -23,8 +23,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from accelerate import Accelerator
+from diffusers import DiffusionPipeline
+
+from noisealign.cli import run_stage
 from noisealign.configs import TORCH_DTYPES, BaseConfig, arg, check_seeds, parse_config
+from noisealign.data.prompts import PromptRecord, load_heldout_prompts, load_prompts, parse_seeds
+from noisealign.data.shards import claim_output_dir
 from noisealign.errors import ConfigError
+from noisealign.evaluation import runner
+from noisealign.evaluation.methods import EvalContext, Run, build_method
+from noisealign.evaluation.report import COST_FIELDS, summarise, write_figures, write_report
+from noisealign.judges import Judge
+from noisealign.outputs import check_output_dir_against_inputs
+from noisealign.pipelines import latent_shape, load_pipeline
+from noisealign.tracking import make_accelerator, start_tracking
 
 logger = logging.getLogger("noisealign.evaluate")
 
@@ -50,14 +64,14 @@ class EvaluateConfig(BaseConfig):
     torch_dtype: str = arg("float32", choices=TORCH_DTYPES)
     """Pipeline dtype: float32, float16 or bfloat16."""
     device: str | None = None
-    """torch device of the pipeline, policies and judges' inputs; unset: accelerate's device of each
-    process. With several processes only a type without index ('cuda') is accepted."""
+    """torch device of the pipeline, policies and judges' inputs; unset: accelerate's device of
+    each process. With several processes only a type without index ('cuda') is accepted."""
     prompt_sets: dict = arg({}, required=True)
     """Prompt sets to evaluate: name -> prompt file (.txt, .jsonl with optional concepts, GenEval
     metadata .jsonl, DrawBench-style .csv). Required."""
     prompt_split: str | None = None
-    """Keep only rows whose 'split' column equals this. Unset: the held-out rows (split 'eval') of a
-    file with a 'split' column, every row of a file without one."""
+    """Keep only rows whose 'split' column equals this. Unset: the held-out rows (split 'eval') of
+    a file with a 'split' column, every row of a file without one."""
     prompt_column: str = "prompt"
     """Column holding the prompt in JSONL/CSV files (DrawBench: 'Prompts')."""
     max_prompts: int | None = arg(None, min=1)
@@ -90,41 +104,27 @@ class EvaluateConfig(BaseConfig):
                 )
         if not any(s["type"] == "standard" for s in self.methods.values()):
             raise ConfigError(
-                "methods needs a 'standard' entry ({type: standard}): win rates are measured against it"
+                "methods needs a 'standard' entry ({type: standard}): "
+                "win rates are measured against it"
             )
 
 
-CONFIG_CLASS = EvaluateConfig
+CONFIG_CLASS = EvaluateConfig  # read by `noisealign.cli` and the recipe tests
 
 
 def main(args: Sequence[str] | None = None) -> dict | None:
     """Run the evaluation and write the report; returns the report dict (as in report.json) on
     the main process, ``None`` on the others."""
     config = parse_config(EvaluateConfig, args)
-    from noisealign.data.prompts import load_heldout_prompts, load_prompts, parse_seeds
-    from noisealign.data.shards import claim_output_dir
-    from noisealign.evaluation import runner
-    from noisealign.evaluation.methods import EvalContext, build_method
-    from noisealign.evaluation.report import write_report
-    from noisealign.outputs import check_output_dir_against_inputs
-    from noisealign.pipelines import latent_shape, load_pipeline
-    from noisealign.tracking import make_accelerator, start_tracking
 
+    # ---- the processes and their devices
     accelerator = make_accelerator(config)
     device = runner.process_device(config.device, accelerator, "device")
     judge_kwargs = runner.judge_devices(config.judge_kwargs, accelerator)
 
-    # ---- 1. prompts and seeds (checked before any model loads) ---------------------------
+    # ---- prompts, seeds and the output folder, checked before any model loads
     seeds = parse_seeds(config.seeds)
-    prompt_sets = {
-        name: (
-            load_heldout_prompts(path, config.prompt_column)
-            if config.prompt_split is None
-            else load_prompts(path, config.prompt_column, config.prompt_split)
-        )[: config.max_prompts]
-        for name, path in config.prompt_sets.items()
-    }
-
+    prompt_sets = _load_prompt_sets(config)
     policies = {f"methods.{label}.policy": s.get("policy") for label, s in config.methods.items()}
     check_output_dir_against_inputs(
         config.output_dir,
@@ -133,31 +133,16 @@ def main(args: Sequence[str] | None = None) -> dict | None:
         overwrite=config.overwrite_output_dir,
     )
 
-    # ---- 2. pipeline, judges, methods (policies load and are checked against the pipe) --
-    pipe = load_pipeline(
-        config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code
-    )
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    ctx = EvalContext(
-        pipe,
-        tuple(latent_shape(pipe)),
-        config.num_inference_steps,
-        config.guidance_scale,
-        default_judge=config.judges[0],
-        judge_kwargs=judge_kwargs,
-    )
-    judges = {name: ctx.judge(name) for name in config.judges}
-    runs = {label: build_method(label, s, ctx) for label, s in config.methods.items()}
-    # only a recipe that passed every check claims the folder
+    # ---- load the pipeline, the judges and the methods (policies are checked against the pipe)
+    pipe = _load_pipeline(config, device)
+    judges, runs = _build_methods(config, pipe, judge_kwargs)
+
+    # ---- claim the output folder: only a recipe that passed every check does
     out = Path(config.output_dir)
-    fingerprint = {k: v for k, v in config.to_dict().items() if k not in _NOT_FINGERPRINTED}
-    if accelerator.is_main_process:
-        claim_output_dir(out, fingerprint, config.overwrite_output_dir, derived=[out / "rows"])
-    accelerator.wait_for_everyone()  # nobody reads rows/ before an overwrite has cleared it
+    _claim_output_dir(config, accelerator, out)
     start_tracking(accelerator, config, "evaluate")
 
-    # ---- 3. this process's share of the unfinished methods' batches ---------------------
+    # ---- this process's share of the unfinished methods' batches
     work = runner.plan_work(
         out / "rows",
         prompt_sets,
@@ -178,6 +163,73 @@ def main(args: Sequence[str] | None = None) -> dict | None:
     if not accelerator.is_main_process:
         accelerator.end_training()
         return None
+
+    # ---- merge the shares: the report, the figures, the tracker
+    report, samples = _report(config, out, work, prompt_sets, seeds, pipe, accelerator)
+    path = write_report(out, report)
+    _log_to_tracker(accelerator, out, report, samples)
+    accelerator.end_training()
+    logger.info("report written to %s\n%s", path, path.read_text())
+    return report
+
+
+def _load_prompt_sets(config: EvaluateConfig) -> dict[str, list[PromptRecord]]:
+    """Each prompt set's records: the held-out rows, or those of ``prompt_split``."""
+    return {
+        name: (
+            load_heldout_prompts(path, config.prompt_column)
+            if config.prompt_split is None
+            else load_prompts(path, config.prompt_column, config.prompt_split)
+        )[: config.max_prompts]
+        for name, path in config.prompt_sets.items()
+    }
+
+
+def _load_pipeline(config: EvaluateConfig, device: torch.device) -> DiffusionPipeline:
+    pipe = load_pipeline(
+        config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code
+    )
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _build_methods(
+    config: EvaluateConfig, pipe: DiffusionPipeline, judge_kwargs: dict
+) -> tuple[dict[str, Judge], dict[str, Run]]:
+    """The evaluation judges by name and each method's run by label, in recipe order."""
+    ctx = EvalContext(
+        pipe,
+        tuple(latent_shape(pipe)),
+        config.num_inference_steps,
+        config.guidance_scale,
+        default_judge=config.judges[0],
+        judge_kwargs=judge_kwargs,
+    )
+    judges = {name: ctx.judge(name) for name in config.judges}
+    runs = {label: build_method(label, s, ctx) for label, s in config.methods.items()}
+    return judges, runs
+
+
+def _claim_output_dir(config: EvaluateConfig, accelerator: Accelerator, out: Path) -> None:
+    """The main process claims ``out`` for this recipe's fingerprint; the others wait for it."""
+    fingerprint = {k: v for k, v in config.to_dict().items() if k not in _NOT_FINGERPRINTED}
+    if accelerator.is_main_process:
+        claim_output_dir(out, fingerprint, config.overwrite_output_dir, derived=[out / "rows"])
+    accelerator.wait_for_everyone()  # nobody reads rows/ before an overwrite has cleared it
+
+
+def _report(
+    config: EvaluateConfig,
+    out: Path,
+    work: list[runner.MethodWork],
+    prompt_sets: dict[str, list[PromptRecord]],
+    seeds: list[int],
+    pipe: DiffusionPipeline,
+    accelerator: Accelerator,
+) -> tuple[dict, dict]:
+    """Main process: every process's rows merged into the report dict, and each prompt set's
+    figures written; returns the report and, per prompt set, the grid's samples for the tracker."""
     report = {
         "pipeline": config.pipeline,
         "judges": list(config.judges),
@@ -189,11 +241,11 @@ def main(args: Sequence[str] | None = None) -> dict | None:
         "prompt_sets": {},
     }
     samples = {}  # per prompt set: the grid's prompts, images and scores, for the tracker
-    merged = runner.merged_results(out / "rows", work, list(prompt_sets), list(runs))
+    merged = runner.merged_results(out / "rows", work, list(prompt_sets), list(config.methods))
     for set_name, records in prompt_sets.items():
         results = merged[set_name]
-        summary = report["prompt_sets"][set_name] = _summarise(config, records, seeds, results)
-        samples[set_name] = _write_figures(
+        summary = report["prompt_sets"][set_name] = summarise(config, records, results)
+        samples[set_name] = write_figures(
             out,
             set_name,
             config,
@@ -202,87 +254,19 @@ def main(args: Sequence[str] | None = None) -> dict | None:
             results,
             summary["methods"],
         )
-
-    # ---- 4. report.md / report.json, tracker ------------------------------------------
-    path = write_report(out, report)
-    _log_to_tracker(accelerator, out, report, samples)
-    accelerator.end_training()
-    logger.info("report written to %s\n%s", path, path.read_text())
-    return report
+    return report, samples
 
 
-def _summarise(config: EvaluateConfig, records, seeds, results: dict) -> dict:
-    """Metrics of every method on one prompt set, in the recipe's method order."""
-    from noisealign.evaluation.metrics import alignment, compare, concept_accuracy
-
-    primary = config.judges[0]
-    standard = next(lab for lab, s in config.methods.items() if s["type"] == "standard")
-
-    def flat(rows: list[dict], judge: str) -> list[dict]:
-        return [
-            {**r, "overall": r["scores"][judge], "concepts": r["concepts"][judge]} for r in rows
-        ]
-
-    base = flat(results[standard][0], primary)
-    methods, others = [], {j: {} for j in config.judges[1:]}
-    for label, (rows, cost, _grid) in results.items():
-        rows1 = flat(rows, primary)
-        methods.append(
-            {
-                "name": label,
-                "type": config.methods[label]["type"],
-                "settings": config.methods[label],
-                "alignment": alignment(rows1),
-                "concept_accuracy": concept_accuracy(rows1),
-                **compare(rows1, base, seed=config.seed),
-                **cost,
-                "images": len(rows),
-            }
-        )
-        for judge in others:
-            others[judge][label] = alignment(flat(rows, judge))
-    summary = {"prompts": len(records), "methods": methods}
-    if others:
-        summary["other_judges"] = others
-    return summary
-
-
-def _write_figures(
-    out: Path, set_name: str, config, records, seed: int, results: dict, methods: list[dict]
-) -> dict:
-    """grid_<set>.png and cost_<set>.png; returns the grid's prompts, images and scores."""
-    from noisealign.evaluation.report import cost_plot, image_grid
-
-    primary = config.judges[0]
-    columns, scores = {}, {}
-    for label, (rows, _cost, grid) in results.items():
-        by_key = {(r["prompt_id"], r["seed"]): r["scores"][primary] for r in rows}
-        columns[label] = [grid[(r.prompt_id, seed)] for r in records]
-        scores[label] = [by_key[(r.prompt_id, seed)] for r in records]
-    prompts = [r.prompt for r in records]
-    image_grid(columns, prompts, scores).save(out / f"grid_{set_name}.png")
-    cost_plot(methods, out / f"cost_{set_name}.png", f"{set_name}: alignment vs cost ({primary})")
-    return {"prompts": prompts, "seed": seed, "images": columns, "scores": scores}
-
-
-def _log_to_tracker(accelerator, out: Path, report: dict, samples: dict) -> None:
-    """The metrics table, a table of the grid's images (a row per prompt, a column per method), figures."""
+def _log_to_tracker(accelerator: Accelerator, out: Path, report: dict, samples: dict) -> None:
+    """The metrics table, a table of the grid's images (a row per prompt, a column per method)
+    and the figures."""
     if not accelerator.trackers:
         return
-    import wandb
+    import wandb  # only when a run logs to wandb: a heavy import, and an optional one
 
     tracker = accelerator.get_tracker("wandb", unwrap=True)
     for set_name, result in report["prompt_sets"].items():
-        columns = [
-            "method",
-            "alignment",
-            "difference",
-            "win_rate",
-            "denoising_steps",
-            "judge_calls",
-            "seconds_per_image",
-            "peak_memory_mb",
-        ]
+        columns = ["method", "alignment", "difference", "win_rate", *COST_FIELDS]
         table = wandb.Table(columns=columns)
         for m in result["methods"]:
             table.add_data(*(m[c] if c != "method" else m["name"] for c in columns))
@@ -306,6 +290,4 @@ def _log_to_tracker(accelerator, out: Path, report: dict, samples: dict) -> None
 
 
 if __name__ == "__main__":
-    from noisealign.cli import run_stage
-
     run_stage(main)

@@ -11,8 +11,11 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageDraw
+
+from .metrics import alignment, compare, concept_accuracy
 
 COST_FIELDS = ("denoising_steps", "judge_calls", "seconds_per_image", "peak_memory_mb")
 
@@ -159,3 +162,63 @@ def write_report(output_dir: Path, report: dict) -> Path:
     path = output_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def summarise(config: Any, records: Sequence[Any], results: dict) -> dict:
+    """Metrics of every method on one prompt set, in the recipe's method order.
+
+    ``config`` is the evaluate recipe (its ``judges``, ``methods`` and ``seed``); ``results``
+    maps each method's label to its (rows, cost, grid) as the runner merged them.
+    """
+    primary = config.judges[0]
+    standard = next(lab for lab, s in config.methods.items() if s["type"] == "standard")
+
+    def flat(rows: list[dict], judge: str) -> list[dict]:
+        return [
+            {**r, "overall": r["scores"][judge], "concepts": r["concepts"][judge]} for r in rows
+        ]
+
+    base = flat(results[standard][0], primary)
+    methods, others = [], {j: {} for j in config.judges[1:]}
+    for label, (rows, cost, _grid) in results.items():
+        rows1 = flat(rows, primary)
+        methods.append(
+            {
+                "name": label,
+                "type": config.methods[label]["type"],
+                "settings": config.methods[label],
+                "alignment": alignment(rows1),
+                "concept_accuracy": concept_accuracy(rows1),
+                **compare(rows1, base, seed=config.seed),
+                **cost,
+                "images": len(rows),
+            }
+        )
+        for judge in others:
+            others[judge][label] = alignment(flat(rows, judge))
+    summary = {"prompts": len(records), "methods": methods}
+    if others:
+        summary["other_judges"] = others
+    return summary
+
+
+def write_figures(
+    out: Path,
+    set_name: str,
+    config: Any,
+    records: Sequence[Any],
+    seed: int,
+    results: dict,
+    methods: list[dict],
+) -> dict:
+    """grid_<set>.png and cost_<set>.png; returns the grid's prompts, images and scores."""
+    primary = config.judges[0]
+    columns, scores = {}, {}
+    for label, (rows, _cost, grid) in results.items():
+        by_key = {(r["prompt_id"], r["seed"]): r["scores"][primary] for r in rows}
+        columns[label] = [grid[(r.prompt_id, seed)] for r in records]
+        scores[label] = [by_key[(r.prompt_id, seed)] for r in records]
+    prompts = [r.prompt for r in records]
+    image_grid(columns, prompts, scores).save(out / f"grid_{set_name}.png")
+    cost_plot(methods, out / f"cost_{set_name}.png", f"{set_name}: alignment vs cost ({primary})")
+    return {"prompts": prompts, "seed": seed, "images": columns, "scores": scores}
