@@ -77,7 +77,8 @@ def _judge(
     prompts: list[str],
     concepts: list[list[Concept] | None] | None,
 ) -> list[float]:
-    """Overall scores; with a single candidate there is nothing to choose, so no judge call (NaN)."""
+    """Overall scores; with a single candidate there is nothing to choose, so no judge call
+    (NaN)."""
     if n == 1:
         return [float("nan")] * len(images)
     return judge_overall(judge, images, prompts, concepts)
@@ -104,7 +105,8 @@ def best_of_n(
     """Generate every candidate ``(B, N, C, h, w)``, judge the images, keep each prompt's best.
 
     Ties go to the lowest candidate index. N = 1 is the standard method: nothing to choose,
-    so the judge is not called (0 judge calls, NaN scores). ``extras``: ``"chosen"`` (B candidate indices), ``"scores"`` (B lists of N).
+    so the judge is not called (0 judge calls, NaN scores). ``extras``: ``"chosen"`` (B
+    candidate indices), ``"scores"`` (B lists of N).
     """
     batch, n = candidates.shape[:2]
     check_batch(prompts, emb, batch, "candidate sets")
@@ -155,7 +157,8 @@ class LinearPreview:
 
 @torch.no_grad()
 def fit_linear_preview(pipe: DiffusionPipeline, latents: torch.Tensor) -> LinearPreview:
-    """Least-squares :class:`LinearPreview` from clean ``latents`` ``(B, C, h, w)`` and their VAE decodes."""
+    """Least-squares :class:`LinearPreview` from clean ``latents`` ``(B, C, h, w)`` and their
+    VAE decodes."""
     images = decode(pipe, latents).cpu()
     size = (images.shape[2], images.shape[3])
     x = F.interpolate(latents.float().cpu(), size=size, mode="bilinear", align_corners=False)
@@ -200,6 +203,38 @@ def _preview_images(
     return to_pil(pipe, decode(pipe, pred_x0))
 
 
+def _resolve_preview(pipe: DiffusionPipeline, preview: str | LinearPreview) -> str | LinearPreview:
+    """``"vae"``, or the :class:`LinearPreview` that ``preview`` names or is."""
+    if isinstance(preview, str):
+        if preview not in PREVIEWS:
+            raise ValueError(
+                f"preview must be one of {PREVIEWS} or a LinearPreview, got {preview!r}"
+            )
+        preview = linear_preview(pipe) if preview == "linear" else "vae"
+    return preview
+
+
+def _finish(
+    pipe: DiffusionPipeline,
+    emb: PromptEmbeddings,
+    stopped: torch.Tensor,
+    chosen: list[int],
+    stop_step: int,
+    batch_size: int,
+    steps: dict,
+) -> list[Image.Image]:
+    """The chosen candidates' final images, run on from their step-``stop_step`` latents."""
+    images = []
+    batch = stopped.shape[0]
+    for start in range(0, batch, batch_size):
+        owners = list(range(start, min(start + batch_size, batch)))
+        latents = torch.stack([stopped[b, chosen[b]] for b in owners])
+        if stop_step < steps["num_inference_steps"]:
+            latents = ddim_loop(pipe, emb.select(owners), latents, start=stop_step, **steps).latents
+        images += to_pil(pipe, decode(pipe, latents))
+    return images
+
+
 @torch.no_grad()
 def early_stop_best_of_n(
     pipe: DiffusionPipeline,
@@ -215,7 +250,8 @@ def early_stop_best_of_n(
     batch_size: int = 64,
     concepts: Sequence[list[Concept] | None] | None = None,
 ) -> MethodOutput:
-    """Run every candidate ``(B, N, C, h, w)`` for ``stop_step`` DDIM steps, judge previews, finish the best.
+    """Run every candidate ``(B, N, C, h, w)`` for ``stop_step`` DDIM steps, judge previews,
+    finish the best.
 
     The preview of a candidate is its predicted x0 after ``stop_step`` steps, decoded by the
     VAE (``"vae"``), by :func:`linear_preview` (``"linear"``) or by a given
@@ -228,12 +264,7 @@ def early_stop_best_of_n(
     check_batch(prompts, emb, batch, "candidate sets")
     if not 1 <= stop_step <= num_inference_steps:
         raise ValueError(f"stop_step must lie in [1, {num_inference_steps}], got {stop_step}")
-    if isinstance(preview, str):
-        if preview not in PREVIEWS:
-            raise ValueError(
-                f"preview must be one of {PREVIEWS} or a LinearPreview, got {preview!r}"
-            )
-        preview = linear_preview(pipe) if preview == "linear" else "vae"
+    preview = _resolve_preview(pipe, preview)
     scores = [[float("-inf")] * n for _ in range(batch)]
     stopped = torch.empty(candidates.shape, dtype=torch.float32)
     steps = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
@@ -248,15 +279,8 @@ def early_stop_best_of_n(
             scores[b][i] = score
             stopped[b, i] = trace.latents[row].cpu()
     chosen = _argmax_first(scores)
-    images = []
-    for start in range(0, batch, batch_size):
-        owners = list(range(start, min(start + batch_size, batch)))
-        latents = torch.stack([stopped[b, chosen[b]] for b in owners])
-        if stop_step < num_inference_steps:
-            latents = ddim_loop(pipe, emb.select(owners), latents, start=stop_step, **steps).latents
-        images += to_pil(pipe, decode(pipe, latents))
     return MethodOutput(
-        images=images,
+        images=_finish(pipe, emb, stopped, chosen, stop_step, batch_size, steps),
         latents=torch.stack([candidates[b, c] for b, c in enumerate(chosen)]).float().cpu(),
         denoising_steps=[float(n * stop_step + num_inference_steps - stop_step)] * batch,
         judge_calls=[n if n > 1 else 0] * batch,

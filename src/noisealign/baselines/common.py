@@ -105,7 +105,8 @@ def ddim_loop(
     stop = num_inference_steps if stop is None else stop
     if not 0 <= start < stop <= num_inference_steps:
         raise ValueError(
-            f"need 0 <= start < stop <= num_inference_steps, got {start}, {stop}, {num_inference_steps}"
+            "need 0 <= start < stop <= num_inference_steps, "
+            f"got {start}, {stop}, {num_inference_steps}"
         )
     scheduler, _ = _ddim(pipe, num_inference_steps, start)
     x = latents.to(pipe._execution_device, torch.float32)
@@ -150,7 +151,8 @@ def needs_upcast(pipe: DiffusionPipeline) -> bool:
 
 @contextmanager
 def upcast_vae(pipe: DiffusionPipeline) -> Iterator[None]:
-    """Hold the pipeline's VAE in float32 inside the block where :func:`needs_upcast`, as ``pipe()`` does.
+    """Hold the pipeline's VAE in float32 inside the block where :func:`needs_upcast`, as
+    ``pipe()`` does.
 
     Adapted from diffusers' ``StableDiffusionXLPipeline.__call__`` (diffusers 0.42.1): cast the
     VAE to float32, decode, cast it back to float16. Here the cast back waits for the end of the

@@ -1,4 +1,5 @@
-"""Noise Diffusion (Miao et al., CVPR 2025, arXiv 2411.16503): judge-guided, distribution-preserving noise updates.
+"""Noise Diffusion (Miao et al., CVPR 2025, arXiv 2411.16503): judge-guided,
+distribution-preserving noise updates.
 
 One round, for current noise z with final image I(z) and judge score s = s(I(z)) in [0, 1]
 (for a VQA judge, P("yes")):
@@ -15,8 +16,9 @@ no clipping) is affine in z, so this gradient is a positive multiple of ∂s/∂
 selection rule is invariant to that scale.
 
 The judge must be differentiable: a :class:`DifferentiableJudge`. The candidates σ_i are
-derived from the noise's key, ``initial_noise(f"{prompt_id}/noise-diffusion/round{r}/candidate{i}", seed)``,
-so a run is deterministic. Cost per image: T denoising steps and one judge call per round,
+derived from the noise's key,
+``initial_noise(f"{prompt_id}/noise-diffusion/round{r}/candidate{i}", seed)``, so a run is
+deterministic. Cost per image: T denoising steps and one judge call per round,
 plus T steps for the final image.
 
 Example:
@@ -62,7 +64,8 @@ class DifferentiableJudge(Protocol):
 
 
 def check_differentiable(judge: Judge) -> DifferentiableJudge:
-    """``judge`` itself; :class:`~noisealign.errors.JudgeError` naming it if it has no ``score_tensor``."""
+    """``judge`` itself; :class:`~noisealign.errors.JudgeError` naming it if it has no
+    ``score_tensor``."""
     if not isinstance(judge, DifferentiableJudge):
         raise JudgeError(
             f"Noise Diffusion needs a differentiable judge with score_tensor(images, prompts), "
@@ -139,6 +142,29 @@ def _sigmas(
     )
 
 
+def _update(
+    pipe: DiffusionPipeline,
+    emb: PromptEmbeddings,
+    prompts: list[str],
+    z: torch.Tensor,
+    rows: list[int],
+    judge: DifferentiableJudge,
+    keys: tuple[list[str], list[int]],
+    round_: int,
+    num_candidates: int,
+    steps: dict,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One round on the noises ``z[rows]`` (updated in place), keyed by ``keys`` = (prompt ids,
+    seeds); returns their scores s, step sizes γ and chosen candidates."""
+    score, grad = score_and_gradient(pipe, emb, prompts, z[rows], judge, **steps)
+    gamma = step_size(score)
+    sigmas = _sigmas(*keys, round_, num_candidates, z.shape[1:])
+    index, _ = select_candidates(grad, z[rows], sigmas, gamma)
+    best = sigmas[torch.arange(len(rows)), index]
+    z[rows] = distribution_preserving_mix(z[rows], best, gamma.view(-1, 1, 1, 1))
+    return score, gamma, index
+
+
 def noise_diffusion(
     pipe: DiffusionPipeline,
     emb: PromptEmbeddings,
@@ -178,21 +204,11 @@ def noise_diffusion(
     for start in range(0, batch, batch_size):
         rows = list(range(start, min(start + batch_size, batch)))
         chunk_emb, chunk_prompts = emb.select(rows), [prompts[b] for b in rows]
+        keys = [prompt_ids[b] for b in rows], [seeds[b] for b in rows]
         for round_ in range(rounds):
-            score, grad = score_and_gradient(
-                pipe, chunk_emb, chunk_prompts, z[rows], judge, **steps
+            score, gamma, index = _update(
+                pipe, chunk_emb, chunk_prompts, z, rows, judge, keys, round_, num_candidates, steps
             )
-            gamma = step_size(score)
-            sigmas = _sigmas(
-                [prompt_ids[b] for b in rows],
-                [seeds[b] for b in rows],
-                round_,
-                num_candidates,
-                z.shape[1:],
-            )
-            index, _ = select_candidates(grad, z[rows], sigmas, gamma)
-            best = sigmas[torch.arange(len(rows)), index]
-            z[rows] = distribution_preserving_mix(z[rows], best, gamma.view(-1, 1, 1, 1))
             for row, b in enumerate(rows):
                 extras["scores"][b].append(float(score[row]))
                 extras["gammas"][b].append(float(gamma[row]))
