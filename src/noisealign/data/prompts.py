@@ -26,14 +26,14 @@ import hashlib
 import io
 import json
 import logging
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
 from ..judges.base import Concept
+from .annotations import geneval_concepts, parse_concepts  # geneval_concepts: public here too
 
 logger = logging.getLogger(__name__)
 
@@ -56,69 +56,6 @@ class PromptRecord:
 
 def prompt_hash_id(prompt: str) -> str:
     return hashlib.sha1(prompt.encode()).hexdigest()[:12]
-
-
-def _concepts(raw: Any, prompt: str, where: str) -> tuple[Concept, ...] | None:
-    if raw is None or raw == "":
-        return None
-    if isinstance(raw, str):
-        raw = json.loads(raw)
-    concepts = []
-    for item in raw:
-        if isinstance(item, str):
-            item = {"text": item}
-        concept = Concept.from_dict(item)
-        if not concept.spans:
-            start = prompt.lower().find(concept.text.lower())
-            if start < 0:
-                raise DataError(
-                    f"{where}: concept '{concept.text}' does not occur in the prompt; give its spans explicitly"
-                )
-            concept.spans = [(start, start + len(concept.text))]
-        concepts.append(concept)
-    return tuple(concepts)
-
-
-_NUMBERS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
-
-
-def _find(prompt: str, words: Sequence[str], start: int = 0) -> tuple[int, int] | None:
-    """Span of the first of ``words`` found in ``prompt`` (whole words, case-insensitive)."""
-    for word in words:
-        match = re.search(rf"\b{re.escape(word)}\b", prompt[start:], re.IGNORECASE)
-        if match:
-            return start + match.start(), start + match.end()
-    return None
-
-
-def geneval_concepts(include: list[dict], prompt: str) -> tuple[Concept, ...]:
-    """Concepts from a GenEval ``include`` list: objects, colours, counts and positions.
-
-    Each concept's span is found in the prompt (plural forms too); one that cannot be found
-    spans the whole prompt, so its score still reaches the prompt's tokens.
-    """
-    whole = [(0, len(prompt))]
-    concepts, objects = [], []
-    for item in include:
-        name = str(item["class"])
-        span = _find(prompt, [name, name + "s", name + "es"])
-        objects.append((name, span))
-        concepts.append(Concept(name, "object", [span] if span else whole))
-        if item.get("color"):
-            color = _find(prompt, [item["color"]])
-            concepts.append(
-                Concept(f"{item['color']} {name}", "attribute", [color] if color else whole)
-            )
-        count = int(item.get("count", 1))
-        if count > 1:
-            where = _find(prompt, [_NUMBERS.get(count, str(count)), str(count)])
-            concepts.append(Concept(f"{count} {name}", "count", [where] if where else whole))
-        if item.get("position"):
-            relation, other = item["position"][0], int(item["position"][1])
-            where = _find(prompt, [relation])
-            text = f"{name} {relation} {objects[other][0] if other < len(objects) else '?'}"
-            concepts.append(Concept(text, "relation", [where] if where else whole))
-    return tuple(concepts)
 
 
 def _rows(path: Path) -> list[dict[str, Any]]:
@@ -177,7 +114,8 @@ def load_prompts(
     path = Path(path)
     if not path.exists():
         raise DataError(
-            f"prompt file '{path}' does not exist; set 'prompts' to a .txt, .jsonl, .csv file or a saved dataset"
+            f"prompt file '{path}' does not exist; set 'prompts' to a .txt, .jsonl, .csv file or a "
+            "saved dataset"
         )
     rows = _rows(path)
     if not rows:
@@ -213,7 +151,7 @@ def _records(rows: list[dict[str, Any]], path: Path, column: str) -> list[Prompt
         if not prompt:
             raise DataError(f"{path}: row {n} has an empty prompt; remove it or fill it in")
         prompt_id = str(row.get("prompt_id", row.get("id", "")) or prompt_hash_id(prompt))
-        concepts = _concepts(row.get("concepts"), prompt, f"{path}: row {n}")
+        concepts = parse_concepts(row.get("concepts"), prompt, f"{path}: row {n}")
         if concepts is None and isinstance(row.get("include"), list):
             concepts = geneval_concepts(row["include"], prompt)
         split = None if row.get("split") in (None, "") else str(row["split"])
@@ -226,7 +164,8 @@ def _records(rows: list[dict[str, Any]], path: Path, column: str) -> list[Prompt
         if prompt_id in records:
             if records[prompt_id].prompt != prompt:
                 raise DataError(
-                    f"{path}: prompt id '{prompt_id}' is used by two different prompts; make ids unique"
+                    f"{path}: prompt id '{prompt_id}' is used by two different prompts; make ids "
+                    "unique"
                 )
             logger.warning("%s: duplicate prompt '%s' skipped", path, prompt[:60])
             continue
@@ -262,7 +201,8 @@ def load_training_prompts(
 
 def load_heldout_prompts(path: str | Path, column: str = "prompt") -> list[PromptRecord]:
     """The evaluation prompts of a file: its held-out rows (split ``eval``), or every row of a
-    file without a ``split`` column. A file with splits but no held-out row is a :class:`DataError`."""
+    file without a ``split`` column. A file with splits but no held-out row is a
+    :class:`DataError`."""
     records = load_prompts(path, column)
     if all(r.split is None for r in records):
         return records
@@ -288,7 +228,8 @@ def save_heldout_record(folder: str | Path, record: dict[str, Any]) -> None:
 
 
 def load_heldout_record(dataset: str | Path) -> dict[str, Any] | None:
-    """The record of a collected dataset: ``heldout.json`` in its folder or the folder above; None if absent."""
+    """The record of a collected dataset: ``heldout.json`` in its folder or the folder above; None
+    if absent."""
     for path in (Path(dataset, HELDOUT_FILE), Path(dataset).parent / HELDOUT_FILE):
         if path.is_file():
             try:
@@ -320,8 +261,10 @@ def check_not_heldout(dataset: str | Path, prompt_ids: Iterable[str]) -> dict[st
     leaked = sorted(set(prompt_ids) & set(record["heldout_prompt_ids"]))
     if leaked:
         raise DataError(
-            f"dataset '{dataset}' holds rows of {len(leaked)} held-out prompt(s) (e.g. '{leaked[0]}', "
-            f"split '{record['heldout_split']}' of {record['prompts']}); collect it again into a fresh output_dir"
+            f"dataset '{dataset}' holds rows of {len(leaked)} held-out prompt(s) (e.g. "
+            f"'{leaked[0]}', "
+            f"split '{record['heldout_split']}' of {record['prompts']}); collect it again into a "
+            "fresh output_dir"
         )
     return record
 
