@@ -1,6 +1,9 @@
-"""The ``noisealign`` console command: ``noisealign STAGE --config recipe.yaml [--field value ...]``.
+"""The ``noisealign`` console command:
 
-Tools that take plain arguments instead of a recipe run the same way: ``noisealign convert_npnet IN.pth OUT``.
+    noisealign STAGE --config recipe.yaml [--field value ...]
+
+Tools that take plain arguments instead of a recipe run the same way:
+``noisealign convert_npnet IN.pth OUT``.
 
 Each stage is also a script (``accelerate launch src/noisealign/STAGE.py --config ...``) and
 a module (``python -m noisealign.STAGE --config ...``); all three call the stage's ``main``.
@@ -92,7 +95,8 @@ def run_stage(
 
 @contextlib.contextmanager
 def _sigterm_raises_interrupted() -> Iterator[None]:
-    """SIGTERM raises :class:`Interrupted` while the stage runs (signals reach the main thread only)."""
+    """SIGTERM raises :class:`Interrupted` while the stage runs (signals reach the main thread
+    only)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -164,7 +168,10 @@ def _os_line(exc: BaseException, args: list[str]) -> str | None:
     path = exc.filename if isinstance(exc, OSError) and exc.filename is not None else None
     where = f"'{path}'" if path is not None else _output_dir_phrase(args)
     if code in (errno.ENOSPC, errno.EDQUOT):
-        return f"no space left on the disk holding {where}; free space or choose an output_dir on another disk"
+        return (
+            f"no space left on the disk holding {where}; free space or choose an output_dir on "
+            "another disk"
+        )
     if code == errno.EROFS:
         return f"{where} is on a read-only file system; choose an output_dir on a writable disk"
     if code in (errno.EACCES, errno.EPERM):
@@ -173,7 +180,10 @@ def _os_line(exc: BaseException, args: list[str]) -> str | None:
         return None
     if code == errno.ENOTDIR:
         blocker = next((p for p in Path(path).parents if p.exists() and not p.is_dir()), Path(path))
-        return f"'{blocker}' is a file, not a folder, so '{path}' cannot be used; move the file away or choose another path"
+        return (
+            f"'{blocker}' is a file, not a folder, so '{path}' cannot be used; move the file away "
+            "or choose another path"
+        )
     if code == errno.EISDIR:
         return f"'{path}' is a folder where a file is expected; pass a file"
     if code == errno.EEXIST and not Path(path).is_dir():
@@ -187,7 +197,10 @@ def _loading_line(exc: BaseException) -> str | None:
     from safetensors import SafetensorError
 
     if isinstance(exc, SafetensorError):
-        return f"a safetensors weights file is corrupt or truncated ({_first_line(exc)}); re-save or re-download the model folder"
+        return (
+            f"a safetensors weights file is corrupt or truncated ({_first_line(exc)}); re-save or "
+            "re-download the model folder"
+        )
     if isinstance(exc, OSError) and exc.errno is None and _LOADING.search(str(exc)):
         return (
             f"cannot load a model: {_first_line(exc)}; re-save or re-download the folder it names"
@@ -197,7 +210,10 @@ def _loading_line(exc: BaseException) -> str | None:
 
 def _decode_line(exc: BaseException) -> str | None:
     if isinstance(exc, UnicodeDecodeError):
-        return f"a file is not {exc.encoding} text (byte offset {exc.start}: {exc.reason}); save it as UTF-8"
+        return (
+            f"a file is not {exc.encoding} text (byte offset {exc.start}: {exc.reason}); save it "
+            "as UTF-8"
+        )
     return None
 
 

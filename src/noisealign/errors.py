@@ -27,9 +27,11 @@ class DataError(NoiseAlignError):
 
 
 class Interrupted(BaseException):
-    """SIGTERM arrived; raised in the main thread so the stage unwinds through its ``finally`` blocks.
+    """SIGTERM arrived; raised in the main thread so the stage unwinds through its ``finally``
+    blocks.
 
-    A ``BaseException`` like ``KeyboardInterrupt``, so no library's ``except Exception`` swallows it.
+    A ``BaseException`` like ``KeyboardInterrupt``, so no library's ``except Exception`` swallows
+    it.
     """
 
     def __init__(self, signum: int) -> None:

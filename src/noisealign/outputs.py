@@ -73,11 +73,13 @@ def check_output_dir_against_inputs(
             )
         if out.is_relative_to(path):
             raise DataError(
-                f"output_dir '{output_dir}' lies inside the {name} folder '{value}'; choose an output_dir outside it"
+                f"output_dir '{output_dir}' lies inside the {name} folder '{value}'; choose an "
+                "output_dir outside it"
             )
         if path.is_relative_to(out):
             raise DataError(
-                f"output_dir '{output_dir}' contains the {name} '{value}'; choose an output_dir that does not"
+                f"output_dir '{output_dir}' contains the {name} '{value}'; choose an output_dir "
+                "that does not"
             )
     if out.is_dir():
         _check_folder_contents(out, output_dir, stage, overwrite)
@@ -92,7 +94,8 @@ def _check_folder_contents(out: Path, output_dir, stage: str, overwrite: bool) -
     if foreign:
         what = ", ".join(f"{ARTEFACTS[m]} ({m})" for m in foreign)
         raise DataError(
-            f"output_dir '{output_dir}' holds another stage's output: {what}; choose another output_dir"
+            f"output_dir '{output_dir}' holds another stage's output: {what}; choose another "
+            "output_dir"
         )
     # a trainer's folder is its own when it has complete checkpoints (then
     # rewards.trainer.check_output_dir asks for --resume_from_checkpoint or an overwrite)
@@ -101,7 +104,8 @@ def _check_folder_contents(out: Path, output_dir, stage: str, overwrite: bool) -
     if mine and not claimed and not overwrite:
         raise DataError(
             f"output_dir '{output_dir}' already holds {', '.join(mine)} that no recipe.json or "
-            "checkpoint of this stage accounts for; choose another output_dir or pass --overwrite_output_dir true"
+            "checkpoint of this stage accounts for; choose another output_dir or pass "
+            "--overwrite_output_dir true"
         )
 
 
@@ -131,7 +135,8 @@ def lock_output_dir(output_dir: str | os.PathLike[str]) -> None:
     except Timeout:
         pid = pid_file.read_text().strip() if pid_file.is_file() else "unknown"
         raise DataError(
-            f"another run holds {output_dir} (pid {pid}); wait for it to finish or choose another output_dir"
+            f"another run holds {output_dir} (pid {pid}); wait for it to finish or choose another "
+            "output_dir"
         ) from None
     pid_file.write_text(f"{os.getpid()}\n")
     _HELD[root] = lock

@@ -36,13 +36,15 @@ def redact(values: Any) -> Any:
 
 
 def apply_num_threads(config: BaseConfig) -> None:
-    """Set torch's intra-op threads from the recipe's ``num_threads`` (unset: leave torch's default)."""
+    """Set torch's intra-op threads from the recipe's ``num_threads`` (unset: leave torch's
+    default)."""
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
 
 
 def make_accelerator(config: BaseConfig, **kwargs: Any) -> Accelerator:
-    """An ``Accelerator`` that will log to wandb (or nothing); trackers start with :func:`start_tracking`.
+    """An ``Accelerator`` that will log to wandb (or nothing); trackers start with
+    :func:`start_tracking`.
 
     Create it before touching the output folder: it sets up the process group, and
     ``PartialState()`` alone ignores ``ACCELERATE_USE_CPU`` and would see one process.

@@ -1,4 +1,5 @@
-"""Reading collected feedback rows for the distill stage: validation, cleaning, prompt split, batching.
+"""Reading collected feedback rows for the distill stage: validation, cleaning, prompt split,
+batching.
 
 Rows come from the collect stage (:mod:`noisealign.data.schema`). Failed judge rows and rows
 with NaN/Inf in their scores or stored noise are skipped and counted, never silently used.
@@ -90,7 +91,8 @@ def load_feedback(path: str | Path) -> datasets.Dataset:
     path = Path(path)
     if not path.is_dir():
         raise DataError(
-            f"dataset '{path}' does not exist; run the collect stage and point 'dataset' to its dataset/ folder"
+            f"dataset '{path}' does not exist; run the collect stage and point 'dataset' to its "
+            "dataset/ folder"
         )
     try:
         dataset = datasets.load_from_disk(str(path))
@@ -120,7 +122,8 @@ def _single(values: Sequence, column: str) -> object:
 
 
 def clean_feedback(dataset: datasets.Dataset) -> FeedbackRows:
-    """Drop failed and non-finite rows (logged with their indices) and return the rest as tensors."""
+    """Drop failed and non-finite rows (logged with their indices) and return the rest as
+    tensors."""
     table = dataset.with_format("numpy")
     overall = np.asarray(table["overall"], dtype=np.float64)
     failed = np.asarray(table["failed"], dtype=bool) | np.isnan(overall)
@@ -173,13 +176,16 @@ def clean_feedback(dataset: datasets.Dataset) -> FeedbackRows:
 def split_by_prompt(
     prompt_ids: Sequence[str], eval_fraction: float, min_eval_prompts: int, seed: int
 ) -> tuple[list[str], list[str]]:
-    """``(train, eval)`` prompt ids, disjoint, eval a seeded random ``eval_fraction`` of the prompts."""
+    """``(train, eval)`` prompt ids, disjoint, eval a seeded random ``eval_fraction`` of the
+    prompts."""
     unique = sorted(set(prompt_ids))
     n_eval = max(min_eval_prompts, round(eval_fraction * len(unique)))
     if len(unique) - n_eval < 1:
         raise DataError(
-            f"the dataset has {len(unique)} usable prompts, too few for {n_eval} held-out prompts and "
-            "at least one training prompt; collect more prompts or lower eval_fraction/min_eval_prompts"
+            f"the dataset has {len(unique)} usable prompts, too few for {n_eval} held-out prompts "
+            "and "
+            "at least one training prompt; collect more prompts or lower "
+            "eval_fraction/min_eval_prompts"
         )
     random.Random(seed).shuffle(unique)
     return sorted(unique[n_eval:]), sorted(unique[:n_eval])

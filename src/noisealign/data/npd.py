@@ -1,6 +1,8 @@
-"""Noise prompt datasets (NPD): re-denoise noise pairs written by ``collect_npd``, read by ``train_npnet``.
+"""Noise prompt datasets (NPD): re-denoise noise pairs written by ``collect_npd``, read by
+``train_npnet``.
 
-One row per (prompt id, seed): the source noise x_T, the target noise x′_T = DDIM-Inversion(DDIM(x_T))
+One row per (prompt id, seed): the source noise x_T, the target noise x′_T =
+DDIM-Inversion(DDIM(x_T))
 (Golden Noise, arXiv 2411.09502, Alg. 1), the judge's score of the image generated from each,
 whether the pair passed the filter s′ > s + m, and the settings that produced it. Every pair is
 stored, kept or not, so a different margin can be tried without collecting again.
@@ -47,7 +49,8 @@ REQUIRED_COLUMNS = (
 
 
 def npd_features(latent_shape: Sequence[int]) -> Features:
-    """Features of an NPD: keys, both noises ``(C, H, W)`` float32, both scores, the filter, the settings."""
+    """Features of an NPD: keys, both noises ``(C, H, W)`` float32, both scores, the filter, the
+    settings."""
     noise = Array3D(shape=tuple(latent_shape), dtype="float32")
     return Features(
         {
@@ -80,7 +83,8 @@ def npd_features(latent_shape: Sequence[int]) -> Features:
 
 
 def keep_pair(source_score: float, target_score: float, margin: float) -> bool:
-    """Alg. 1's filter 𝕀[s + m < s′]: the target noise's image beats the source's by more than ``margin``.
+    """Alg. 1's filter 𝕀[s + m < s′]: the target noise's image beats the source's by more than
+    ``margin``.
 
     A NaN score (failed judge) never keeps the pair.
     """
@@ -132,7 +136,8 @@ def open_npd(path: str | Path) -> datasets.Dataset:
 
 
 def _finite_rows(dataset: datasets.Dataset, rows: Sequence[int], chunk: int = 256) -> np.ndarray:
-    """(len(rows),) bool: both noises finite; read in chunks so large latents never all sit in memory."""
+    """(len(rows),) bool: both noises finite; read in chunks so large latents never all sit in
+    memory."""
     table = dataset.select_columns(["source_noise", "target_noise"]).with_format("numpy")
     ok = []
     for start in range(0, len(rows), chunk):
@@ -180,7 +185,8 @@ def load_noise_pairs(path: str | Path, margin: float | None = None) -> NoisePair
     signatures = set(table["pipeline_signature"])
     if len(shapes) > 1 or len(signatures) > 1:
         raise DataError(
-            f"dataset '{path}' mixes latent shapes {sorted(shapes)} or pipelines; train on pairs of one collect_npd recipe"
+            f"dataset '{path}' mixes latent shapes {sorted(shapes)} or pipelines; train on pairs "
+            "of one collect_npd recipe"
         )
     return NoisePairs(
         table=table,
@@ -194,7 +200,8 @@ def load_noise_pairs(path: str | Path, margin: float | None = None) -> NoisePair
 
 
 def check_pairs_fit_pipeline(pairs: NoisePairs, signature: dict[str, Any], where: str) -> None:
-    """:class:`PipelineError` when the pairs were collected with a pipeline whose embeddings or latents differ.
+    """:class:`PipelineError` when the pairs were collected with a pipeline whose embeddings or
+    latents differ.
 
     The latent *size* may differ from the pipeline's default (a policy for any size), the
     channels, text encoder and tokenizer may not.
@@ -205,12 +212,14 @@ def check_pairs_fit_pipeline(pairs: NoisePairs, signature: dict[str, Any], where
     if pairs.latent_shape[0] != signature["latent_channels"]:
         raise PipelineError(
             f"the noise pairs of '{where}' have {pairs.latent_shape[0]} latent channels but the "
-            f"pipeline's latents have {signature['latent_channels']}; train with the pipeline they were collected with"
+            f"pipeline's latents have {signature['latent_channels']}; train with the pipeline they "
+            "were collected with"
         )
 
 
 class NoisePairDataset(Dataset):
-    """Rows ``indices`` of :class:`NoisePairs` as batches: source, target ``(B, C, H, W)``, row index ``(B,)``.
+    """Rows ``indices`` of :class:`NoisePairs` as batches: source, target ``(B, C, H, W)``, row
+    index ``(B,)``.
 
     ``__getitems__`` reads a whole batch from the Arrow table at once (the loader's collate_fn
     must pass it through); the noise never has to fit in memory as a whole.

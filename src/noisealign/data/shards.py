@@ -72,7 +72,8 @@ def claim_output_dir(
             if not overwrite:
                 raise DataError(
                     f"output_dir '{root}' holds outputs of a different recipe (differs in: "
-                    f"{', '.join(changed)}); choose another output_dir or pass --overwrite_output_dir true"
+                    f"{', '.join(changed)}); choose another output_dir or pass "
+                    "--overwrite_output_dir true"
                 )
             lock_output_dir(root)  # before deleting anything another run may be writing
             logger.warning(
@@ -144,7 +145,8 @@ class ShardStore:
         return final
 
     def merge(self, keys: Sequence[Key]) -> datasets.Dataset:
-        """Concatenate the shards in ``keys`` order into ``dataset/``; check each key occurs once."""
+        """Concatenate the shards in ``keys`` order into ``dataset/``; check each key occurs
+        once."""
         parts = [datasets.load_from_disk(str(s)) for s in self.shards()]
         if not parts:
             raise DataError(f"no shards in {self.shard_dir}; nothing was collected")
@@ -158,7 +160,8 @@ class ShardStore:
         missing = [k for k in keys if k not in position]
         if missing:
             raise DataError(
-                f"{len(missing)} keys were not collected (first: {missing[0]}); run the same command again"
+                f"{len(missing)} keys were not collected (first: {missing[0]}); run the same "
+                "command again"
             )
         return replace_dataset(merged.select([position[k] for k in keys]), self.dataset_dir)
 

@@ -83,7 +83,8 @@ def _run_here(stage: str, args: list[str]) -> bool:
 def run_chain(
     folder: str | Path, dry_run_dir: str, num_processes: int = 1, port: int = 29533
 ) -> list[float]:
-    """Dry-run each stage of ``folder``; returns the seconds each took. Stops at the first failure."""
+    """Dry-run each stage of ``folder``; returns the seconds each took. Stops at the first
+    failure."""
     env = dict(os.environ)
     if num_processes > 1 and "CUDA_VISIBLE_DEVICES" not in env:
         import torch

@@ -78,7 +78,8 @@ def pipeline_class(name_or_path: str) -> str:
         found = f"its class is {name}" if name else "no model_index.json is on disk"
         raise ConfigError(
             f"dry run cannot build an offline replica of pipeline '{name_or_path}' ({found}); "
-            f"replicas exist for {', '.join(PIPELINE_BUILDERS)}: put the pipeline's model_index.json "
+            f"replicas exist for {', '.join(PIPELINE_BUILDERS)}: put the pipeline's "
+            "model_index.json "
             "in a local folder or the Hugging Face cache, or pass --pipeline with such a model"
         )
     return name

@@ -1,4 +1,5 @@
-"""The report a dry run ends with: replicas built, models per rank, peak memory, outputs read back."""
+"""The report a dry run ends with: replicas built, models per rank, peak memory, outputs read
+back."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ class DryRunFailure(NoiseAlignError):
 
 
 def _device(device: torch.device) -> str:
-    """``cuda:1`` stays; every CPU device is ``cpu`` (accelerate calls it ``cpu:0`` on every rank)."""
+    """``cuda:1`` stays; every CPU device is ``cpu`` (accelerate calls it ``cpu:0`` on every
+    rank)."""
     return "cpu" if device.type == "cpu" else str(device)
 
 
@@ -94,7 +96,8 @@ def _load_folder(folder: Path) -> str:
 
 
 def check_outputs(folder: Path) -> tuple[list[str], list[str]]:
-    """Read back what the stage wrote: datasets (rows), safetensors (finite), reports, checkpoints."""
+    """Read back what the stage wrote: datasets (rows), safetensors (finite), reports,
+    checkpoints."""
     import datasets
 
     lines, problems = [], []

@@ -106,7 +106,8 @@ def _early_stop(
 ) -> Run:
     if not 0 < stop_step < ctx.num_inference_steps:
         raise ConfigError(
-            f"early_stop: stop_step must be in 1..{ctx.num_inference_steps - 1} (num_inference_steps), got {stop_step}"
+            f"early_stop: stop_step must be in 1..{ctx.num_inference_steps - 1} "
+            f"(num_inference_steps), got {stop_step}"
         )
     scorer = ctx.judge(judge)
 
@@ -162,7 +163,8 @@ METHODS: dict[str, Callable[..., Run]] = {
 
 
 def build_method(label: str, settings: dict, ctx: EvalContext) -> Run:
-    """The run function of recipe entry ``methods.<label>``; :class:`ConfigError` on bad settings."""
+    """The run function of recipe entry ``methods.<label>``; :class:`ConfigError` on bad
+    settings."""
     settings = dict(settings)
     kind = settings.pop("type", None)
     if kind not in METHODS:

@@ -49,7 +49,8 @@ def concept_accuracy(rows: Sequence[dict]) -> dict[str, float]:
 def bootstrap_interval(
     per_prompt: np.ndarray, n: int = 10_000, seed: int = 0
 ) -> tuple[float, float]:
-    """95% percentile interval of the mean of ``per_prompt`` (one value per prompt), resampling prompts."""
+    """95% percentile interval of the mean of ``per_prompt`` (one value per prompt), resampling
+    prompts."""
     if len(per_prompt) == 0:
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)

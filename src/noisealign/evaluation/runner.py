@@ -1,4 +1,5 @@
-"""Running the methods over prompt sets: batches shared out to processes, cost accounting, judging, cached rows.
+"""Running the methods over prompt sets: batches shared out to processes, cost accounting, judging,
+cached rows.
 
 A method's work on a prompt set is cut into the batches one process makes (``batch_size``
 consecutive (prompt, seed) keys). With N processes, process r runs units r, r+N, ... of the
@@ -94,12 +95,14 @@ def process_device(requested: str | None, accelerator: Any, what: str) -> torch.
         asked = torch.device(requested)
     except RuntimeError as exc:
         raise ConfigError(
-            f"{what} '{requested}' is not a torch device; use e.g. 'cuda' or 'cpu', or leave it unset"
+            f"{what} '{requested}' is not a torch device; use e.g. 'cuda' or 'cpu', or leave it "
+            "unset"
         ) from exc
     # accelerate on a GPU means CUDA is there; checked first so no CUDA call runs without need
     if asked.type == "cuda" and accelerator.device.type != "cuda" and not torch.cuda.is_available():
         raise ConfigError(
-            f"{what} is '{requested}', but CUDA is not available on this machine; remove {what} or use cpu"
+            f"{what} is '{requested}', but CUDA is not available on this machine; remove {what} or "
+            "use cpu"
         )
     if accelerator.num_processes == 1:
         return asked
@@ -174,7 +177,8 @@ def run_share(
     num_processes: int,
     device: torch.device,
 ) -> None:
-    """This process's units r, r+N, ... of all (method, batch) in ``work``; finished ones are skipped."""
+    """This process's units r, r+N, ... of all (method, batch) in ``work``; finished ones are
+    skipped."""
     units = [(w, i) for w in work for i in range(len(w.batches))]
     mine = units[process_index::num_processes]
     todo = [(w, i) for w, i in mine if _read_part(w, i) is None]
@@ -265,7 +269,8 @@ def _read_part(work: MethodWork, index: int) -> dict | None:
 
 
 def merge_method(work: MethodWork) -> None:
-    """Main process, after every process ran its share: the parts -> ``<label>.json``, parts removed."""
+    """Main process, after every process ran its share: the parts -> ``<label>.json``, parts
+    removed."""
     rows, steps, calls, seconds, peak, grid = [], [], [], 0.0, 0.0, {}
     for index in range(len(work.batches)):
         part = _read_part(work, index)
@@ -295,7 +300,8 @@ def merge_method(work: MethodWork) -> None:
 def merged_results(
     rows_dir: Path, work: Sequence[MethodWork], set_names: Sequence[str], labels: Sequence[str]
 ) -> dict[str, dict[str, tuple[list[dict], dict, Grid]]]:
-    """Main process: merge ``work``'s parts, then every method's rows, cost and grid, per prompt set."""
+    """Main process: merge ``work``'s parts, then every method's rows, cost and grid, per prompt
+    set."""
     for method in work:
         merge_method(method)
     return {s: {label: load_method(rows_dir / s, label) for label in labels} for s in set_names}

@@ -90,7 +90,8 @@ def build_judge(name: str, **kwargs: Any) -> Judge:
         if name not in plugins:
             raise JudgeError(
                 f"unknown judge '{name}'; known judges: {', '.join(available_judges())} "
-                f"(install a package that registers it in the '{ENTRY_POINT_GROUP}' entry-point group)"
+                f"(install a package that registers it in the '{ENTRY_POINT_GROUP}' entry-point "
+                "group)"
             )
         factory = plugins[name].load()
     try:

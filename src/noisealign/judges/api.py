@@ -104,7 +104,8 @@ class OpenAIJudge:
         key = os.environ.get(self.api_key_env)
         if not key:
             raise JudgeError(
-                f"the API judge needs an API key in the environment variable {self.api_key_env}, which is not set"
+                f"the API judge needs an API key in the environment variable {self.api_key_env}, "
+                "which is not set"
             )
         return key
 
@@ -184,7 +185,8 @@ class OpenAIJudge:
         prompts: Sequence[str],
         concepts: Sequence[list[Concept] | None] | None = None,
     ) -> list[Feedback]:
-        """Score B images: the whole prompt's P(yes) is the overall score, each concept's its score."""
+        """Score B images: the whole prompt's P(yes) is the overall score, each concept's its
+        score."""
         feedback = []
         for image, prompt, resolved in zip(
             images, prompts, resolve_concepts(images, prompts, concepts)
@@ -204,6 +206,7 @@ class OpenAIJudge:
             top = reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
         except (KeyError, IndexError, TypeError):
             raise JudgeError(
-                f"API judge {self.url} returned no answer logprobs (does the model support logprobs?)"
+                f"API judge {self.url} returned no answer logprobs (does the model support "
+                "logprobs?)"
             ) from None
         return yes_probability_from_logprobs(top)

@@ -96,7 +96,8 @@ class CLIPJudge:
         return (self.scale * (image_emb * text_emb).sum(-1)).clamp(0.0, 1.0)
 
     def preprocess_tensor(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) float in [0, 1] -> (B, 3, crop_h, crop_w) normalised pixel values, differentiably.
+        """(B, 3, H, W) float in [0, 1] -> (B, 3, crop_h, crop_w) normalised pixel values,
+        differentiably.
 
         Bicubic with antialiasing is the closest torch match to the PIL resampling of
         ``CLIPImageProcessor``; the output size follows its shortest-edge rule.
@@ -114,7 +115,8 @@ class CLIPJudge:
         return (cropped - self._mean) / self._std
 
     def score_tensor(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        """CLIPScore of (B, 3, H, W) float images in [0, 1] against B prompts: (B,) float32, differentiable."""
+        """CLIPScore of (B, 3, H, W) float images in [0, 1] against B prompts: (B,) float32,
+        differentiable."""
         if images.shape[0] != len(prompts):
             raise ValueError(f"got {images.shape[0]} images for {len(prompts)} prompts")
         image_emb = self._image_embeddings(self.preprocess_tensor(images.to(self.device)))

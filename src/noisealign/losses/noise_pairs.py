@@ -17,7 +17,8 @@ import torch
 def noise_pair_loss(
     predicted: torch.Tensor, target: torch.Tensor, source: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """``(loss, metrics)`` for ``predicted`` = φ(x_T, e), ``target`` = x′_T, ``source`` = x_T, all ``(B, C, H, W)``.
+    """``(loss, metrics)`` for ``predicted`` = φ(x_T, e), ``target`` = x′_T, ``source`` = x_T, all
+    ``(B, C, H, W)``.
 
     loss = mean((φ(x_T, e) − x′_T)²) in float32; metrics: ``mse``, ``identity_mse`` =
     mean((x_T − x′_T)²) and their ratio ``relative_mse``.

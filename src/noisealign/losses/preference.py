@@ -1,4 +1,5 @@
-"""Losses of the train_projector stage: quasi-DPO, the reward-gradient ablation, a Gaussianity penalty.
+"""Losses of the train_projector stage: quasi-DPO, the reward-gradient ablation, a Gaussianity
+penalty.
 
 Quasi-DPO (our formulation; derivation in ``docs/method.md``). The projector f_θ is
 deterministic, so the policy is a surrogate Gaussian π_θ(x | ε, e) = N(f_θ(ε, e), σ²I) with
@@ -105,7 +106,8 @@ def reward_gradient_loss(reward_logit: torch.Tensor) -> tuple[torch.Tensor, dict
 
 
 def lag1_autocorrelation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample mean products of horizontal and vertical neighbours of ``x`` (B, C, H, W): (B,), (B,).
+    """Per-sample mean products of horizontal and vertical neighbours of ``x`` (B, C, H, W): (B,),
+    (B,).
 
     For white N(0, 1) noise both are 0 with standard deviation ≈ 1/√n; a smooth (low-frequency)
     ε′ — one a per-value test cannot see — has them near 1.

@@ -85,7 +85,8 @@ def reward_loss(
     overall_kind: str = "bce",
     rank_margin: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """L = token_weight·L_tok + overall_weight·L_all + rank_weight·L_rank (see the module docstring)."""
+    """L = token_weight·L_tok + overall_weight·L_all + rank_weight·L_rank (see the module
+    docstring)."""
     l_tok, m_tok = token_bce_loss(token_logits, token_targets, token_mask)
     l_all, m_all = overall_loss(overall_logit, overall_target, overall_kind)
     l_rank, m_rank = pairwise_ranking_loss(overall_logit, overall_target, group, rank_margin)

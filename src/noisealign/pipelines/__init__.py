@@ -10,7 +10,8 @@ Example:
     >>> pipe = load_pipeline("runs/tiny_sd")  # doctest: +SKIP
     >>> emb = encode_prompts(pipe, ["a red circle"])  # doctest: +SKIP
     >>> noise = batch_noise(["p0"], [0], latent_shape(pipe))  # doctest: +SKIP
-    >>> images = generate(pipe, emb, noise, num_inference_steps=20, guidance_scale=7.5)  # doctest: +SKIP
+    >>> images = generate(pipe, emb, noise, num_inference_steps=20, guidance_scale=7.5)  # doctest:
+    +SKIP
 """
 
 from .adapters import ADAPTERS, PipelineAdapter

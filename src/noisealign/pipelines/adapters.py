@@ -30,7 +30,8 @@ class PipelineAdapter(Protocol):
         ...
 
     def encode_negative(self, pipe: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(embeds, pooled)`` with batch 1 that ``pipe(prompt)`` uses when no negative prompt is given."""
+        """``(embeds, pooled)`` with batch 1 that ``pipe(prompt)`` uses when no negative prompt is
+        given."""
         ...
 
     def call_kwargs(
@@ -46,7 +47,8 @@ class PipelineAdapter(Protocol):
     def unet_kwargs(
         self, pipe: Any, pooled: torch.Tensor | None, height: int, width: int
     ) -> dict[str, Any]:
-        """Extra UNet keyword arguments for a batch whose pooled embeddings are ``pooled``; pixel size."""
+        """Extra UNet keyword arguments for a batch whose pooled embeddings are ``pooled``; pixel
+        size."""
         ...
 
     def text_encoders(self, pipe: Any) -> list[torch.nn.Module]:
@@ -176,7 +178,8 @@ def supported_names() -> list[str]:
 
 
 def adapter_for_name(class_name: str) -> PipelineAdapter:
-    """The adapter for a ``model_index.json`` ``_class_name``; :class:`PipelineError` if unsupported."""
+    """The adapter for a ``model_index.json`` ``_class_name``; :class:`PipelineError` if
+    unsupported."""
     for cls, adapter in ADAPTERS.items():
         if cls.__name__ == class_name:
             return adapter
@@ -191,5 +194,6 @@ def adapter_for(pipe: DiffusionPipeline) -> PipelineAdapter:
         if isinstance(pipe, cls):
             return adapter
     raise PipelineError(
-        f"pipeline class '{type(pipe).__name__}' is not supported; supported: {', '.join(supported_names())}"
+        f"pipeline class '{type(pipe).__name__}' is not supported; supported: "
+        f"{', '.join(supported_names())}"
     )

@@ -97,7 +97,8 @@ def _tokenize(pipe: Any, prompts: list[str]) -> tuple[Any, list[bool]]:
 
 
 def check_pipe(pipe: object) -> None:
-    """:class:`PipelineError` unless ``pipe`` is a loaded diffusers pipeline of a supported family."""
+    """:class:`PipelineError` unless ``pipe`` is a loaded diffusers pipeline of a supported
+    family."""
     if not isinstance(pipe, DiffusionPipeline):
         raise PipelineError(
             f"'pipe' is a {type(pipe).__name__}, not a diffusers pipeline; load one with "
@@ -145,7 +146,8 @@ _NEGATIVE_CACHE = weakref.WeakKeyDictionary()
 
 
 def negative_embeddings(pipe: DiffusionPipeline) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(embeds (1, L, D), pooled (1, P) | None)`` that ``pipe(prompt)`` uses as its unconditional branch.
+    """``(embeds (1, L, D), pooled (1, P) | None)`` that ``pipe(prompt)`` uses as its unconditional
+    branch.
 
     The empty prompt's encoding (SD) or zeros (SDXL with ``force_zeros_for_empty_prompt``);
     cached per pipeline, device and dtype because collect calls this for every batch.

@@ -1,4 +1,5 @@
-"""Load a supported diffusers pipeline from a local folder or a hub id, ready for deterministic sampling."""
+"""Load a supported diffusers pipeline from a local folder or a hub id, ready for deterministic
+sampling."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ SCHEDULERS: dict[str, type] = {"ddim": DDIMScheduler}
 
 
 def resolve_dtype(torch_dtype: str | torch.dtype) -> torch.dtype:
-    """``"float16"`` / ``"fp16"`` / ``torch.float16`` -> ``torch.float16``; :class:`PipelineError` if unknown."""
+    """``"float16"`` / ``"fp16"`` / ``torch.float16`` -> ``torch.float16``; :class:`PipelineError`
+    if unknown."""
     if isinstance(torch_dtype, torch.dtype):
         return torch_dtype
     if torch_dtype not in DTYPES:
@@ -73,7 +75,8 @@ def _pipeline_class_name(name_or_path: str) -> str:
 
 
 def _check_components(folder: Path, skipped: dict) -> None:
-    """Every component ``model_index.json`` lists (and the adapter does not replace) has its folder."""
+    """Every component ``model_index.json`` lists (and the adapter does not replace) has its
+    folder."""
     index = json.loads((folder / "model_index.json").read_text())
     for name, entry in index.items():
         listed = isinstance(entry, list) and None not in entry
@@ -126,9 +129,11 @@ def load_pipeline(
 
     Args:
         name_or_path: a folder written by ``save_pretrained`` or a hub id.
-        torch_dtype: ``"float32"``, ``"float16"``, ``"bfloat16"`` (or short forms) or a ``torch.dtype``.
+        torch_dtype: ``"float32"``, ``"float16"``, ``"bfloat16"`` (or short forms) or a
+        ``torch.dtype``.
         device: where the pipeline's modules go.
-        scheduler: ``"ddim"`` swaps in a ``DDIMScheduler`` built from the pipeline's scheduler config,
+        scheduler: ``"ddim"`` swaps in a ``DDIMScheduler`` built from the pipeline's scheduler
+        config,
             which makes sampling deterministic (eta = 0) and matches the inversion helpers;
             ``None`` keeps the pipeline's own scheduler.
         trust_remote_code: passed to ``from_pretrained``.

@@ -42,7 +42,8 @@ def latent_shape(
     step = math.lcm(scale, 8)  # diffusers' pipelines also refuse sizes that are not multiples of 8
     if height <= 0 or width <= 0 or height % step or width % step:
         raise ConfigError(
-            f"image size {height}x{width} must be positive multiples of the VAE scale factor {scale} "
+            f"image size {height}x{width} must be positive multiples of the VAE scale factor "
+            f"{scale} "
             f"and of 8; fix the recipe's height and width"
         )
     return (int(pipe.unet.config.in_channels), height // scale, width // scale)
@@ -65,11 +66,13 @@ def _check_tensor(latents: object) -> None:
     """:class:`ConfigError` unless ``latents`` is a floating-point tensor without NaN/Inf."""
     if not isinstance(latents, torch.Tensor):
         raise ConfigError(
-            f"'latents' is a {type(latents).__name__}; pass a (B, C, h, w) torch tensor, e.g. batch_noise(...)"
+            f"'latents' is a {type(latents).__name__}; pass a (B, C, h, w) torch tensor, e.g. "
+            "batch_noise(...)"
         )
     if not latents.is_floating_point():
         raise ConfigError(
-            f"'latents' have dtype {latents.dtype}; pass floating-point noise, e.g. batch_noise(...)"
+            f"'latents' have dtype {latents.dtype}; pass floating-point noise, e.g. "
+            "batch_noise(...)"
         )
     try:
         check_finite(latents, "latents")
@@ -106,7 +109,8 @@ def _check_latents(
     _check_tensor(latents)
     if latents.ndim != 4:
         raise ConfigError(
-            f"latents must be (B, C, h, w), got shape {tuple(latents.shape)}; draw them with batch_noise(ids, seeds, latent_shape(pipe))"
+            f"latents must be (B, C, h, w), got shape {tuple(latents.shape)}; draw them with "
+            "batch_noise(ids, seeds, latent_shape(pipe))"
         )
     scale = pipe.vae_scale_factor
     height = latents.shape[2] * scale if height is None else height
@@ -114,12 +118,14 @@ def _check_latents(
     expected = latent_shape(pipe, height, width)
     if tuple(latents.shape[1:]) != expected:
         raise ConfigError(
-            f"latents have shape {tuple(latents.shape[1:])} per sample but the pipeline expects {expected} "
+            f"latents have shape {tuple(latents.shape[1:])} per sample but the pipeline expects "
+            f"{expected} "
             f"for {height}x{width} images; draw them with latent_shape(pipe, height, width)"
         )
     if latents.shape[0] != len(embeds):
         raise ConfigError(
-            f"got {latents.shape[0]} latents for {len(embeds)} prompt embeddings; pass one per prompt"
+            f"got {latents.shape[0]} latents for {len(embeds)} prompt embeddings; pass one per "
+            "prompt"
         )
 
 
@@ -185,7 +191,8 @@ def _guided_noise(
     timestep: torch.Tensor,
     guidance_scale: float,
 ) -> torch.Tensor:
-    """Classifier-free-guided UNet noise prediction, in float32, as ``pipe()`` computes it at one step."""
+    """Classifier-free-guided UNet noise prediction, in float32, as ``pipe()`` computes it at one
+    step."""
     adapter = adapter_for(pipe)
     cond, neg, neg_pooled = _conditioning(pipe, embeds, latents.shape[0])
     x = latents.to(pipe._execution_device, pipe.unet.dtype)
@@ -211,7 +218,8 @@ def _guided_noise(
 def _ddim(
     pipe: Any, num_inference_steps: int, step_index: int
 ) -> tuple[DDIMScheduler, torch.Tensor]:
-    """A fresh DDIM scheduler (the pipeline's own is left untouched) and its ``step_index``-th timestep."""
+    """A fresh DDIM scheduler (the pipeline's own is left untouched) and its ``step_index``-th
+    timestep."""
     if not 0 <= step_index < num_inference_steps:
         raise ValueError(f"step_index {step_index} is outside [0, {num_inference_steps})")
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -228,7 +236,8 @@ def denoise_step(
     guidance_scale: float,
     step_index: int = 0,
 ) -> torch.Tensor:
-    """One DDIM step (eta = 0) from the ``step_index``-th timestep of a ``num_inference_steps`` schedule.
+    """One DDIM step (eta = 0) from the ``step_index``-th timestep of a ``num_inference_steps``
+    schedule.
 
     Uses a ``DDIMScheduler`` built from the pipeline's scheduler config (whatever the pipeline's
     own scheduler is). Returns a tensor of the input's shape, device and dtype.
@@ -284,7 +293,8 @@ def re_denoise(
     guidance_denoise: float = 5.5,
     guidance_invert: float = 1.0,
 ) -> torch.Tensor:
-    """Golden Noise re-denoise sampling: ``x'_T = DDIM-Inversion(DDIM(x_T))`` (arXiv 2411.09502, Alg. 1).
+    """Golden Noise re-denoise sampling: ``x'_T = DDIM-Inversion(DDIM(x_T))`` (arXiv 2411.09502,
+    Alg. 1).
 
     One DDIM step from ``x_T`` at CFG ``guidance_denoise`` (the paper's omega_l), then one
     inversion step back at ``guidance_invert`` (omega_w < omega_l); the CFG gap is what injects

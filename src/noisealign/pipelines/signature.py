@@ -40,7 +40,8 @@ def pipeline_signature(pipe: DiffusionPipeline) -> dict[str, Any]:
 
 
 def check_compatible(expected: dict[str, Any], actual: dict[str, Any], what: str) -> None:
-    """Raise :class:`PipelineError` naming every key of ``expected`` whose value differs in ``actual``.
+    """Raise :class:`PipelineError` naming every key of ``expected`` whose value differs in
+    ``actual``.
 
     ``what`` names the artefact, e.g. ``"reward model 'reward_models/toy'"``. Values are compared
     after a JSON round trip, so a signature read back from disk equals the live one.
@@ -48,7 +49,8 @@ def check_compatible(expected: dict[str, Any], actual: dict[str, Any], what: str
     expected, actual = json.loads(json.dumps(expected)), json.loads(json.dumps(actual))
     missing = object()
     mismatches = [
-        f"{key}: expected {expected[key]!r}, got {'missing' if actual.get(key, missing) is missing else repr(actual[key])}"
+        f"{key}: expected {expected[key]!r}, got "
+        f"{'missing' if actual.get(key, missing) is missing else repr(actual[key])}"
         for key in expected
         if actual.get(key, missing) != expected[key]
     ]

@@ -46,7 +46,8 @@ def rule_scores(noise, offsets) -> list[float]:
 def build_feedback_rows(
     pipe, prompts: Sequence[str], seeds: Iterable[int], pipeline: str = "tiny"
 ) -> list[dict]:
-    """Rows of the collect schema for ``prompts`` × ``seeds`` with :func:`rule_scores` as the judge."""
+    """Rows of the collect schema for ``prompts`` × ``seeds`` with :func:`rule_scores` as the
+    judge."""
     shape = latent_shape(pipe)
     emb = encode_prompts(pipe, list(prompts))
     rows = []
@@ -91,7 +92,8 @@ def build_feedback_dataset(
     save_noise: bool = False,
     pipeline: str = "tiny",
 ) -> datasets.Dataset:
-    """Save :func:`build_feedback_rows` to ``folder`` (``load_from_disk``-able) and return the dataset."""
+    """Save :func:`build_feedback_rows` to ``folder`` (``load_from_disk``-able) and return the
+    dataset."""
     rows = build_feedback_rows(pipe, prompts, list(seeds), pipeline)
     if not save_noise:
         for row in rows:

@@ -124,7 +124,8 @@ def _finish(
 def build_tiny_sd_pipeline(
     folder: str | Path | None = None, *, seed: int = 0
 ) -> StableDiffusionPipeline:
-    """A tiny ``StableDiffusionPipeline``; saved to ``folder`` (loadable by ``load_pipeline``) if given.
+    """A tiny ``StableDiffusionPipeline``; saved to ``folder`` (loadable by ``load_pipeline``) if
+    given.
 
     Weights depend only on ``seed``; the global torch RNG is left untouched.
     """

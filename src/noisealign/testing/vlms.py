@@ -92,7 +92,8 @@ TEXT = dict(
 
 
 def _tiny_tokenizer(specials: tuple[str, ...], **special_roles: str) -> PreTrainedTokenizerFast:
-    """A byte-level BPE (as Qwen's) in which every word of :data:`WORDS` is one token, bare and after a space."""
+    """A byte-level BPE (as Qwen's) in which every word of :data:`WORDS` is one token, bare and
+    after a space."""
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()

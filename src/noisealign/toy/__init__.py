@@ -14,7 +14,8 @@ from pathlib import Path
 
 
 def pipeline_path() -> Path:
-    """Folder of the committed toy pipeline (loads with ``StableDiffusionPipeline.from_pretrained``)."""
+    """Folder of the committed toy pipeline (loads with
+    ``StableDiffusionPipeline.from_pretrained``)."""
     return Path(__file__).resolve().parent / "assets" / "pipeline"
 
 

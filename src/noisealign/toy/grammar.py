@@ -89,7 +89,8 @@ class ObjectSpec:
 
 @dataclass(frozen=True)
 class ParsedPrompt:
-    """A prompt of the grammar: one or two objects and, for two, the relation of the first to the second."""
+    """A prompt of the grammar: one or two objects and, for two, the relation of the first to the
+    second."""
 
     prompt: str
     objects: tuple[ObjectSpec, ...]

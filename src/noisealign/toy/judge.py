@@ -244,7 +244,8 @@ PIXEL_TAU = 1.0
 
 
 def _smoothstep(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """0 below ``lo``, 1 above ``hi``, a C¹ cubic between: exact zeros keep far pixels out of the moments."""
+    """0 below ``lo``, 1 above ``hi``, a C¹ cubic between: exact zeros keep far pixels out of the
+    moments."""
     t = ((x - lo) / (hi - lo)).clamp(0, 1)
     return t * t * (3 - 2 * t)
 
@@ -295,7 +296,8 @@ def _soft_relation(first: dict, second: dict, relation: str) -> torch.Tensor:
 
 
 def soft_concept_scores(masks: torch.Tensor, prompt: str) -> torch.Tensor:
-    """``(B, K)`` soft scores of one prompt's K concepts (the judge's order) on ``(B, 4, H, W)`` masks."""
+    """``(B, K)`` soft scores of one prompt's K concepts (the judge's order) on ``(B, 4, H, W)``
+    masks."""
     parsed = parse_prompt(prompt)
     moments = [_moments(masks[:, k]) for k in range(len(COLOURS))]
     present = [torch.sigmoid((m["area"] - AREA) / AREA_TAU) for m in moments]
