@@ -1,9 +1,13 @@
-"""generate stage: images from a trained projector's noise, written as PNGs (optionally beside the standard noise's).
+"""generate stage: images from a trained projector's noise, written as PNGs (optionally beside
+the standard noise's).
 
 Launch (any of):
-    noisealign generate --projector outputs/toy/train_projector --prompt "a red circle left of a blue square" --seed 0 1 2
-    python -m noisealign.generate --projector ... --prompt ... --seed 0 --side_by_side true --output_dir out/
-    accelerate launch --num_processes 8 src/noisealign/generate.py --projector ... --prompt ... --seed 0 1 2 3
+    noisealign generate --projector outputs/toy/train_projector \\
+        --prompt "a red circle left of a blue square" --seed 0 1 2
+    python -m noisealign.generate --projector ... --prompt ... --seed 0 --side_by_side true \\
+        --output_dir out/
+    accelerate launch --num_processes 8 src/noisealign/generate.py --projector ... --prompt ... \\
+        --seed 0 1 2 3
 
 The pipeline defaults to the one recorded in the projector folder; a pipeline whose text
 embeddings or latent shape differ from it fails with a one-line :class:`PipelineError`. Each
@@ -23,8 +27,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from diffusers import DiffusionPipeline
+from PIL import Image
+
+from noisealign.cli import run_stage
 from noisealign.configs import TORCH_DTYPES, BaseConfig, arg, parse_config
 from noisealign.errors import ConfigError
+from noisealign.outputs import check_output_dir_against_inputs
+from noisealign.paths import resolve_recorded_path
+from noisealign.pipelines import encode_prompts, generate, load_pipeline
+from noisealign.policies import NoiseProjector, apply_policy, check_pipeline, load_projector
+from noisealign.tracking import make_accelerator
 
 logger = logging.getLogger("noisealign.generate")
 
@@ -66,18 +80,14 @@ class GenerateConfig(BaseConfig):
             )
 
 
-CONFIG_CLASS = GenerateConfig
+CONFIG_CLASS = GenerateConfig  # read by `noisealign.cli` and the recipe tests
 
 
 def render(
     config: GenerateConfig, pipe, projector, keys: Sequence[tuple[int, str, int]]
 ) -> list[Path]:
-    """Write the PNGs of ``keys`` = (index in prompt × seed order, prompt, seed); returns their paths."""
-    from PIL import Image
-
-    from noisealign.pipelines import encode_prompts, generate
-    from noisealign.policies import apply_policy
-
+    """Write the PNGs of ``keys`` = (index in prompt × seed order, prompt, seed); returns their
+    paths."""
     index, prompts, seeds = (list(column) for column in zip(*keys))
     size = dict(height=config.height, width=config.width)
     projected, standard = apply_policy(
@@ -110,12 +120,6 @@ def render(
 def main(args: Sequence[str] | None = None) -> list[Path]:
     """Write the PNGs; returns the paths this process wrote (all of them with one process)."""
     config = parse_config(GenerateConfig, args)
-    from noisealign.outputs import check_output_dir_against_inputs
-    from noisealign.paths import resolve_recorded_path
-    from noisealign.pipelines import load_pipeline
-    from noisealign.policies import check_pipeline, load_projector
-    from noisealign.tracking import make_accelerator
-
     check_output_dir_against_inputs(
         config.output_dir,
         {"projector": config.projector, "pipeline": config.pipeline},
@@ -123,18 +127,10 @@ def main(args: Sequence[str] | None = None) -> list[Path]:
         overwrite=config.overwrite_output_dir,
     )
     accelerator = make_accelerator(config)
-    # ---- 1. projector and its pipeline (checked against each other) ---------------------
+
+    # ---- load the projector and its pipeline (checked against each other)
     projector = load_projector(config.projector)
-    # a relative recorded path resolves from the projector folder (noisealign.paths)
-    recorded = projector.config.pipeline
-    pipeline = config.pipeline or (recorded and resolve_recorded_path(recorded, config.projector))
-    if not pipeline:
-        raise ConfigError("the projector records no pipeline; pass --pipeline FOLDER")
-    pipe = load_pipeline(
-        pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code
-    )
-    pipe.to(accelerator.device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = _load_pipeline(config, projector, accelerator.device)
     check_pipeline(projector, pipe, f"projector '{config.projector}'")
     projector = projector.to(accelerator.device)
     logger.info(
@@ -145,7 +141,7 @@ def main(args: Sequence[str] | None = None) -> list[Path]:
         next(projector.parameters()).device,
     )
 
-    # ---- 2. this process's share of every prompt with every seed, as PNGs ----------------
+    # ---- this process's share of every prompt with every seed, as PNGs
     pairs = [(p, s) for p in config.prompt for s in config.seed]
     rank, world = accelerator.process_index, accelerator.num_processes
     keys = [(i, *pairs[i]) for i in range(rank, len(pairs), world)]
@@ -158,7 +154,22 @@ def main(args: Sequence[str] | None = None) -> list[Path]:
     return written
 
 
-if __name__ == "__main__":
-    from noisealign.cli import run_stage
+def _load_pipeline(
+    config: GenerateConfig, projector: NoiseProjector, device: torch.device
+) -> DiffusionPipeline:
+    """The recipe's pipeline, else the one the projector records, on ``device``."""
+    # a relative recorded path resolves from the projector folder (noisealign.paths)
+    recorded = projector.config.pipeline
+    pipeline = config.pipeline or (recorded and resolve_recorded_path(recorded, config.projector))
+    if not pipeline:
+        raise ConfigError("the projector records no pipeline; pass --pipeline FOLDER")
+    pipe = load_pipeline(
+        pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code
+    )
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
+
+if __name__ == "__main__":
     run_stage(main)
