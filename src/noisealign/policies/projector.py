@@ -34,12 +34,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from ..errors import ConfigError
-from ..rewards.model import sincos_2d
+from ..nn import (
+    AttentionBlock,
+    PatchEmbed,
+    check_sizes,
+    load_weights_strict,
+    modulate,
+    norm_linear,
+    zero_linear,
+)
 
 MOMENT_EPS = 1e-6  # keeps s(y) away from 0 for a degenerate residual
 
@@ -70,49 +76,8 @@ class NoiseProjectorConfig:
     """Folder or hub id of the pipeline it was trained with."""
 
     def __post_init__(self) -> None:
-        for name in (
-            "latent_channels",
-            "text_dim",
-            "hidden_dim",
-            "depth",
-            "num_heads",
-            "patch_size",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(
-                    f"projector field '{name}' must be >= 1, got {getattr(self, name)}"
-                )
-        if self.hidden_dim % self.num_heads or self.hidden_dim % 4:
-            raise ConfigError(
-                f"projector field 'hidden_dim' ({self.hidden_dim}) must divide by num_heads "
-                f"({self.num_heads}) and by 4 (2-D sine-cosine positions)"
-            )
-
-
-class ProjectorBlock(nn.Module):
-    """Pre-norm block: patch self-attention, patches → own prompt's tokens cross-attention, MLP."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
-        super().__init__()
-        self.norm_self = nn.LayerNorm(dim)
-        self.self_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.norm_query = nn.LayerNorm(dim)
-        self.cross_attn = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.norm_mlp = nn.LayerNorm(dim)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
-
-    def forward(
-        self, patches: torch.Tensor, tokens: torch.Tensor, pad: torch.Tensor
-    ) -> torch.Tensor:
-        x = self.norm_self(patches)
-        patches = patches + self.self_attn(x, x, x, need_weights=False)[0]
-        q = self.norm_query(patches)
-        patches = (
-            patches
-            + self.cross_attn(q, tokens, tokens, key_padding_mask=pad, need_weights=False)[0]
-        )
-        return patches + self.mlp(self.norm_mlp(patches))
+        names = ("latent_channels", "text_dim", "hidden_dim", "depth", "num_heads", "patch_size")
+        check_sizes(self, "projector", names)
 
 
 def check_inputs(noise: torch.Tensor, embeds: torch.Tensor, channels: int, text_dim: int) -> None:
@@ -155,34 +120,25 @@ class NoiseProjector(
 
     config_class = NoiseProjectorConfig
     # FSDP shard groups (accelerate's TRANSFORMER_BASED_WRAP reads this); the rest joins the root's
-    _no_split_modules = ["ProjectorBlock"]
+    _no_split_modules = ["AttentionBlock"]
+    _from_pretrained = classmethod(load_weights_strict)  # every key must match
 
     def __init__(self, config: NoiseProjectorConfig) -> None:
         super().__init__()
         self.config = config
         dim, p = config.hidden_dim, config.patch_size
-        self.patch_embed = nn.Sequential(
-            nn.Conv2d(config.latent_channels, dim // 2, 3, padding=1),
-            nn.GELU(),
-            nn.Conv2d(dim // 2, dim, p, stride=p),
-        )
-        self.token_in = nn.Sequential(
-            nn.LayerNorm(config.text_dim), nn.Linear(config.text_dim, dim)
-        )
+        self.patch_embed = PatchEmbed(config.latent_channels, dim, p)
+        self.token_in = norm_linear(config.text_dim, dim)
         # FiLM from the pooled embedding: (1 + scale)·patches + shift, zero-initialised
         self.pooled_film = (
-            None if config.pooled_dim is None else nn.Linear(config.pooled_dim, 2 * dim)
+            None if config.pooled_dim is None else zero_linear(config.pooled_dim, 2 * dim)
         )
-        if self.pooled_film is not None:
-            nn.init.zeros_(self.pooled_film.weight)
-            nn.init.zeros_(self.pooled_film.bias)
         self.blocks = nn.ModuleList(
-            ProjectorBlock(dim, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
+            AttentionBlock(dim, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
         )
         self.norm_out = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, config.latent_channels * p * p)
-        nn.init.zeros_(self.head.weight)  # r = 0 at initialisation: f_θ is the identity
-        nn.init.zeros_(self.head.bias)
+        # r = 0 at initialisation: f_θ is the identity
+        self.head = zero_linear(dim, config.latent_channels * p * p)
 
     def residual(
         self,
@@ -192,23 +148,16 @@ class NoiseProjector(
         pooled: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """r(ε, e) ``(B, C, H, W)`` float32 before the moment match."""
-        p = self.config.patch_size
-        height, width = noise.shape[2:]
-        pad_h, pad_w = (-height) % p, (-width) % p
-        x = F.pad(noise, (0, pad_w, 0, pad_h)) if pad_h or pad_w else noise
-        grid = self.patch_embed(x)
-        h, w = grid.shape[2:]
-        patches = grid.flatten(2).transpose(1, 2) + sincos_2d(h, w, grid.shape[1], grid.device)
+        patches, grid = self.patch_embed(noise, noise.dtype)
         if self.pooled_film is not None:
             scale, shift = self.pooled_film(pooled).chunk(2, dim=-1)
-            patches = patches * (1 + scale[:, None]) + shift[:, None]
+            patches = modulate(patches, scale[:, None], shift[:, None])
         tokens = self.token_in(embeds)
         pad = ~mask.bool()
         for block in self.blocks:
-            patches = block(patches, tokens, pad)
+            patches = block(patches, tokens, context_pad=pad)
         out = self.head(self.norm_out(patches))  # (B, h·w, C·p·p)
-        out = out.transpose(1, 2).reshape(noise.shape[0], -1, h, w)
-        return F.pixel_shuffle(out, p)[:, :, :height, :width]
+        return self.patch_embed.unpatchify(out, grid, noise.shape[2:])
 
     def forward(
         self,
@@ -230,12 +179,6 @@ class NoiseProjector(
         x = noise.to(dtype)
         r = self.residual(x, embeds.to(dtype), mask, None if pooled is None else pooled.to(dtype))
         return moment_match(x, r).to(noise.dtype)
-
-    @classmethod
-    def _from_pretrained(cls, *, model_id: str, **kwargs: Any) -> "NoiseProjector":
-        from ..rewards.loading import load_weights_strict
-
-        return load_weights_strict(cls, model_id=model_id, **kwargs)
 
 
 def count_parameters(model: nn.Module) -> int:

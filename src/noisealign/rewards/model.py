@@ -16,7 +16,6 @@ Example:
 
 # no ``from __future__ import annotations``: PyTorchModelHubMixin reads the ``config`` annotation
 # at class creation to rebuild the dataclass from config.json
-import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -26,6 +25,14 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from ..errors import ConfigError
+from ..nn import (
+    AttentionBlock,
+    PatchEmbed,
+    check_sizes,
+    encoder_layer,
+    load_weights_strict,
+    norm_linear,
+)
 from .card import CARD_TEMPLATE
 
 INPUT_KINDS = ("latent", "x0")
@@ -101,22 +108,8 @@ class NoiseRewardConfig:
                 f"reward model config has architecture '{self.architecture}', not 'transformer'; "
                 "load it with noisealign.rewards.load_reward_model"
             )
-        for name in (
-            "latent_channels",
-            "text_dim",
-            "hidden_dim",
-            "depth",
-            "num_heads",
-            "patch_size",
-            "noise_pool",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"reward model field '{name}' must be >= 1")
-        if self.hidden_dim % self.num_heads or self.hidden_dim % 4:
-            raise ConfigError(
-                f"reward model field 'hidden_dim' ({self.hidden_dim}) must divide by num_heads "
-                f"({self.num_heads}) and by 4 (2-D sine-cosine positions)"
-            )
+        names = ("latent_channels", "text_dim", "hidden_dim", "depth", "num_heads")
+        check_sizes(self, "reward model", (*names, "patch_size", "noise_pool"))
         check_input_fields(self.input_steps, self.input_kind, self.num_inference_steps)
 
 
@@ -134,46 +127,6 @@ def check_input_fields(steps: int, kind: str, num_inference_steps: int) -> None:
         )
 
 
-def sincos_2d(height: int, width: int, dim: int, device: torch.device) -> torch.Tensor:
-    """(height*width, dim) fixed 2-D sine-cosine positions (ViT/MAE style): no size limit, no parameters."""
-    quarter = dim // 4
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(quarter, device=device) / quarter)
-    ys, xs = torch.meshgrid(
-        torch.arange(height, device=device, dtype=torch.float32),
-        torch.arange(width, device=device, dtype=torch.float32),
-        indexing="ij",
-    )
-    angles_y = ys.flatten()[:, None] * freqs[None]
-    angles_x = xs.flatten()[:, None] * freqs[None]
-    return torch.cat([angles_y.sin(), angles_y.cos(), angles_x.sin(), angles_x.cos()], dim=1)
-
-
-class TokenPatchBlock(nn.Module):
-    """Pre-norm block: token self-attention (padding masked), tokens → patches cross-attention, MLP."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float) -> None:
-        super().__init__()
-        self.norm_self = nn.LayerNorm(dim)
-        self.self_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-        self.norm_query = nn.LayerNorm(dim)
-        self.norm_patches = nn.LayerNorm(dim)
-        self.cross_attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-        self.norm_mlp = nn.LayerNorm(dim)
-        hidden = int(dim * mlp_ratio)
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim)
-        )
-
-    def forward(
-        self, tokens: torch.Tensor, patches: torch.Tensor, pad: torch.Tensor
-    ) -> torch.Tensor:
-        x = self.norm_self(tokens)
-        tokens = tokens + self.self_attn(x, x, x, key_padding_mask=pad, need_weights=False)[0]
-        q, kv = self.norm_query(tokens), self.norm_patches(patches)
-        tokens = tokens + self.cross_attn(q, kv, kv, need_weights=False)[0]
-        return tokens + self.mlp(self.norm_mlp(tokens))
-
-
 class NoiseRewardModel(
     nn.Module,
     PyTorchModelHubMixin,
@@ -186,41 +139,31 @@ class NoiseRewardModel(
 
     config_class = NoiseRewardConfig
     # FSDP shard groups (accelerate's TRANSFORMER_BASED_WRAP reads this); the rest joins the root's
-    _no_split_modules = ["TokenPatchBlock"]
+    _no_split_modules = ["AttentionBlock"]
+    _from_pretrained = classmethod(load_weights_strict)  # every key must match
 
     def __init__(self, config: NoiseRewardConfig) -> None:
         super().__init__()
         self.config = config
-        dim = config.hidden_dim
-        # a 3x3 conv sees each latent pixel's neighbours before patching: shapes are local patterns
-        self.patch_embed = nn.Sequential(
-            nn.Conv2d(config.latent_channels, dim // 2, 3, padding=1),
-            nn.GELU(),
-            nn.Conv2d(dim // 2, dim, config.patch_size, stride=config.patch_size),
+        dim, heads, ratio, dropout = (
+            config.hidden_dim,
+            config.num_heads,
+            config.mlp_ratio,
+            config.dropout,
         )
+        self.patch_embed = PatchEmbed(config.latent_channels, dim, config.patch_size)
         self.patch_encoder = nn.ModuleList(
-            nn.TransformerEncoderLayer(
-                dim,
-                config.num_heads,
-                int(dim * config.mlp_ratio),
-                config.dropout,
-                activation="gelu",
-                batch_first=True,
-                norm_first=True,
-            )
-            for _ in range(config.patch_layers)
+            encoder_layer(dim, heads, int(dim * ratio), dropout) for _ in range(config.patch_layers)
         )
-        self.token_in = nn.Sequential(
-            nn.LayerNorm(config.text_dim), nn.Linear(config.text_dim, dim)
-        )
+        self.token_in = norm_linear(config.text_dim, dim)
         self.pooled_in = None if config.pooled_dim is None else nn.Linear(config.pooled_dim, dim)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.blocks = nn.ModuleList(
-            TokenPatchBlock(dim, config.num_heads, config.mlp_ratio, config.dropout)
+            AttentionBlock(dim, heads, ratio, dropout, norm_context=True)
             for _ in range(config.depth)
         )
-        self.token_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 1))
-        self.overall_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 1))
+        self.token_head = norm_linear(dim, 1)
+        self.overall_head = norm_linear(dim, 1)
 
     def encode_noise(self, noise: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) → (B, N, hidden) patches with positions; pads H, W up to the pool and patch size."""
@@ -230,14 +173,7 @@ class NoiseRewardModel(
             if pad_h or pad_w:
                 noise = F.pad(noise, (0, pad_w, 0, pad_h))
             noise = F.avg_pool2d(noise, pool) * pool
-        p = self.config.patch_size
-        pad_h, pad_w = (-noise.shape[2]) % p, (-noise.shape[3]) % p
-        if pad_h or pad_w:
-            noise = F.pad(noise, (0, pad_w, 0, pad_h))
-        grid = self.patch_embed(noise)
-        patches = grid.flatten(2).transpose(1, 2)
-        pos = sincos_2d(grid.shape[2], grid.shape[3], grid.shape[1], grid.device)
-        patches = patches + pos.to(patches.dtype)
+        patches, _ = self.patch_embed(noise)
         for layer in self.patch_encoder:
             patches = layer(patches)
         return patches
@@ -275,9 +211,3 @@ class NoiseRewardModel(
         token_logits = self.token_head(tokens[:, 1:]).squeeze(-1)
         overall_logit = self.overall_head(tokens[:, 0]).squeeze(-1)
         return RewardOutput(token_logits.float(), overall_logit.float())
-
-    @classmethod
-    def _from_pretrained(cls, *, model_id: str, **kwargs: Any) -> "NoiseRewardModel":
-        from .loading import load_weights_strict
-
-        return load_weights_strict(cls, model_id=model_id, **kwargs)
