@@ -28,7 +28,8 @@ DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
 }
 
-# diffusers 0.42 renamed from_pretrained's ``torch_dtype`` to ``dtype`` (the old name warns); pyproject allows older
+# diffusers 0.42 renamed from_pretrained's ``torch_dtype`` to ``dtype`` (the old name warns);
+# pyproject allows older versions
 _DTYPE_KWARG = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
 
 # scheduler name -> class swapped in with ``from_config`` (keeps spacing, offset, prediction type)
