@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from noisealign import train_npnet
+from noisealign.policies import pair_training
 from noisealign.data.npd import load_noise_pairs, npd_features
 from noisealign.errors import ConfigError, DataError, PipelineError
 from noisealign.noise import initial_noise
@@ -124,7 +125,7 @@ def test_each_sample_is_conditioned_on_its_own_prompt(tiny):
 
     rows = torch.tensor([0, 5, 9, 23])  # four different prompts
     batch = {"source": torch.zeros(4, *SHAPE), "target": torch.zeros(4, *SHAPE), "row": rows}
-    train_npnet.batch_loss(model, tiny["pipe"], pairs, batch)
+    pair_training.batch_loss(model, tiny["pipe"], pairs, batch)
     expected = encode_prompts(tiny["pipe"], [pairs.prompts[r] for r in rows.tolist()]).embeds
     assert torch.equal(seen["embeds"], expected)
     assert not torch.equal(seen["embeds"][0], seen["embeds"][1])
