@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -205,6 +206,22 @@ def resolve(model_id: str, filename: str, what: str = "model", **hub_kwargs: Any
             f"cannot find {what} '{model_id}': not a local folder and the hub lookup failed "
             f"({first}); pass a folder written by save_pretrained or a reachable hub id"
         ) from exc
+
+
+def parse_config(path: str | Path, what: str = "model") -> dict[str, Any]:
+    """A ``config.json`` as a dict; :class:`DataError` if it is not a JSON object."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{what} config '{path}' is not valid JSON; save the {what} again") from exc
+    if not isinstance(config, dict):
+        raise DataError(f"{what} config '{path}' is not a JSON object; save the {what} again")
+    return config
+
+
+def read_config(path_or_id: str, what: str = "model", **hub_kwargs: Any) -> dict[str, Any]:
+    """The ``config.json`` of a folder or hub repo (:func:`resolve`, :func:`parse_config`)."""
+    return parse_config(resolve(path_or_id, CONFIG_NAME, what, **hub_kwargs), what)
 
 
 def read_safetensors(

@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,16 +31,19 @@ from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
+from huggingface_hub import hf_hub_download
 from torch import nn
 
 from .. import dry_run
 from ..data.prompts import prompt_hash_id
 from ..errors import ConfigError, DataError, NoiseAlignError
+from ..nn import CONFIG_NAME, WEIGHTS_NAME, parse_config
 from ..noise import batch_noise, check_finite, check_seeds, check_strings
 from ..pipelines import PromptEmbeddings, check_compatible, encode_prompts, latent_shape
 from ..pipelines import pipeline_signature as _signature
 from ..pipelines.encoding import check_pipe
-from .npnet import NPNet, NPNetCompat, NPNetCompatConfig, NPNetConfig
+from .npnet import NPNet, NPNetConfig
+from .npnet_compat import NPNetCompat, NPNetCompatConfig
 from .projector import NoiseProjector, NoiseProjectorConfig, count_parameters, moment_match
 
 #: policy_type (config.json) -> class; a folder without policy_type is a noise projector.
@@ -75,42 +77,23 @@ def _check_policy(policy: object) -> None:
 def _read_config(path_or_id: str, what: str, **hub_kwargs: Any) -> dict[str, Any]:
     folder = Path(path_or_id)
     if folder.is_dir():
-        missing = [n for n in ("config.json", "model.safetensors") if not (folder / n).is_file()]
+        missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (folder / n).is_file()]
         if missing:
             raise DataError(
-                f"{what} folder '{path_or_id}' has no {' or '.join(missing)}; pass a folder written by save_pretrained"
+                f"{what} folder '{path_or_id}' has no {' or '.join(missing)}; pass a folder "
+                "written by save_pretrained"
             )
-        path = folder / "config.json"
-    else:
-        from huggingface_hub import hf_hub_download
-
-        try:
-            hub = {k: v for k, v in hub_kwargs.items() if k in _HUB_ARGS}  # not map_location etc.
-            path = Path(hf_hub_download(repo_id=path_or_id, filename="config.json", **hub))
-        except Exception as exc:  # hub errors come in many types; the first line says which
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise DataError(
-                f"cannot load {what} '{path_or_id}' ({first[:200]}); pass a folder written by save_pretrained or a reachable hub id"
-            ) from exc
+        return parse_config(folder / CONFIG_NAME, what)
     try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{what} config '{path}' is not valid JSON; save the {what} again") from exc
-    if not isinstance(config, dict):
-        raise DataError(f"{what} config '{path}' is not a JSON object; save the {what} again")
-    return config
-
-
-def _check_safetensors(path: Path, what: str) -> None:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt"):
-            pass
-    except (SafetensorError, OSError) as exc:
+        hub = {k: v for k, v in hub_kwargs.items() if k in _HUB_ARGS}  # not map_location etc.
+        path = hf_hub_download(repo_id=path_or_id, filename=CONFIG_NAME, **hub)
+    except Exception as exc:  # hub errors come in many types; the first line says which
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(
-            f"{what} weights '{path}' are corrupt ({exc}); save the {what} again"
+            f"cannot load {what} '{path_or_id}' ({first[:200]}); pass a folder written by "
+            "save_pretrained or a reachable hub id"
         ) from exc
+    return parse_config(path, what)
 
 
 def load_policy(
@@ -143,17 +126,15 @@ def load_policy(
         raise DataError(
             f"{what} '{path_or_id}' has policy_type {name!r}; known: {', '.join(POLICIES)}"
         )
-    weights = Path(path_or_id) / "model.safetensors"
-    if weights.is_file():  # a local folder: say "corrupt" before the loader's reward-model wording
-        _check_safetensors(weights, what)
     try:
-        policy = POLICIES[name].from_pretrained(path_or_id, **hub_kwargs)
+        policy = POLICIES[name].from_pretrained(path_or_id, what=what, **hub_kwargs)
     except NoiseAlignError as exc:
         raise DataError(f"cannot load {what} '{path_or_id}': {exc}") from exc
     except Exception as exc:  # config fields, safetensors and shape errors: "not this policy"
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(
-            f"cannot load {what} '{path_or_id}' as {name} ({first[:200]}); save it again with save_pretrained"
+            f"cannot load {what} '{path_or_id}' as {name} ({first[:200]}); save it again with "
+            "save_pretrained"
         ) from exc
     if pipe is not None:
         check_pipeline(policy, pipe, f"{what} '{path_or_id}'")

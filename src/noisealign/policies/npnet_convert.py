@@ -1,4 +1,4 @@
-"""Official NPNet checkpoints ↔ :class:`~noisealign.policies.npnet.NPNetCompat`, and the converter.
+"""Official NPNet checkpoints ↔ :class:`~noisealign.policies.npnet_compat.NPNetCompat`, converter.
 
     python -m noisealign.policies.npnet_convert IN.pth OUT_FOLDER [--overwrite]
     noisealign convert_npnet IN.pth OUT_FOLDER                      # the same
@@ -32,9 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from ..errors import DataError
-from .npnet import NPNetCompat, NPNetCompatConfig
+from ..nn import read_safetensors, state_mismatch
+from .npnet_compat import NPNetCompat, NPNetCompatConfig
 from .swin import timm_to_transformers, transformers_to_timm
 
 logger = logging.getLogger("noisealign.npnet_convert")
@@ -56,13 +58,7 @@ def read_official(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"official NPNet checkpoint '{path}' does not exist")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            flat = load_file(path)
-        except (SafetensorError, OSError) as exc:
-            raise DataError(f"official NPNet checkpoint '{path}' is corrupt ({exc})") from exc
+        flat = read_safetensors(path, "official NPNet checkpoint")
         nested: dict[str, Any] = {}
         for key, value in flat.items():
             group, _, rest = key.partition(".")
@@ -162,14 +158,11 @@ def load_official_npnet(
     """
     state, config = official_to_state_dict(read_official(path), path, text_length)
     model = NPNetCompat(dataclasses.replace(config, **config_fields))
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [k for k in state if k in expected and state[k].shape != expected[k].shape]
-    if missing or unexpected or shapes:
+    problem = state_mismatch(model, state)
+    if problem is not None:
         raise DataError(
-            f"'{path}' does not fit the official NPNet architecture (missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]}, mis-shaped {shapes[:3]}); is it a released checkpoint?"
+            f"'{path}' does not fit the official NPNet architecture ({problem}); is it a "
+            "released checkpoint?"
         )
     model.load_state_dict(state)
     return model.eval()
@@ -206,8 +199,6 @@ def save_official(model: NPNetCompat, path: str | Path) -> None:
     """Write ``model`` as an official ``.pth`` (plain tensors) or its flat ``.safetensors`` mirror."""
     official = official_state(model)
     if str(path).endswith(".safetensors"):
-        from safetensors.torch import save_file
-
         flat = {f"{g}.{k}": v.contiguous() for g in GROUPS for k, v in official[g].items()}
         save_file(flat | {"alpha": official["alpha"], "beta": official["beta"]}, str(path))
     else:

@@ -12,7 +12,7 @@ Key layouts, read from timm's source and checked once by running it (timm 0.9.12
 wheels unpacked outside the venv with torchvision stubbed, random weights, 2026-11-23): our
 ``SwinFeatures`` loaded through :func:`timm_to_transformers` matched ``forward_features`` to a
 max abs difference of 1.5e-7, and a re-implementation of the official NPNet forward on real
-timm matched :class:`~noisealign.policies.npnet.NPNetCompat` to 1e-6 (SDPA vs explicit softmax).
+timm matched :class:`~noisealign.policies.npnet_compat.NPNetCompat` to 1e-6 (SDPA vs explicit softmax).
 - timm >= 0.9 (``timm/models/swin_transformer.py`` at huggingface/pytorch-image-models
   65564f7; the authors' requirements pin timm 0.9.12, and the official NHWC quirk needs it:
   timm 0.6's ``forward_features`` returns ``(B, 49, 768)``): ``layers.{i}.downsample``

@@ -3,10 +3,11 @@
 The noise goes through the pipeline's own UNet encoder (``conv_in``, time embedding at the
 first timestep, down blocks, mid block) conditioned on the prompt, exactly as the first
 denoising step sees it; LoRA adapters (peft) on its attention projections are trained, the
-rest stays frozen, in the recipe's dtype, with gradient checkpointing on its blocks. Token features are read from every cross-attention layer: for token l,
-the image features averaged with the attention the image pays to l, plus the attention
-mass itself ("how much of the image looks at this word"). A small token transformer and
-two heads turn them into token and overall logits; the mid block's mean output joins [CLS].
+rest stays frozen, in the recipe's dtype, with gradient checkpointing on its blocks. Token
+features are read from every cross-attention layer: for token l, the image features averaged
+with the attention the image pays to l, plus the attention mass itself ("how much of the
+image looks at this word"; :mod:`.unet_encoder`). A small token transformer and two heads
+turn them into token and overall logits; the mid block's mean output joins [CLS].
 
 The folder stores the UNet's config, so ``from_pretrained`` rebuilds it without the pipeline.
 
@@ -29,14 +30,16 @@ from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
-from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D
 from diffusers.training_utils import cast_training_params
 from huggingface_hub import PyTorchModelHubMixin
+from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
-from ..errors import ConfigError, PipelineError
+from ..errors import ConfigError
+from ..nn import encoder_layer, load_weights_strict, norm_linear
 from .card import CARD_TEMPLATE
 from .model import RewardOutput, check_input_fields
+from .unet_encoder import CrossAttentionReader, UNetEncoder
 
 BACKBONE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -109,93 +112,6 @@ class UNetRewardConfig:
         check_input_fields(self.input_steps, self.input_kind, self.num_inference_steps)
 
 
-class CrossAttentionReader:
-    """Attention processor that computes plain attention and records per-token image features.
-
-    Adapted from diffusers' ``AttnProcessor`` (diffusers 0.42.1, models/attention_processor.py);
-    changes: no spatial/group norm or 4-D inputs (absent in SD/SDXL cross-attention), and the
-    attention probabilities are turned into (B, L, C + 1) token features appended to ``store``.
-    Only the cross-attention layers use it: the features need the probabilities, which SDPA does
-    not return, and with L = 77 text tokens they are small; self-attention keeps the pipeline's
-    SDPA processor. ``store`` is ``None`` outside the model's forward, so the block recomputation
-    of gradient checkpointing (in the backward pass) keeps nothing alive.
-    """
-
-    def __init__(self) -> None:
-        self.store: list[torch.Tensor] | None = None
-
-    def __call__(
-        self,
-        attn: Any,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states=None,
-        attention_mask=None,
-        temb=None,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        batch, pixels, channels = hidden_states.shape
-        context = (
-            attn.norm_encoder_hidden_states(encoder_hidden_states)
-            if attn.norm_cross
-            else encoder_hidden_states
-        )
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        key = attn.head_to_batch_dim(attn.to_k(context))
-        value = attn.head_to_batch_dim(attn.to_v(context))
-        probs = attn.get_attention_scores(query, key, None)  # (B*heads, N, L)
-        out = attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs, value))))
-        per_token = probs.view(batch, -1, pixels, probs.shape[-1]).mean(1)  # (B, N, L)
-        mass = per_token.sum(1, keepdim=True)  # (B, 1, L)
-        pooled = (per_token / mass.clamp(min=1e-6)).transpose(1, 2) @ hidden_states  # (B, L, C)
-        if self.store is not None:  # the recomputation must still run the same ops
-            self.store.append(torch.cat([pooled, mass.transpose(1, 2)], dim=-1))
-        if attn.residual_connection:
-            out = out + hidden_states
-        return out / attn.rescale_output_factor
-
-
-class UNetEncoder(nn.Module):
-    """The UNet up to its mid block; ``forward`` mirrors ``UNet2DConditionModel.forward`` for SD/SDXL."""
-
-    def __init__(self, unet: UNet2DConditionModel) -> None:
-        super().__init__()
-        cfg = unet.config
-        if (
-            cfg.class_embed_type is not None
-            or cfg.encoder_hid_dim_type is not None
-            or cfg.time_embedding_act_fn is not None
-        ):
-            raise PipelineError(
-                "the unet_lora reward model supports SD 1.x/2.x and SDXL UNets only; use 'transformer'"
-            )
-        self.text_time = cfg.addition_embed_type == "text_time"
-        self.conv_in, self.time_proj, self.time_embedding = (
-            unet.conv_in,
-            unet.time_proj,
-            unet.time_embedding,
-        )
-        self.add_time_proj = unet.add_time_proj if self.text_time else None
-        self.add_embedding = unet.add_embedding if self.text_time else None
-        self.down_blocks, self.mid_block = unet.down_blocks, unet.mid_block
-
-    def forward(self, x, timestep: int, context, pooled, vae_scale: int) -> torch.Tensor:
-        batch = x.shape[0]
-        t = torch.full((batch,), timestep, device=x.device, dtype=torch.long)
-        emb = self.time_embedding(self.time_proj(t).to(x.dtype))
-        if self.text_time:
-            h, w = x.shape[2] * vae_scale, x.shape[3] * vae_scale
-            ids = torch.tensor([h, w, 0, 0, h, w], device=x.device, dtype=x.dtype).repeat(batch)
-            time_embeds = self.add_time_proj(ids).reshape(batch, -1)
-            emb = emb + self.add_embedding(torch.cat([pooled, time_embeds], dim=-1).to(emb.dtype))
-        sample = self.conv_in(x)
-        for block in self.down_blocks:
-            if isinstance(block, CrossAttnDownBlock2D):
-                sample, _ = block(sample, emb, encoder_hidden_states=context)
-            else:
-                sample, _ = block(sample, emb)
-        return self.mid_block(sample, emb, encoder_hidden_states=context)
-
-
 def _backbone_unet(config: UNetRewardConfig) -> UNet2DConditionModel:
     """The UNet in ``backbone_dtype``: the pipeline's weights, or a shell for saved ones.
 
@@ -229,11 +145,10 @@ class UNetRewardModel(
     # FSDP shard groups (accelerate's TRANSFORMER_BASED_WRAP reads this): the UNet's blocks and
     # the token layers; every SD UNet has both diffusers classes
     _no_split_modules = ["BasicTransformerBlock", "ResnetBlock2D", "TransformerEncoderLayer"]
+    _from_pretrained = classmethod(load_weights_strict)  # every key must match
 
     def __init__(self, config: UNetRewardConfig) -> None:
         super().__init__()
-        from peft import LoraConfig, inject_adapter_in_model
-
         self.config = config
         self.encoder = UNetEncoder(_backbone_unet(config))
         lora = LoraConfig(
@@ -251,29 +166,17 @@ class UNetRewardModel(
                 module.set_processor(self._readers[-1])
                 widths.append(module.to_q.in_features)
         dim = config.hidden_dim
-        self.readers = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(c + 1), nn.Linear(c + 1, dim)) for c in widths
-        )
-        self.token_in = nn.Sequential(
-            nn.LayerNorm(config.text_dim), nn.Linear(config.text_dim, dim)
-        )
+        self.readers = nn.ModuleList(norm_linear(c + 1, dim) for c in widths)
+        self.token_in = norm_linear(config.text_dim, dim)
         self.pooled_in = None if config.pooled_dim is None else nn.Linear(config.pooled_dim, dim)
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         # the mid block's pooled output feeds [CLS], so every LoRA adapter gets a gradient
         mid = self.encoder.mid_block.resnets[-1].conv2.out_channels
-        self.mid_in = nn.Sequential(nn.LayerNorm(mid), nn.Linear(mid, dim))
-        layer = nn.TransformerEncoderLayer(
-            dim,
-            config.num_heads,
-            4 * dim,
-            0.0,
-            activation="gelu",
-            batch_first=True,
-            norm_first=True,
-        )
+        self.mid_in = norm_linear(mid, dim)
+        layer = encoder_layer(dim, config.num_heads, 4 * dim, 0.0)
         self.tokens = nn.TransformerEncoder(layer, config.depth, enable_nested_tensor=False)
-        self.token_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 1))
-        self.overall_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 1))
+        self.token_head = norm_linear(dim, 1)
+        self.overall_head = norm_linear(dim, 1)
 
     def forward(
         self,
@@ -324,9 +227,3 @@ class UNetRewardModel(
             for reader in self._readers:
                 reader.store = None
         return mid, features
-
-    @classmethod
-    def _from_pretrained(cls, *, model_id: str, **kwargs: Any) -> "UNetRewardModel":
-        from .loading import load_weights_strict
-
-        return load_weights_strict(cls, model_id=model_id, **kwargs)
