@@ -37,7 +37,8 @@ from PIL import Image
 from ..judges.base import Concept, Judge
 from ..noise import batch_noise
 from ..pipelines.encoding import PromptEmbeddings, encode_prompts
-from ..pipelines.sampling import generate, latent_shape
+from ..pipelines.inputs import latent_shape
+from ..pipelines.sampling import generate
 from .common import (
     MethodOutput,
     check_batch,

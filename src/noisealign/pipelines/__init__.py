@@ -16,8 +16,9 @@ Example:
 
 from .adapters import ADAPTERS, PipelineAdapter
 from .encoding import PromptEmbeddings, encode_prompts, negative_embeddings
+from .inputs import latent_shape
 from .loading import load_pipeline, resolve_dtype
-from .sampling import denoise_step, generate, inversion_step, latent_shape, re_denoise
+from .sampling import denoise_step, generate, inversion_step, re_denoise
 from .signature import check_compatible, pipeline_signature
 
 __all__ = [

@@ -6,9 +6,6 @@ image for a (prompt, noise) pair is a deterministic function of both: DDIM with 
 
 from __future__ import annotations
 
-import math
-import operator
-from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -16,117 +13,9 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler, DiffusionPipeline
 from PIL import Image
 
 from ..errors import ConfigError, PipelineError
-from ..noise import check_finite
 from .adapters import adapter_for
 from .encoding import PromptEmbeddings, check_pipe, negative_embeddings
-
-
-def _default_latent_size(pipe: Any) -> tuple[int, int]:
-    size = pipe.unet.config.sample_size
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-def latent_shape(
-    pipe: DiffusionPipeline, height: int | None = None, width: int | None = None
-) -> tuple[int, int, int]:
-    """``(C, h, w)`` of the initial latents for an image of ``height`` x ``width`` pixels.
-
-    ``None`` takes the UNet's default sample size (what ``pipe(prompt)`` draws).
-    """
-    check_pipe(pipe)
-    height, width = _pixels(height, "height"), _pixels(width, "width")
-    scale = pipe.vae_scale_factor
-    default_h, default_w = _default_latent_size(pipe)
-    height = default_h * scale if height is None else height
-    width = default_w * scale if width is None else width
-    step = math.lcm(scale, 8)  # diffusers' pipelines also refuse sizes that are not multiples of 8
-    if height <= 0 or width <= 0 or height % step or width % step:
-        raise ConfigError(
-            f"image size {height}x{width} must be positive multiples of the VAE scale factor "
-            f"{scale} "
-            f"and of 8; fix the recipe's height and width"
-        )
-    return (int(pipe.unet.config.in_channels), height // scale, width // scale)
-
-
-def _pixels(value: object, name: str) -> int | None:
-    if value is None:
-        return None
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        return operator.index(value)
-    except TypeError:
-        raise ConfigError(
-            f"'{name}' is {value!r}; pass an integer number of pixels or None"
-        ) from None
-
-
-def _check_tensor(latents: object) -> None:
-    """:class:`ConfigError` unless ``latents`` is a floating-point tensor without NaN/Inf."""
-    if not isinstance(latents, torch.Tensor):
-        raise ConfigError(
-            f"'latents' is a {type(latents).__name__}; pass a (B, C, h, w) torch tensor, e.g. "
-            "batch_noise(...)"
-        )
-    if not latents.is_floating_point():
-        raise ConfigError(
-            f"'latents' have dtype {latents.dtype}; pass floating-point noise, e.g. "
-            "batch_noise(...)"
-        )
-    try:
-        check_finite(latents, "latents")
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def _check_sampling(num_inference_steps: object, guidance_scale: object) -> None:
-    if (
-        isinstance(num_inference_steps, bool)
-        or not isinstance(num_inference_steps, Integral)
-        or num_inference_steps < 1
-    ):
-        raise ConfigError(f"'num_inference_steps' is {num_inference_steps!r}; pass an integer >= 1")
-    if (
-        isinstance(guidance_scale, bool)
-        or not isinstance(guidance_scale, Real)
-        or not math.isfinite(guidance_scale)
-    ):
-        raise ConfigError(f"'guidance_scale' is {guidance_scale!r}; pass a finite number, e.g. 5.0")
-
-
-def _check_latents(
-    pipe: Any,
-    embeds: PromptEmbeddings,
-    latents: torch.Tensor,
-    height: int | None,
-    width: int | None,
-) -> None:
-    if not isinstance(embeds, PromptEmbeddings):
-        raise ConfigError(
-            f"'embeds' is a {type(embeds).__name__}; pass encode_prompts(pipe, prompts)"
-        )
-    _check_tensor(latents)
-    if latents.ndim != 4:
-        raise ConfigError(
-            f"latents must be (B, C, h, w), got shape {tuple(latents.shape)}; draw them with "
-            "batch_noise(ids, seeds, latent_shape(pipe))"
-        )
-    scale = pipe.vae_scale_factor
-    height = latents.shape[2] * scale if height is None else height
-    width = latents.shape[3] * scale if width is None else width
-    expected = latent_shape(pipe, height, width)
-    if tuple(latents.shape[1:]) != expected:
-        raise ConfigError(
-            f"latents have shape {tuple(latents.shape[1:])} per sample but the pipeline expects "
-            f"{expected} "
-            f"for {height}x{width} images; draw them with latent_shape(pipe, height, width)"
-        )
-    if latents.shape[0] != len(embeds):
-        raise ConfigError(
-            f"got {latents.shape[0]} latents for {len(embeds)} prompt embeddings; pass one per "
-            "prompt"
-        )
+from .inputs import check_latents, check_sampling, check_tensor
 
 
 def _conditioning(
@@ -166,8 +55,8 @@ def generate(
     check_pipe(pipe)
     if output_type not in ("pil", "pt"):
         raise ConfigError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
-    _check_sampling(num_inference_steps, guidance_scale)
-    _check_latents(pipe, embeds, latents, height, width)
+    check_sampling(num_inference_steps, guidance_scale)
+    check_latents(pipe, embeds, latents, height, width)
     adapter = adapter_for(pipe)
     cond, neg, neg_pooled = _conditioning(pipe, embeds, latents.shape[0])
     scale = pipe.vae_scale_factor
@@ -243,7 +132,7 @@ def denoise_step(
     own scheduler is). Returns a tensor of the input's shape, device and dtype.
     """
     check_pipe(pipe)
-    _check_tensor(latents)
+    check_tensor(latents)
     scheduler, t = _ddim(pipe, num_inference_steps, step_index)
     eps = _guided_noise(pipe, latents, embeds, t, guidance_scale)
     x = latents.to(eps.device, torch.float32)
@@ -268,7 +157,7 @@ def inversion_step(
     ``DDIMInverseScheduler.from_config(pipe.scheduler.config)``.
     """
     check_pipe(pipe)
-    _check_tensor(latents)
+    check_tensor(latents)
     inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
     try:
         inverse.set_timesteps(num_inference_steps)

@@ -14,7 +14,7 @@ from diffusers import DiffusionPipeline
 
 from ..errors import PipelineError
 from .adapters import adapter_for
-from .sampling import _default_latent_size
+from .inputs import default_latent_size
 
 
 def pipeline_signature(pipe: DiffusionPipeline) -> dict[str, Any]:
@@ -33,7 +33,7 @@ def pipeline_signature(pipe: DiffusionPipeline) -> dict[str, Any]:
         "text_length": int(pipe.tokenizer.model_max_length),
         "pooled_dim": adapter.pooled_dim(pipe),
         "latent_channels": int(pipe.unet.config.in_channels),
-        "default_latent_size": list(_default_latent_size(pipe)),
+        "default_latent_size": list(default_latent_size(pipe)),
         "vae_scale_factor": int(pipe.vae_scale_factor),
         "tokenizer_vocab_size": len(pipe.tokenizer),
     }
