@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from ..distillation.card import CARD_TEMPLATE
 from ..errors import ConfigError
 from ..nn import (
     AttentionBlock,
@@ -33,7 +34,6 @@ from ..nn import (
     load_weights_strict,
     norm_linear,
 )
-from .card import CARD_TEMPLATE
 
 INPUT_KINDS = ("latent", "x0")
 

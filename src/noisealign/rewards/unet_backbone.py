@@ -35,9 +35,9 @@ from huggingface_hub import PyTorchModelHubMixin
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
+from ..distillation.card import CARD_TEMPLATE
 from ..errors import ConfigError
 from ..nn import encoder_layer, load_weights_strict, norm_linear
-from .card import CARD_TEMPLATE
 from .model import RewardOutput, check_input_fields
 from .unet_encoder import CrossAttentionReader, UNetEncoder
 
