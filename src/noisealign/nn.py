@@ -6,7 +6,8 @@
 - :class:`AttentionBlock`: the pre-norm block of self-attention, cross-attention to a context
   and an MLP (the policies' patches attend to the prompt tokens, the reward model's tokens to
   the noise patches);
-- small layers (:func:`norm_linear`, :func:`zero_linear`, :func:`encoder_layer`,
+- :class:`NoiseInputs`, the fields every network's config starts with; small layers
+  (:func:`norm_linear`, :func:`zero_linear`, :func:`encoder_layer`,
   :func:`modulate`) and :func:`check_sizes` for the configs;
 - :func:`load_weights_strict`: ``PyTorchModelHubMixin`` loads weights non-strictly, so a
   folder of another architecture would load "successfully" with random weights; here every
@@ -28,6 +29,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,18 @@ from .errors import ConfigError, DataError
 
 CONFIG_NAME = constants.CONFIG_NAME  # "config.json"
 WEIGHTS_NAME = constants.SAFETENSORS_SINGLE_FILE  # "model.safetensors"
+
+
+@dataclass
+class NoiseInputs:
+    """The inputs of every noise network: the first fields of its config."""
+
+    latent_channels: int = 4
+    """C of the noise."""
+    text_dim: int = 768
+    """D of the prompt token embeddings."""
+    pooled_dim: int | None = None
+    """P of the pooled embedding (SDXL), None for SD."""
 
 
 # ----------------------------------------------------------------------------- layers
@@ -72,6 +86,16 @@ def check_sizes(config: Any, what: str, names: Sequence[str]) -> None:
         raise ConfigError(
             f"{what} field 'hidden_dim' ({config.hidden_dim}) must divide by num_heads "
             f"({config.num_heads}) and by 4 (2-D sine-cosine positions)"
+        )
+
+
+def check_pooled(pooled: torch.Tensor | None, layer: nn.Module | None, what: str) -> None:
+    """``ValueError`` when ``pooled`` is given to a model without a pooled ``layer`` or missing
+    for one with it; ``what`` names the model ("projector", "reward model")."""
+    if (pooled is None) != (layer is None):
+        raise ValueError(
+            f"this {what} {'needs' if layer is not None else 'takes no'} pooled embeddings; pass "
+            "PromptEmbeddings.pooled of the pipeline it was trained for"
         )
 
 

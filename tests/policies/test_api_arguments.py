@@ -21,9 +21,14 @@ def tiny():
     pipe.set_progress_bar_config(disable=True)
     torch.manual_seed(0)
     config = NoiseProjectorConfig(
-        latent_channels=4, text_dim=32, hidden_dim=16, depth=1, num_heads=2, patch_size=2,
+        latent_channels=4,
+        text_dim=32,
+        hidden_dim=16,
+        depth=1,
+        num_heads=2,
+        patch_size=2,
         pipeline_signature=pipeline_signature(pipe),
-    )  # fmt: skip
+    )
     return pipe, NoiseProjector(config).eval()
 
 

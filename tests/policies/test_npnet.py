@@ -37,7 +37,13 @@ SDXL_COMPAT_PARAMETERS = (
 def tiny_compat(**kw):
     """Compat NPNet with a small Swin and latent; alpha and beta set so every branch counts."""
     torch.manual_seed(0)
-    fields = dict(resolution=16, text_dim=8, swin_embed_dim=8, swin_depths=[2, 2, 2, 2], swin_heads=[1, 2, 2, 4])  # fmt: skip
+    fields = dict(
+        resolution=16,
+        text_dim=8,
+        swin_embed_dim=8,
+        swin_depths=[2, 2, 2, 2],
+        swin_heads=[1, 2, 2, 4],
+    )
     model = NPNetCompat(NPNetCompatConfig(**{**fields, **kw}))
     with torch.no_grad():
         model.alpha.fill_(0.3)
@@ -49,7 +55,9 @@ def tiny_compat(**kw):
 def compat_inputs(model, batch=2):
     cfg = model.config
     torch.manual_seed(1)
-    return torch.randn(batch, 4, cfg.resolution, cfg.resolution), torch.randn(batch, 77, cfg.text_dim)  # fmt: skip
+    return torch.randn(batch, 4, cfg.resolution, cfg.resolution), torch.randn(
+        batch, 77, cfg.text_dim
+    )
 
 
 def tiny_npnet(**kw):
@@ -77,22 +85,43 @@ def test_compat_sdxl_size_has_the_official_keys_and_30m_parameters():
     official = official_state(model)
     assert set(official) == {"unet_embedding", "unet_svd", "embeeding", "alpha", "beta"}
     emb = official["unet_embedding"]
-    for key in ("swin.patch_embed.proj.weight", "swin.layers.0.blocks.1.attn.qkv.weight",
-                "swin.layers.3.downsample.reduction.weight", "swin.norm.weight", "swin.head.fc.weight",
-                "downconv.weight", "upconv.bias"):  # fmt: skip
+    for key in (
+        "swin.patch_embed.proj.weight",
+        "swin.layers.0.blocks.1.attn.qkv.weight",
+        "swin.layers.3.downsample.reduction.weight",
+        "swin.norm.weight",
+        "swin.head.fc.weight",
+        "downconv.weight",
+        "upconv.bias",
+    ):
         assert key in emb, key
     assert "swin.layers.0.downsample.norm.weight" not in emb  # timm >= 0.9: start of stages 1..3
     assert emb["swin.layers.2.blocks.5.attn.qkv.weight"].shape == (3 * 384, 384)
     assert emb["swin.layers.3.blocks.0.attn.relative_position_bias_table"].shape == (169, 24)
-    assert emb["upconv.weight"].shape == (4, 7, 1, 1) and emb["downconv.weight"].shape == (3, 4, 1, 1)  # fmt: skip
+    assert emb["upconv.weight"].shape == (4, 7, 1, 1) and emb["downconv.weight"].shape == (
+        3,
+        4,
+        1,
+        1,
+    )
     svd = official["unet_svd"]
     assert set(svd) == {
         *(f"mlp{i}.{j}.{p}" for i in (1, 2, 4) for j in (0, 2) for p in ("weight", "bias")),
-        "mlp3.0.weight", "mlp3.0.bias", "attention.qkv.weight", "attention.proj.weight",
-        "attention.proj.bias", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var",
+        "mlp3.0.weight",
+        "mlp3.0.bias",
+        "attention.qkv.weight",
+        "attention.proj.weight",
+        "attention.proj.bias",
+        "bn.weight",
+        "bn.bias",
+        "bn.running_mean",
+        "bn.running_var",
         "bn.num_batches_tracked",
-    }  # fmt: skip
-    assert svd["attention.qkv.weight"].shape == (768, 256) and svd["mlp4.0.weight"].shape == (1024, 256)  # fmt: skip
+    }
+    assert svd["attention.qkv.weight"].shape == (768, 256) and svd["mlp4.0.weight"].shape == (
+        1024,
+        256,
+    )
     assert official["embeeding"]["linear.weight"].shape == (8, 2048 * 77)
     assert official["alpha"].shape == official["beta"].shape == (1,)
 
@@ -119,8 +148,12 @@ def test_official_pth_as_the_authors_save_it(tmp_path):
     official = official_state(model)
     official["alpha"] = official["alpha"].clone().requires_grad_(True)
     official["embedding"] = official.pop("embeeding")
-    official["unet_embedding"] = {f"swin.{k}": v for k, v in old_timm_layout(strip(official["unet_embedding"])).items()}  # fmt: skip
-    official["unet_embedding"] |= {k: v for k, v in official_state(model)["unet_embedding"].items() if "conv" in k}  # fmt: skip
+    official["unet_embedding"] = {
+        f"swin.{k}": v for k, v in old_timm_layout(strip(official["unet_embedding"])).items()
+    }
+    official["unet_embedding"] |= {
+        k: v for k, v in official_state(model)["unet_embedding"].items() if "conv" in k
+    }
     torch.save(official, tmp_path / "old.pth")
     loaded = load_official_npnet(tmp_path / "old.pth")
     noise, embeds = compat_inputs(model, batch=1)
@@ -168,7 +201,9 @@ def old_timm_layout(new):
         old[key.replace("head.fc.", "head.")] = value
         if key.endswith("relative_position_bias_table"):
             old[key.replace("bias_table", "index")] = torch.zeros(49, 49, dtype=torch.long)
-            old[key.replace("attn.relative_position_bias_table", "attn_mask")] = torch.zeros(64, 49, 49)  # fmt: skip
+            old[key.replace("attn.relative_position_bias_table", "attn_mask")] = torch.zeros(
+                64, 49, 49
+            )
     return old
 
 
@@ -221,7 +256,9 @@ def test_converter_writes_a_loadable_folder_and_refuses_overwrite(tmp_path):
 def test_compat_rejects_other_sizes_and_ignores_mask_and_pooled():
     model = tiny_compat()
     noise, embeds = compat_inputs(model, batch=1)
-    with pytest.raises(ValueError, match=r"npnet_compat takes noise \(B, 4, 16, 16\).*got \(1, 4, 8, 8\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"npnet_compat takes noise \(B, 4, 16, 16\).*got \(1, 4, 8, 8\)"
+    ):
         model(torch.randn(1, 4, 8, 8), embeds)
     with pytest.raises(ValueError, match=r"noise must be \(B, 4, H, W\)"):
         model(torch.randn(1, 3, 16, 16), embeds)
@@ -254,9 +291,13 @@ def test_identity_at_initialisation_and_small_at_sd15_size():
 
 @pytest.mark.parametrize(
     "latent, text, pooled",
-    [((4, 16, 16), (16, 64), None), ((4, 64, 64), (77, 768), None),
-     ((4, 128, 128), (77, 2048), 1280), ((8, 15, 9), (7, 64), None)],
-)  # fmt: skip
+    [
+        ((4, 16, 16), (16, 64), None),
+        ((4, 64, 64), (77, 768), None),
+        ((4, 128, 128), (77, 2048), 1280),
+        ((8, 15, 9), (7, 64), None),
+    ],
+)
 def test_shapes_toy_sd15_sdxl_and_odd(latent, text, pooled):
     model = trained(tiny_npnet(latent_channels=latent[0], text_dim=text[1], pooled_dim=pooled))
     noise, embeds = torch.randn(2, *latent), torch.randn(2, *text)
@@ -363,7 +404,9 @@ def test_load_policy_errors(tmp_path):
     trained(tiny_npnet()).save_pretrained(tmp_path / "p")
     config = json.loads((tmp_path / "p" / "config.json").read_text())
     (tmp_path / "p" / "config.json").write_text(json.dumps({**config, "policy_type": "golden"}))
-    with pytest.raises(DataError, match="policy_type 'golden'; known: noise_projector, npnet, npnet_compat"):  # fmt: skip
+    with pytest.raises(
+        DataError, match="policy_type 'golden'; known: noise_projector, npnet, npnet_compat"
+    ):
         load_policy(str(tmp_path / "p"))
     (tmp_path / "p" / "config.json").write_text(json.dumps(config))
     (tmp_path / "p" / "model.safetensors").write_bytes(b"\x00" * 64)

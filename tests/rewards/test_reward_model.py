@@ -71,9 +71,13 @@ def test_every_trainable_parameter_changes_after_a_step(tiny_sdxl):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     out = model(torch.randn(4, 4, 16, 16), emb.embeds, emb.mask, emb.pooled)
     loss, _ = reward_loss(
-        out.token_logits, out.overall_logit, torch.rand(4, emb.mask.shape[1]), emb.mask,
-        torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.tensor([0, 1, 0, 1]),
-    )  # fmt: skip
+        out.token_logits,
+        out.overall_logit,
+        torch.rand(4, emb.mask.shape[1]),
+        emb.mask,
+        torch.tensor([1.0, 0.0, 0.0, 1.0]),
+        torch.tensor([0, 1, 0, 1]),
+    )
     loss.backward()
     optimizer.step()
     unchanged = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]

@@ -5,10 +5,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from noisealign.distillation import stage
 from noisealign.errors import ConfigError
 from noisealign.losses.reward import reward_loss
 from noisealign.pipelines import encode_prompts, pipeline_signature
-from noisealign.rewards import build_reward_model, load_reward_model, stage
+from noisealign.rewards import build_reward_model, load_reward_model
 from noisealign.rewards.unet_backbone import UNetRewardModel
 
 
@@ -16,10 +17,19 @@ def build(pipe, folder, **fields):
     sig = pipeline_signature(pipe)
     torch.manual_seed(0)
     return build_reward_model(
-        "unet_lora", pipeline=folder, latent_channels=4, text_dim=sig["text_embed_dim"],
-        pooled_dim=sig["pooled_dim"], vae_scale_factor=sig["vae_scale_factor"], hidden_dim=16,
-        depth=1, num_heads=2, lora_rank=2, pipeline_signature=sig, **fields,
-    )  # fmt: skip
+        "unet_lora",
+        pipeline=folder,
+        latent_channels=4,
+        text_dim=sig["text_embed_dim"],
+        pooled_dim=sig["pooled_dim"],
+        vae_scale_factor=sig["vae_scale_factor"],
+        hidden_dim=16,
+        depth=1,
+        num_heads=2,
+        lora_rank=2,
+        pipeline_signature=sig,
+        **fields,
+    )
 
 
 @pytest.mark.parametrize("which", ["tiny_sd", "tiny_sdxl"])
@@ -51,9 +61,13 @@ def test_every_trainable_parameter_changes(tiny_sd):
     for _ in range(2):
         out = model(torch.randn(4, 4, 16, 16), emb.embeds, emb.mask)
         loss, _ = reward_loss(
-            out.token_logits, out.overall_logit, torch.rand(4, 77), emb.mask,
-            torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.tensor([0, 1, 0, 1]),
-        )  # fmt: skip
+            out.token_logits,
+            out.overall_logit,
+            torch.rand(4, 77),
+            emb.mask,
+            torch.tensor([1.0, 0.0, 0.0, 1.0]),
+            torch.tensor([0, 1, 0, 1]),
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -87,13 +101,19 @@ def test_backbone_is_frozen_half_precision_checkpointed_and_keeps_sdpa(which, dt
             assert not param.requires_grad and param.dtype == getattr(torch, dtype), name
         else:  # LoRA adapters and heads train in float32
             assert param.requires_grad and param.dtype == torch.float32, name
-    flags = {n: m.gradient_checkpointing for n, m in model.encoder.named_modules()
-             if hasattr(m, "gradient_checkpointing")}  # fmt: skip
+    flags = {
+        n: m.gradient_checkpointing
+        for n, m in model.encoder.named_modules()
+        if hasattr(m, "gradient_checkpointing")
+    }
     assert all(flags.values())
     blocks = [f"down_blocks.{i}" for i in range(len(model.encoder.down_blocks))] + ["mid_block"]
     assert all(b in flags for b in blocks), sorted(flags)
-    processors = {n: type(m.processor).__name__ for n, m in model.encoder.named_modules()
-                  if n.endswith(("attn1", "attn2"))}  # fmt: skip
+    processors = {
+        n: type(m.processor).__name__
+        for n, m in model.encoder.named_modules()
+        if n.endswith(("attn1", "attn2"))
+    }
     assert {p for n, p in processors.items() if n.endswith("attn1")} == {"AttnProcessor2_0"}
     assert {p for n, p in processors.items() if n.endswith("attn2")} == {"CrossAttentionReader"}
     emb = encode_prompts(pipe, ["a red circle", "a blue square"])
@@ -106,9 +126,13 @@ def test_backbone_is_frozen_half_precision_checkpointed_and_keeps_sdpa(which, dt
 
 def _loss(out, mask):
     loss, _ = reward_loss(
-        out.token_logits, out.overall_logit, torch.rand(4, 77, generator=torch.Generator().manual_seed(0)),
-        mask, torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.tensor([0, 1, 0, 1]),
-    )  # fmt: skip
+        out.token_logits,
+        out.overall_logit,
+        torch.rand(4, 77, generator=torch.Generator().manual_seed(0)),
+        mask,
+        torch.tensor([1.0, 0.0, 0.0, 1.0]),
+        torch.tensor([0, 1, 0, 1]),
+    )
     return loss
 
 
@@ -179,17 +203,22 @@ def test_bfloat16_backbone_round_trip_and_a_bad_dtype(tiny_sd, tmp_path):
     assert loaded.encoder.conv_in.weight.dtype == torch.bfloat16
     emb = encode_prompts(pipe, ["a red circle"])
     x = torch.randn(1, 4, 16, 16)
-    assert torch.equal(model(x, emb.embeds, emb.mask).overall_logit,
-                       loaded(x, emb.embeds, emb.mask).overall_logit)  # fmt: skip
+    assert torch.equal(
+        model(x, emb.embeds, emb.mask).overall_logit, loaded(x, emb.embeds, emb.mask).overall_logit
+    )
     with pytest.raises(ConfigError, match="'backbone_dtype' is 'int8'"):
         build(pipe, folder, backbone_dtype="int8")
 
 
 def test_distill_builds_the_backbone_in_the_recipe_dtype():
     config = SimpleNamespace(
-        reward_model="unet_lora", pipeline="p", torch_dtype="float16", input_steps=0,
-        input_kind="latent", model_kwargs={},
-    )  # fmt: skip
+        reward_model="unet_lora",
+        pipeline="p",
+        torch_dtype="float16",
+        input_steps=0,
+        input_kind="latent",
+        model_kwargs={},
+    )
     rows = SimpleNamespace(num_inference_steps=0, guidance_scale=0.0)
     signature = {
         "latent_channels": 4,

@@ -16,10 +16,12 @@ Using a trained policy with a diffusers pipeline is one call:
 Example:
     >>> from diffusers import StableDiffusionPipeline
     >>> from noisealign.policies import apply_policy, load_policy
-    >>> pipe = StableDiffusionPipeline.from_pretrained("src/noisealign/toy/assets/pipeline")  # doctest: +SKIP
+    >>> folder = "src/noisealign/toy/assets/pipeline"
+    >>> pipe = StableDiffusionPipeline.from_pretrained(folder)  # doctest: +SKIP
     >>> policy = load_policy("outputs/toy/projector", pipe)  # doctest: +SKIP
     >>> prompts = ["a red circle left of a blue square"]
-    >>> images = pipe(prompts, latents=apply_policy(pipe, policy, prompts, seeds=[0])).images  # doctest: +SKIP
+    >>> latents = apply_policy(pipe, policy, prompts, seeds=[0])  # doctest: +SKIP
+    >>> images = pipe(prompts, latents=latents).images  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ def _check_policy(policy: object) -> None:
     if not isinstance(policy, tuple(POLICIES.values())):
         raise ConfigError(
             f"'policy' is a {type(policy).__name__}, not a noisealign policy "
-            f"({', '.join(c.__name__ for c in POLICIES.values())}); load one with load_policy(folder)"
+            f"({', '.join(c.__name__ for c in POLICIES.values())}); load one with "
+            "load_policy(folder)"
         )
 
 
@@ -149,7 +152,7 @@ def load_projector(
 
 
 def check_pipeline(policy: nn.Module, pipe: DiffusionPipeline, what: str) -> None:
-    """:class:`~noisealign.errors.PipelineError` if ``pipe`` differs from the pipeline recorded in the policy."""
+    """:class:`~noisealign.errors.PipelineError` if ``pipe`` is not the policy's pipeline."""
     expected = policy.config.pipeline_signature
     if expected is not None:
         check_compatible(expected, _signature(pipe), what)
@@ -176,7 +179,8 @@ def apply_policy(
     width: int | None = None,
     return_standard: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Projected initial latents ``(B, C, h, w)`` for ``pipe(prompts, latents=...)``, on the pipe's device/dtype.
+    """Projected initial latents ``(B, C, h, w)`` for ``pipe(prompts, latents=...)``, on the
+    pipe's device and dtype.
 
     The standard noise is ``noisealign.noise.batch_noise(prompt_ids, seeds, ...)`` (prompt ids
     default to :func:`~noisealign.data.prompts.prompt_hash_id` of each prompt), so the same

@@ -38,7 +38,9 @@ from torch import nn
 
 from ..nn import (
     AttentionBlock,
+    NoiseInputs,
     PatchEmbed,
+    check_pooled,
     check_sizes,
     load_weights_strict,
     modulate,
@@ -54,15 +56,9 @@ __all__ = ["NPNet", "NPNetCompat", "NPNetCompatConfig", "NPNetConfig"]
 
 
 @dataclass
-class NPNetConfig:
+class NPNetConfig(NoiseInputs):
     """Size of the improved :class:`NPNet` and the pipeline it was trained for."""
 
-    latent_channels: int = 4
-    """C of the noise."""
-    text_dim: int = 768
-    """D of the prompt token embeddings."""
-    pooled_dim: int | None = None
-    """P of the pooled embedding (SDXL), None for SD."""
     hidden_dim: int = 128
     """Width of both branches."""
     depth: int = 2
@@ -160,13 +156,10 @@ class NPNet(nn.Module, PyTorchModelHubMixin, tags=["noisealign", "npnet"], **HUB
         mask: torch.Tensor | None = None,
         pooled: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """ε′ for ``noise`` (B, C, H, W), ``embeds`` (B, L, D), ``mask`` (B, L) bool, ``pooled`` (B, P)."""
+        """ε′ for ``noise`` (B, C, H, W), prompts ``embeds`` (B, L, D), ``mask`` (B, L) bool and
+        ``pooled`` (B, P)."""
         check_inputs(noise, embeds, self.config.latent_channels, self.config.text_dim)
-        if (pooled is None) != (self.pooled_film is None):
-            raise ValueError(
-                f"this NPNet {'needs' if self.pooled_film is not None else 'takes no'} pooled "
-                "embeddings; pass PromptEmbeddings.pooled of the pipeline it was trained for"
-            )
+        check_pooled(pooled, self.pooled_film, "NPNet")
         dtype = self.spectral_in.weight.dtype
         x = noise.to(dtype)
         pad = (

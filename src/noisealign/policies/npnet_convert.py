@@ -73,7 +73,8 @@ def read_official(path: str | Path) -> dict[str, Any]:
         # torch words it "Unsupported global" or "unsupported GLOBAL" depending on the version
         if "unsupported global" not in str(exc).lower():  # no object refused: a damaged file
             raise DataError(
-                f"official NPNet checkpoint '{path}' is corrupt or not a torch file ({_first_line(exc)})"
+                f"official NPNet checkpoint '{path}' is corrupt or not a torch file "
+                f"({_first_line(exc)})"
             ) from exc
         raise DataError(
             f"'{path}' holds pickled Python objects, not just tensors, and is not unpickled here "
@@ -82,7 +83,8 @@ def read_official(path: str | Path) -> dict[str, Any]:
         ) from exc
     except (RuntimeError, EOFError, OSError) as exc:
         raise DataError(
-            f"official NPNet checkpoint '{path}' is corrupt or not a torch file ({_first_line(exc)})"
+            f"official NPNet checkpoint '{path}' is corrupt or not a torch file "
+            f"({_first_line(exc)})"
         ) from exc
 
 
@@ -102,7 +104,7 @@ def _text_group(official: Mapping[str, Any], path: object) -> Mapping[str, torch
 def official_to_state_dict(
     official: Mapping[str, Any], path: object = "checkpoint", text_length: int = TEXT_LENGTH
 ) -> tuple[dict[str, torch.Tensor], NPNetCompatConfig]:
-    """:class:`NPNetCompat` state dict and config (read off the tensor shapes) of an official dict."""
+    """:class:`NPNetCompat` state dict and config (read off the tensor shapes) of official ones."""
     text = _text_group(official, path)
     for key in ("unet_embedding", "unet_svd", "alpha", "beta"):
         if key not in official:
@@ -150,7 +152,7 @@ def _config_from(swin, svd, text, path, text_length: int) -> NPNetCompatConfig:
 def load_official_npnet(
     path: str | Path, text_length: int = TEXT_LENGTH, **config_fields: Any
 ) -> NPNetCompat:
-    """:class:`NPNetCompat` in eval mode with the weights of an official ``.pth`` / ``.safetensors``.
+    """:class:`NPNetCompat` in eval mode with the weights of an official ``.pth``/``.safetensors``.
 
     ``config_fields`` (e.g. ``pipeline="stabilityai/stable-diffusion-xl-base-1.0"``) are
     recorded in its config; the sizes come from the tensor shapes and ``text_length`` (77 for
@@ -196,7 +198,7 @@ def official_state(model: NPNetCompat) -> dict[str, Any]:
 
 
 def save_official(model: NPNetCompat, path: str | Path) -> None:
-    """Write ``model`` as an official ``.pth`` (plain tensors) or its flat ``.safetensors`` mirror."""
+    """Write ``model`` as an official ``.pth`` (plain tensors) or its flat safetensors mirror."""
     official = official_state(model)
     if str(path).endswith(".safetensors"):
         flat = {f"{g}.{k}": v.contiguous() for g in GROUPS for k, v in official[g].items()}

@@ -39,7 +39,9 @@ from torch import nn
 
 from ..nn import (
     AttentionBlock,
+    NoiseInputs,
     PatchEmbed,
+    check_pooled,
     check_sizes,
     load_weights_strict,
     modulate,
@@ -51,15 +53,9 @@ MOMENT_EPS = 1e-6  # keeps s(y) away from 0 for a degenerate residual
 
 
 @dataclass
-class NoiseProjectorConfig:
-    """Size of :class:`NoiseProjector` and the pipeline it was trained for; saved as ``config.json``."""
+class NoiseProjectorConfig(NoiseInputs):
+    """Size of :class:`NoiseProjector` and the pipeline it was trained for (``config.json``)."""
 
-    latent_channels: int = 4
-    """C of the noise."""
-    text_dim: int = 768
-    """D of the prompt token embeddings."""
-    pooled_dim: int | None = None
-    """P of the pooled embedding (SDXL), None for SD."""
     hidden_dim: int = 128
     """Width of the patch transformer."""
     depth: int = 2
@@ -166,13 +162,10 @@ class NoiseProjector(
         mask: torch.Tensor | None = None,
         pooled: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """ε′ for ``noise`` (B, C, H, W), prompts ``embeds`` (B, L, D), ``mask`` (B, L) bool, ``pooled`` (B, P)."""
+        """ε′ for ``noise`` (B, C, H, W), prompts ``embeds`` (B, L, D), ``mask`` (B, L) bool and
+        ``pooled`` (B, P)."""
         check_inputs(noise, embeds, self.config.latent_channels, self.config.text_dim)
-        if (pooled is None) != (self.pooled_film is None):
-            raise ValueError(
-                f"this projector {'needs' if self.pooled_film is not None else 'takes no'} pooled "
-                "embeddings; pass PromptEmbeddings.pooled of the pipeline it was trained for"
-            )
+        check_pooled(pooled, self.pooled_film, "projector")
         if mask is None:
             mask = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
         dtype = self.head.weight.dtype

@@ -1,4 +1,4 @@
-"""Swin-T feature extractor for the compatible NPNet, built from ``transformers``, with a timm key map.
+"""Swin-T features for the compatible NPNet, built from ``transformers``, with a timm key map.
 
 The official NPNet (xie-lab-ml/Golden-Noise-for-Diffusion-Models, ``training/model/
 NoiseTransformer.py``) holds ``timm.create_model("swin_tiny_patch4_window7_224")`` as ``swin``
@@ -12,7 +12,8 @@ Key layouts, read from timm's source and checked once by running it (timm 0.9.12
 wheels unpacked outside the venv with torchvision stubbed, random weights, 2026-11-23): our
 ``SwinFeatures`` loaded through :func:`timm_to_transformers` matched ``forward_features`` to a
 max abs difference of 1.5e-7, and a re-implementation of the official NPNet forward on real
-timm matched :class:`~noisealign.policies.npnet_compat.NPNetCompat` to 1e-6 (SDPA vs explicit softmax).
+timm matched :class:`~noisealign.policies.npnet_compat.NPNetCompat` to 1e-6 (SDPA vs explicit
+softmax).
 - timm >= 0.9 (``timm/models/swin_transformer.py`` at huggingface/pytorch-image-models
   65564f7; the authors' requirements pin timm 0.9.12, and the official NHWC quirk needs it:
   timm 0.6's ``forward_features`` returns ``(B, 49, 768)``): ``layers.{i}.downsample``
@@ -97,7 +98,7 @@ class SwinFeatures(nn.Module):
 
 
 class SwinResidual(nn.Module):
-    """Official ``NoiseTransformer``: 224² nearest upsample → 1×1 conv → Swin-T → quirk → 1×1 conv."""
+    """Official ``NoiseTransformer``: 224² nearest upsample, 1×1 conv, Swin-T, quirk, 1×1 conv."""
 
     def __init__(
         self,
@@ -152,7 +153,7 @@ def timm_to_transformers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.T
 
 
 def transformers_to_timm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """:class:`SwinFeatures` keys as a timm >= 0.9 Swin state dict (the inverse of the map above)."""
+    """:class:`SwinFeatures` keys as a timm >= 0.9 Swin state dict (the inverse of the above)."""
     inverse_block = {v: k for k, v in _BLOCK_NAMES.items()}
     inverse_top = {v: k for k, v in _TOP_NAMES.items()}
     out: dict[str, torch.Tensor] = {}

@@ -81,7 +81,8 @@ def check_rows_fit_pipeline(
     for i, pid in enumerate(rows.prompt_ids):
         if rows.tokens[i] != table.tokens[position[pid]]:
             raise PipelineError(
-                f"prompt '{rows.prompts[i][:40]}' was tokenized differently by the collect pipeline; "
+                f"prompt '{rows.prompts[i][:40]}' was tokenized differently by the collect "
+                "pipeline; "
                 f"{where}; {fix}"
             )
 
@@ -120,12 +121,14 @@ def step_features(
     num_inference_steps: int,
     guidance_scale: float,
 ) -> torch.Tensor:
-    """x_{T−k} (``kind="latent"``) or the predicted x0 (``"x0"``) after ``steps`` DDIM steps; the noise for k = 0."""
+    """x_{T−k} (``kind="latent"``) or the predicted x0 (``"x0"``) after ``steps`` DDIM steps;
+    the noise itself for k = 0."""
     if steps == 0:
         return noise
     if steps > num_inference_steps:
         raise PipelineError(
-            f"input_steps {steps} exceeds the schedule's {num_inference_steps} steps; lower input_steps"
+            f"input_steps {steps} exceeds the schedule's {num_inference_steps} steps; lower "
+            "input_steps"
         )
     x_prev, x = noise, noise
     for index in range(steps):
@@ -174,7 +177,8 @@ def precompute_features(
     kind: str,
     batch_size: int = 64,
 ) -> torch.Tensor | None:
-    """(N, C, H, W) k-step features of every row (float32, CPU), or ``None`` for k = 0 (noise is re-derived)."""
+    """(N, C, H, W) k-step features of every row (float32, CPU), or ``None`` for k = 0 (the
+    noise is re-derived)."""
     if steps == 0:
         return None
     position = {pid: i for i, pid in enumerate(prompt_order)}

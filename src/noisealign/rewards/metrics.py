@@ -52,7 +52,8 @@ def spearman(predicted: torch.Tensor, target: torch.Tensor) -> float:
 def pairwise_accuracy(
     predicted: torch.Tensor, target: torch.Tensor, group: torch.Tensor, tie: float = 1e-6
 ) -> tuple[float, int]:
-    """``(accuracy, pairs)`` over same-group pairs with ``|Δtarget| > tie``; prediction ties count half."""
+    """``(accuracy, pairs)`` over same-group pairs with ``|Δtarget| > tie``; prediction ties
+    count half."""
     p, t, g = _np(predicted), _np(target), group.detach().cpu().numpy()
     correct, pairs = 0.0, 0
     for value in np.unique(g):

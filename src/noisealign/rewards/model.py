@@ -1,4 +1,4 @@
-"""The distilled reward model r_φ(ε, e): a judge's token-level and overall feedback from the noise alone.
+"""The distilled reward model r_φ(ε, e): a judge's token-level and overall feedback from the noise.
 
 Architecture (DESIGN.md section 4): a conv patch encoder turns the noise (B, C, H, W) into
 patches with fixed 2-D sine-cosine positions (so any latent size works); a learned [CLS]
@@ -28,7 +28,9 @@ from ..distillation.card import CARD_TEMPLATE
 from ..errors import ConfigError
 from ..nn import (
     AttentionBlock,
+    NoiseInputs,
     PatchEmbed,
+    check_pooled,
     check_sizes,
     encoder_layer,
     load_weights_strict,
@@ -39,7 +41,7 @@ INPUT_KINDS = ("latent", "x0")
 
 
 class RewardOutput(NamedTuple):
-    """``token_logits`` (B, L) and ``overall_logit`` (B,), both float32 logits of P(judge says yes)."""
+    """``token_logits`` (B, L) and ``overall_logit`` (B,): float32 logits of P(judge says yes)."""
 
     token_logits: torch.Tensor
     overall_logit: torch.Tensor
@@ -63,17 +65,11 @@ class RewardModel(Protocol):
 
 
 @dataclass
-class NoiseRewardConfig:
+class NoiseRewardConfig(NoiseInputs):
     """Size and inputs of :class:`NoiseRewardModel`; saved as the folder's ``config.json``."""
 
     architecture: str = "transformer"
     """Always 'transformer'."""
-    latent_channels: int = 4
-    """C of the noise."""
-    text_dim: int = 768
-    """D of the prompt token embeddings."""
-    pooled_dim: int | None = None
-    """P of the pooled embedding (SDXL), None for SD."""
     hidden_dim: int = 128
     """Width of the transformer."""
     depth: int = 3
@@ -123,7 +119,8 @@ def check_input_fields(steps: int, kind: str, num_inference_steps: int) -> None:
         )
     if steps > 0 and num_inference_steps < steps:
         raise ConfigError(
-            f"reward model field 'num_inference_steps' ({num_inference_steps}) must be >= input_steps ({steps})"
+            f"reward model field 'num_inference_steps' ({num_inference_steps}) must be >= "
+            f"input_steps ({steps})"
         )
 
 
@@ -166,7 +163,8 @@ class NoiseRewardModel(
         self.overall_head = norm_linear(dim, 1)
 
     def encode_noise(self, noise: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) → (B, N, hidden) patches with positions; pads H, W up to the pool and patch size."""
+        """(B, C, H, W) → (B, N, hidden) patches with positions; pads H, W up to the pool and the
+        patch size."""
         pool = self.config.noise_pool
         if pool > 1:  # the mean of pool² unit-variance values, times pool: unit variance again
             pad_h, pad_w = (-noise.shape[2]) % pool, (-noise.shape[3]) % pool
@@ -185,7 +183,8 @@ class NoiseRewardModel(
         mask: torch.Tensor | None = None,
         pooled: torch.Tensor | None = None,
     ) -> RewardOutput:
-        """Score ``noise`` (B, C, H, W) for prompts ``embeds`` (B, L, D) with ``mask`` (B, L) and ``pooled`` (B, P)."""
+        """Score ``noise`` (B, C, H, W) for prompts ``embeds`` (B, L, D) with ``mask`` (B, L) and
+        ``pooled`` (B, P)."""
         cfg = self.config
         if noise.ndim != 4 or noise.shape[1] != cfg.latent_channels:
             raise ValueError(
@@ -193,10 +192,7 @@ class NoiseRewardModel(
             )
         if embeds.ndim != 3 or embeds.shape[2] != cfg.text_dim:
             raise ValueError(f"embeds must be (B, L, {cfg.text_dim}), got {tuple(embeds.shape)}")
-        if (pooled is None) != (self.pooled_in is None):
-            raise ValueError(
-                f"this reward model {'needs' if self.pooled_in is not None else 'takes no'} pooled embeddings"
-            )
+        check_pooled(pooled, self.pooled_in, "reward model")
         batch, length = embeds.shape[:2]
         if mask is None:
             mask = torch.ones(batch, length, dtype=torch.bool, device=embeds.device)

@@ -37,7 +37,7 @@ from torch import nn
 
 from ..distillation.card import CARD_TEMPLATE
 from ..errors import ConfigError
-from ..nn import encoder_layer, load_weights_strict, norm_linear
+from ..nn import check_pooled, encoder_layer, load_weights_strict, norm_linear
 from .model import RewardOutput, check_input_fields
 from .unet_encoder import CrossAttentionReader, UNetEncoder
 
@@ -46,7 +46,7 @@ BACKBONE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16
 
 @dataclass
 class UNetRewardConfig:
-    """Fields of :class:`UNetRewardModel`; ``unet_config`` is filled from ``pipeline`` when built."""
+    """Fields of :class:`UNetRewardModel`; ``unet_config`` is filled from ``pipeline`` at build."""
 
     architecture: str = "unet_lora"
     """Always 'unet_lora'."""
@@ -139,7 +139,7 @@ class UNetRewardModel(
     tags=["noisealign", "reward-model", "diffusion-noise", "lora"],
     model_card_template=CARD_TEMPLATE,
 ):
-    """r_φ(ε, e) on the UNet encoder with LoRA; same call and outputs as :class:`NoiseRewardModel`."""
+    """r_φ(ε, e) on the UNet encoder with LoRA; the call and outputs of :class:`NoiseRewardModel`."""
 
     config_class = UNetRewardConfig
     # FSDP shard groups (accelerate's TRANSFORMER_BASED_WRAP reads this): the UNet's blocks and
@@ -185,11 +185,9 @@ class UNetRewardModel(
         mask: torch.Tensor | None = None,
         pooled: torch.Tensor | None = None,
     ) -> RewardOutput:
-        """Score ``noise`` (B, C, H, W) for ``embeds`` (B, L, D), ``mask`` (B, L), ``pooled`` (B, P)."""
-        if (pooled is None) != (self.pooled_in is None):
-            raise ValueError(
-                f"this reward model {'needs' if self.pooled_in is not None else 'takes no'} pooled embeddings"
-            )
+        """Score ``noise`` (B, C, H, W) for prompts ``embeds`` (B, L, D) with ``mask`` (B, L) and
+        ``pooled`` (B, P)."""
+        check_pooled(pooled, self.pooled_in, "reward model")
         batch, length = embeds.shape[:2]
         mask = (
             torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
@@ -210,7 +208,7 @@ class UNetRewardModel(
         )
 
     def _encode(self, noise, embeds, pooled) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The mid block's output and the cross-attention token features, in the backbone's dtype."""
+        """The mid block's output and the cross-attention token features, in the backbone dtype."""
         dtype = self.encoder.conv_in.weight.dtype
         features: list[torch.Tensor] = []
         for reader in self._readers:

@@ -62,7 +62,8 @@ class CrossAttentionReader:
 
 
 class UNetEncoder(nn.Module):
-    """The UNet up to its mid block; ``forward`` mirrors ``UNet2DConditionModel.forward`` for SD/SDXL."""
+    """The UNet up to its mid block; ``forward`` mirrors ``UNet2DConditionModel.forward``
+    for SD and SDXL."""
 
     def __init__(self, unet: UNet2DConditionModel) -> None:
         super().__init__()
@@ -73,7 +74,8 @@ class UNetEncoder(nn.Module):
             or cfg.time_embedding_act_fn is not None
         ):
             raise PipelineError(
-                "the unet_lora reward model supports SD 1.x/2.x and SDXL UNets only; use 'transformer'"
+                "the unet_lora reward model supports SD 1.x/2.x and SDXL UNets only; use "
+                "'transformer'"
             )
         self.text_time = cfg.addition_embed_type == "text_time"
         self.conv_in, self.time_proj, self.time_embedding = (
