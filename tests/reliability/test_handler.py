@@ -23,9 +23,9 @@ import datasets
 import pytest
 import torch
 
-from noisealign.cli import INTERRUPTED, explain
 from noisealign.cli import main as cli_main
 from noisealign.errors import NoiseAlignError
+from noisealign.failures import INTERRUPTED, explain
 
 from .test_bad_inputs import collect, evaluate, generate, snapshot, train_projector
 from .test_kill_resume import _launch

@@ -32,6 +32,7 @@ from ..errors import ConfigError
 from ..judges import Concept, Judge, build_judge
 from ..noise import batch_noise
 from ..pipelines import encode_prompts, generate
+from ..policies import load_policy, project
 
 Run = Callable[[list[str], list[str], list[list[Concept] | None], list[int]], MethodOutput]
 
@@ -74,8 +75,6 @@ def _standard(ctx: EvalContext) -> Run:
 
 
 def _policy(ctx: EvalContext, policy: str) -> Run:
-    from ..policies import load_policy, project
-
     model = load_policy(policy, ctx.pipe).to(ctx.pipe._execution_device)
 
     def run(prompts, prompt_ids, concepts, seeds):

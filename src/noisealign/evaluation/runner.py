@@ -21,13 +21,10 @@ than the run's wall time; ``peak_memory_mb``, the largest batch peak on any proc
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import shutil
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +33,13 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..judges import Judge
 from ..judges.base import score_robustly
 from .methods import Run
-from .report import write_json
+from .rows import Grid, MethodWork, load_method, merge_method, read_part, save_part
 
 logger = logging.getLogger(__name__)
-
-Grid = dict[tuple[str, int], Image.Image]
 
 
 class PeakMemory:
@@ -128,20 +123,6 @@ def judge_devices(judge_kwargs: dict, accelerator: Any) -> dict:
     }
 
 
-@dataclass
-class MethodWork:
-    """One unfinished method on one prompt set: the one-process batches of (record, seed) keys."""
-
-    folder: Path  # rows/<set>
-    label: str
-    batches: list[list[tuple]]
-    grid_keys: set[tuple[str, int]]
-
-    @property
-    def parts(self) -> Path:
-        return self.folder / f"{self.label}.parts"
-
-
 def plan_work(
     rows_dir: Path,
     prompt_sets: dict[str, list],
@@ -181,7 +162,7 @@ def run_share(
     skipped."""
     units = [(w, i) for w in work for i in range(len(w.batches))]
     mine = units[process_index::num_processes]
-    todo = [(w, i) for w, i in mine if _read_part(w, i) is None]
+    todo = [(w, i) for w, i in mine if read_part(w, i) is None]
     logger.info(
         "%d batches of unfinished methods; process %d takes %d (%d done in an earlier run)",
         len(units),
@@ -193,7 +174,7 @@ def run_share(
         todo, desc=f"evaluate (process {process_index})", unit="batch", disable=process_index != 0
     ):
         part, grid = run_batch(runs[w.label], w.batches[i], judges, device, w.grid_keys)
-        _save_part(w, i, part, grid)
+        save_part(w, i, part, grid)
 
 
 def _judge_rows(
@@ -248,55 +229,6 @@ def run_batch(
     return part, grid
 
 
-def _save_part(work: MethodWork, index: int, part: dict, grid: Grid) -> None:
-    """Grid PNGs first, then the part's JSON (atomic; its presence marks the batch as done)."""
-    work.parts.mkdir(parents=True, exist_ok=True)
-    names = {}
-    for j, ((prompt_id, seed), image) in enumerate(sorted(grid.items())):
-        names[f"{prompt_id}|{seed}"] = name = f"{index:05d}-{j:03d}.png"
-        image.save(work.parts / name)
-    write_json(work.parts / f"{index:05d}.json", {**part, "grid": names})
-
-
-def _read_part(work: MethodWork, index: int) -> dict | None:
-    """A batch's saved part, or ``None`` if missing or cut with another ``batch_size``."""
-    path = work.parts / f"{index:05d}.json"
-    if not path.is_file():
-        return None
-    part = json.loads(path.read_text())
-    keys = [[r.prompt_id, s] for r, s in work.batches[index]]
-    return part if part["keys"] == keys else None
-
-
-def merge_method(work: MethodWork) -> None:
-    """Main process, after every process ran its share: the parts -> ``<label>.json``, parts
-    removed."""
-    rows, steps, calls, seconds, peak, grid = [], [], [], 0.0, 0.0, {}
-    for index in range(len(work.batches)):
-        part = _read_part(work, index)
-        if part is None:
-            raise DataError(
-                f"{work.parts} lacks batch {index}; run the same command again to finish it"
-            )
-        rows += part["rows"]
-        steps += part["denoising_steps"]
-        calls += part["judge_calls"]
-        seconds += part["seconds"]
-        peak = max(peak, part["peak_memory_mb"])
-        for key, name in part["grid"].items():
-            prompt_id, _, seed = key.rpartition("|")
-            grid[(prompt_id, int(seed))] = Image.open(work.parts / name).convert("RGB")
-    n = max(1, len(rows))
-    cost = {
-        "denoising_steps": sum(steps) / n,
-        "judge_calls": sum(calls) / n,
-        "seconds_per_image": seconds / n,
-        "peak_memory_mb": peak,
-    }
-    save_method(work.folder, work.label, rows, cost, grid)
-    shutil.rmtree(work.parts)
-
-
 def merged_results(
     rows_dir: Path, work: Sequence[MethodWork], set_names: Sequence[str], labels: Sequence[str]
 ) -> dict[str, dict[str, tuple[list[dict], dict, Grid]]]:
@@ -305,27 +237,3 @@ def merged_results(
     for method in work:
         merge_method(method)
     return {s: {label: load_method(rows_dir / s, label) for label in labels} for s in set_names}
-
-
-def save_method(folder: Path, label: str, rows: list[dict], cost: dict, grid: Grid) -> None:
-    """Grid PNGs first, then the rows file (its presence marks the method as finished)."""
-    image_dir = folder / label
-    image_dir.mkdir(parents=True, exist_ok=True)
-    names = {}
-    for i, ((prompt_id, seed), image) in enumerate(sorted(grid.items())):
-        names[f"{prompt_id}|{seed}"] = f"{i:03d}.png"
-        image.save(image_dir / f"{i:03d}.png")
-    write_json(folder / f"{label}.json", {"rows": rows, "cost": cost, "grid": names})
-
-
-def load_method(folder: Path, label: str) -> tuple[list[dict], dict, Grid] | None:
-    """A finished method's rows, cost and grid images, or ``None`` when it has not finished."""
-    path = folder / f"{label}.json"
-    if not path.is_file():
-        return None
-    saved = json.loads(path.read_text())
-    grid = {}
-    for key, name in saved["grid"].items():
-        prompt_id, _, seed = key.rpartition("|")
-        grid[(prompt_id, int(seed))] = Image.open(folder / label / name).convert("RGB")
-    return saved["rows"], saved["cost"], grid
