@@ -37,6 +37,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import SwinConfig, SwinModel
 
 from ..errors import DataError
 
@@ -72,8 +73,6 @@ class SwinFeatures(nn.Module):
         drop_path: float = 0.1,
     ) -> None:
         super().__init__()
-        from transformers import SwinConfig, SwinModel
-
         config = SwinConfig(
             image_size=224,
             patch_size=4,

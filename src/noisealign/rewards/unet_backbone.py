@@ -139,7 +139,7 @@ class UNetRewardModel(
     tags=["noisealign", "reward-model", "diffusion-noise", "lora"],
     model_card_template=CARD_TEMPLATE,
 ):
-    """r_φ(ε, e) on the UNet encoder with LoRA; the call and outputs of :class:`NoiseRewardModel`."""
+    """r_φ(ε, e) on the UNet encoder with LoRA; called like :class:`NoiseRewardModel`."""
 
     config_class = UNetRewardConfig
     # FSDP shard groups (accelerate's TRANSFORMER_BASED_WRAP reads this): the UNet's blocks and

@@ -1,4 +1,4 @@
-"""Building blocks shared by the noise projector, NPNet and the reward models.
+"""The layers shared by the noise projector, NPNet and the reward models.
 
 - :func:`sincos_2d`: fixed 2-D sine-cosine positions, so one network serves every latent size;
 - :class:`PatchEmbed`: the conv patch encoder (3x3 conv, GELU, patch conv) with positions, and
@@ -7,11 +7,8 @@
   and an MLP (the policies' patches attend to the prompt tokens, the reward model's tokens to
   the noise patches);
 - :class:`NoiseInputs`, the fields every network's config starts with; small layers
-  (:func:`norm_linear`, :func:`zero_linear`, :func:`encoder_layer`,
-  :func:`modulate`) and :func:`check_sizes` for the configs;
-- :func:`load_weights_strict`: ``PyTorchModelHubMixin`` loads weights non-strictly, so a
-  folder of another architecture would load "successfully" with random weights; here every
-  key and shape must match, or one :class:`~noisealign.errors.DataError` names the folder.
+  (:func:`norm_linear`, :func:`zero_linear`, :func:`encoder_layer`, :func:`modulate`) and the
+  checks :func:`check_sizes`, :func:`check_pooled`.
 
 Module attribute names are those of the checkpoints already saved (``patch_embed.0``,
 ``norm_patches``, ``mlp.3``...), so their state-dict keys still load.
@@ -25,25 +22,16 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import constants, hf_hub_download
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
-from .errors import ConfigError, DataError
-
-CONFIG_NAME = constants.CONFIG_NAME  # "config.json"
-WEIGHTS_NAME = constants.SAFETENSORS_SINGLE_FILE  # "model.safetensors"
+from ..errors import ConfigError
 
 
 @dataclass
@@ -58,7 +46,6 @@ class NoiseInputs:
     """P of the pooled embedding (SDXL), None for SD."""
 
 
-# ----------------------------------------------------------------------------- layers
 def sincos_2d(height: int, width: int, dim: int, device: torch.device) -> torch.Tensor:
     """(height*width, dim) fixed 2-D sine-cosine positions (ViT/MAE style), float32.
 
@@ -210,106 +197,3 @@ class AttentionBlock(nn.Module):
         kv = context if self.norm_patches is None else self.norm_patches(context)
         x = x + self.cross_attn(q, kv, kv, key_padding_mask=context_pad, need_weights=False)[0]
         return x + self.mlp(self.norm_mlp(x))
-
-
-# ---------------------------------------------------------------------- strict loading
-def resolve(model_id: str, filename: str, what: str = "model", **hub_kwargs: Any) -> str:
-    """Local path of ``filename`` in a folder or hub repo; :class:`DataError` if it has none."""
-    if os.path.isdir(model_id):
-        path = os.path.join(model_id, filename)
-        if not os.path.isfile(path):
-            raise DataError(
-                f"{what} folder '{model_id}' has no {filename}; save it with save_pretrained"
-            )
-        return path
-    try:
-        return hf_hub_download(repo_id=model_id, filename=filename, **hub_kwargs)
-    except Exception as exc:  # hub errors come in many types; the first line says which
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(
-            f"cannot find {what} '{model_id}': not a local folder and the hub lookup failed "
-            f"({first}); pass a folder written by save_pretrained or a reachable hub id"
-        ) from exc
-
-
-def parse_config(path: str | Path, what: str = "model") -> dict[str, Any]:
-    """A ``config.json`` as a dict; :class:`DataError` if it is not a JSON object."""
-    try:
-        config = json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{what} config '{path}' is not valid JSON; save the {what} again") from exc
-    if not isinstance(config, dict):
-        raise DataError(f"{what} config '{path}' is not a JSON object; save the {what} again")
-    return config
-
-
-def read_config(path_or_id: str, what: str = "model", **hub_kwargs: Any) -> dict[str, Any]:
-    """The ``config.json`` of a folder or hub repo (:func:`resolve`, :func:`parse_config`)."""
-    return parse_config(resolve(path_or_id, CONFIG_NAME, what, **hub_kwargs), what)
-
-
-def read_safetensors(
-    path: str | Path, what: str = "model", device: str = "cpu"
-) -> dict[str, torch.Tensor]:
-    """Every tensor of a ``.safetensors`` file; :class:`DataError` if it cannot be read."""
-    try:
-        return load_file(path, device=device)
-    except (SafetensorError, OSError) as exc:
-        raise DataError(
-            f"{what} weights '{path}' are corrupt ({exc}); save the {what} again or download "
-            "it again"
-        ) from exc
-
-
-def state_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
-    """What keeps ``state`` from loading strictly into ``model`` (counts and two keys), or None."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [k for k in state if k in expected and expected[k].shape != state[k].shape]
-    if not (missing or unexpected or mismatched):
-        return None
-    return (
-        f"missing {len(missing)}, unexpected {len(unexpected)}, mis-shaped {len(mismatched)} "
-        f"tensors, e.g. {(missing + unexpected + mismatched)[:2]}"
-    )
-
-
-def load_weights_strict(
-    cls: type[nn.Module],
-    *,
-    model_id: str,
-    revision: str | None = None,
-    cache_dir: str | Path | None = None,
-    force_download: bool = False,
-    local_files_only: bool = False,
-    token: str | bool | None = None,
-    map_location: str = "cpu",
-    strict: bool = True,
-    what: str = "model",
-    **model_kwargs: Any,
-) -> nn.Module:
-    """``PyTorchModelHubMixin._from_pretrained`` that builds ``cls(**model_kwargs)`` and loads
-    ``model.safetensors`` with every key required; ``what`` names the model in errors.
-
-    A class opts in with ``_from_pretrained = classmethod(load_weights_strict)``.
-    """
-    hub = {
-        "revision": revision,
-        "cache_dir": cache_dir,
-        "force_download": force_download,
-        "local_files_only": local_files_only,
-        "token": token,
-    }
-    if "config" not in model_kwargs:
-        raise DataError(f"{what} '{model_id}' has no {CONFIG_NAME}; save it with save_pretrained")
-    model = cls(**model_kwargs)
-    state = read_safetensors(resolve(model_id, WEIGHTS_NAME, what, **hub), what, map_location)
-    problem = state_mismatch(model, state)
-    if strict and problem is not None:
-        raise DataError(
-            f"{what} weights in '{model_id}' do not fit its {CONFIG_NAME} ({problem}); it was "
-            f"saved by another architecture or size: save the {what} again"
-        )
-    model.load_state_dict(state, strict=strict)
-    return model.eval()
