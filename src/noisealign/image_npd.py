@@ -32,11 +32,39 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+from tqdm.auto import tqdm
 
 from noisealign.configs import TORCH_DTYPES, BaseConfig, arg, parse_config
-from noisealign.errors import ConfigError
+from noisealign.data.image_latents import ImageLatents
+from noisealign.data.npd import npd_features
+from noisealign.data.prompts import check_not_heldout, save_heldout_record
+from noisealign.data.shards import claim_output_dir, replace_dataset
+from noisealign.errors import ConfigError, DataError
+from noisealign.noise import batch_noise, distribution_preserving_mix
+from noisealign.outputs import check_output_dir_against_inputs
+from noisealign.pipelines import load_pipeline, pipeline_signature
+from noisealign.tracking import make_accelerator
 
 logger = logging.getLogger("noisealign.image_npd")
+# the collect columns an image pair reads or copies
+NEEDED = (
+    "prompt_id",
+    "prompt",
+    "seed",
+    "overall",
+    "failed",
+    "latent_shape",
+    "pipeline",
+    "num_inference_steps",
+    "guidance_scale",
+    "height",
+    "width",
+    "judge",
+)
 
 
 @dataclass
@@ -66,35 +94,92 @@ class ImageNPDConfig(BaseConfig):
 CONFIG_CLASS = ImageNPDConfig  # read by `noisealign.cli` and the recipe tests
 
 
+def accepted_rows(config: ImageNPDConfig, table: datasets.Dataset) -> tuple[Any, list[int], Any]:
+    """The needed columns of the collect dataset, the indices of its accepted images and its
+    held-out record (refused if it holds an evaluation prompt)."""
+    missing = [c for c in NEEDED if c not in table.column_names]
+    if missing:
+        raise DataError(
+            f"dataset '{config.dataset}' lacks the columns {', '.join(missing)}; point 'dataset' "
+            "at a collect stage's <output_dir>/dataset"
+        )
+    meta = table.select_columns(list(NEEDED))
+    heldout = check_not_heldout(config.dataset, meta["prompt_id"])  # evaluation prompts stay unseen
+    accepted = [
+        i
+        for i, (score, failed) in enumerate(zip(meta["overall"], meta["failed"]))
+        if not failed and not math.isnan(score) and score >= config.min_score
+    ]
+    if not accepted:
+        raise DataError(
+            f"no row of '{config.dataset}' has a judge score >= {config.min_score}; collect more "
+            "seeds or lower 'min_score'"
+        )
+    return meta, accepted, heldout
+
+
+def image_pairs(config, row: dict, z, signature: str) -> list[dict]:
+    """The ``pairs_per_image`` NPD rows of one accepted image (collect row ``row``, latent z)."""
+    k = config.pairs_per_image
+    shape = tuple(row["latent_shape"])
+    seeds = [(config.seed * 1_000_003 + row["seed"]) * k + j for j in range(k)]
+    eps = batch_noise([f"{row['prompt_id']}\x1fimage_npd"] * k, seeds, shape)
+    target = distribution_preserving_mix(eps, z.expand_as(eps), config.gamma)
+    return [
+        {
+            "prompt_id": row["prompt_id"],
+            "prompt": row["prompt"],
+            "seed": seeds[j],
+            "source_noise": eps[j].numpy(),
+            "target_noise": target[j].numpy(),
+            "source_score": float("nan"),
+            "target_score": float(row["overall"]),
+            "kept": True,
+            "failed": False,
+            "error": "",
+            "judge": row["judge"],
+            "margin": float("nan"),
+            "pipeline": config.pipeline,
+            "pipeline_signature": signature,
+            "latent_shape": list(shape),
+            "height": row["height"],
+            "width": row["width"],
+            "num_inference_steps": row["num_inference_steps"],
+            "guidance_scale": row["guidance_scale"],
+            "redenoise_steps": 0,
+            "guidance_denoise": float("nan"),
+            "guidance_invert": float("nan"),
+        }
+        for j in range(k)
+    ]
+
+
+def one_process(config: ImageNPDConfig):
+    """The accelerator of the one process this stage runs in (N copies would each write the
+    whole dataset)."""
+    accelerator = make_accelerator(config)
+    if accelerator.num_processes > 1:
+        raise ConfigError(
+            f"image_npd runs in one process (it writes one dataset), got "
+            f"{accelerator.num_processes} processes; run it as 'noisealign image_npd' or launch "
+            "it with --num_processes 1"
+        )
+    return accelerator
+
+
 def main(args: Sequence[str] | None = None):
     """Run the image_npd stage; returns the written NPD dataset."""
+    # ---- 1. recipe, one process, inputs that are not the output --------------------
     config = parse_config(ImageNPDConfig, args)
-    from pathlib import Path
-
-    import datasets
-    from tqdm.auto import tqdm
-
-    from noisealign.data.image_latents import ImageLatents
-    from noisealign.data.npd import npd_features
-    from noisealign.data.prompts import check_not_heldout, save_heldout_record
-    from noisealign.data.shards import claim_output_dir, replace_dataset
-    from noisealign.errors import DataError
-    from noisealign.noise import batch_noise, distribution_preserving_mix
-    from noisealign.outputs import check_output_dir_against_inputs
-    from noisealign.pipelines import load_pipeline, pipeline_signature
-    from noisealign.tracking import make_accelerator
-
-    accelerator = make_accelerator(config)
-    if accelerator.num_processes > 1:  # N copies would each write the whole dataset
-        raise ConfigError(
-            f"image_npd runs in one process (it writes one dataset), got {accelerator.num_processes} processes; run it as 'noisealign image_npd' or launch it with --num_processes 1"
-        )
+    accelerator = one_process(config)
     check_output_dir_against_inputs(
         config.output_dir,
         {"dataset": config.dataset, "pipeline": config.pipeline},
         stage="image_npd",
         overwrite=config.overwrite_output_dir,
     )
+
+    # ---- 2. the pipeline (its VAE) and the accepted images --------------------------
     pipe = load_pipeline(
         config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code
     )
@@ -106,38 +191,9 @@ def main(args: Sequence[str] | None = None):
         pipe.device,
     )
     source = ImageLatents(config.dataset, pipe)
-    table = source.dataset
-    needed = (
-        "prompt_id",
-        "prompt",
-        "seed",
-        "overall",
-        "failed",
-        "latent_shape",
-        "pipeline",
-        "num_inference_steps",
-        "guidance_scale",
-        "height",
-        "width",
-        "judge",
-    )
-    missing = [c for c in needed if c not in table.column_names]
-    if missing:
-        raise DataError(
-            f"dataset '{config.dataset}' lacks the columns {', '.join(missing)}; point 'dataset' at a collect stage's <output_dir>/dataset"
-        )
-    meta = table.select_columns(list(needed))
-    heldout = check_not_heldout(config.dataset, meta["prompt_id"])  # evaluation prompts stay unseen
-    accepted = [
-        i
-        for i, (score, failed) in enumerate(zip(meta["overall"], meta["failed"]))
-        if not failed and not math.isnan(score) and score >= config.min_score
-    ]
-    if not accepted:
-        raise DataError(
-            f"no row of '{config.dataset}' has a judge score >= {config.min_score}; collect more seeds or lower 'min_score'"
-        )
-    signature = json.dumps(pipeline_signature(pipe))
+    meta, accepted, heldout = accepted_rows(config, source.dataset)
+
+    # ---- 3. claim the folder ------------------------------------------------------------
     out = Path(config.output_dir)
     claim_output_dir(
         out, config.fingerprint(), config.overwrite_output_dir, derived=[out / "dataset"]
@@ -145,53 +201,25 @@ def main(args: Sequence[str] | None = None):
     if heldout is not None:  # passed on, so train_npnet can check the pairs too
         save_heldout_record(out, heldout)
 
+    # ---- 4. pairs: fresh noises, each mixed with its image's latent ----------------------
+    signature = json.dumps(pipeline_signature(pipe))
     rows = []
-    k = config.pairs_per_image
     for i in tqdm(accepted, desc="image_npd"):
         row = meta[i]
-        shape = tuple(row["latent_shape"])
-        seeds = [(config.seed * 1_000_003 + row["seed"]) * k + j for j in range(k)]
-        eps = batch_noise([f"{row['prompt_id']}\x1fimage_npd"] * k, seeds, shape)
-        z = source.latent(i, shape, cache=False).expand_as(eps)  # each image is used once
-        target = distribution_preserving_mix(eps, z, config.gamma)
-        for j in range(k):
-            rows.append(
-                {
-                    "prompt_id": row["prompt_id"],
-                    "prompt": row["prompt"],
-                    "seed": seeds[j],
-                    "source_noise": eps[j].numpy(),
-                    "target_noise": target[j].numpy(),
-                    "source_score": float("nan"),
-                    "target_score": float(row["overall"]),
-                    "kept": True,
-                    "failed": False,
-                    "error": "",
-                    "judge": row["judge"],
-                    "margin": float("nan"),
-                    "pipeline": config.pipeline,
-                    "pipeline_signature": signature,
-                    "latent_shape": list(shape),
-                    "height": row["height"],
-                    "width": row["width"],
-                    "num_inference_steps": row["num_inference_steps"],
-                    "guidance_scale": row["guidance_scale"],
-                    "redenoise_steps": 0,
-                    "guidance_denoise": float("nan"),
-                    "guidance_invert": float("nan"),
-                }
-            )
+        z = source.latent(i, row["latent_shape"], cache=False)  # each image is used once
+        rows += image_pairs(config, row, z, signature)
+
+    # ---- 5. write the dataset -------------------------------------------------------------
     shape = tuple(meta[accepted[0]]["latent_shape"])
     dataset = replace_dataset(
         datasets.Dataset.from_list(rows, features=npd_features(shape)), out / "dataset"
     )
-    prompts = len({r["prompt_id"] for r in rows})
     logger.info(
         "%d pairs from %d accepted images of %d prompts (of %d rows) at %s",
         len(rows),
         len(accepted),
-        prompts,
-        len(table),
+        len({r["prompt_id"] for r in rows}),
+        len(source.dataset),
         out / "dataset",
     )
     return dataset

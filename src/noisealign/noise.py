@@ -121,37 +121,6 @@ def batch_noise(
     return torch.stack([initial_noise(p, s, shape) for p, s in zip(prompt_ids, seeds)])
 
 
-def smooth_noise(
-    prompt_ids: Sequence[str], seeds: Sequence[int], shape: Sequence[int], grid: int
-) -> torch.Tensor:
-    """Low-frequency unit-variance fields ``(B, *shape)``: a ``grid``×``grid`` standard normal per
-    channel, upsampled bilinearly to ``(H, W)`` and standardised per sample.
-
-    Keyed like :func:`batch_noise` (on a separate stream of the same key), so it is reproducible
-    whatever the batch or process. Mixed into standard noise with
-    :func:`distribution_preserving_mix` it moves where things appear (layout) far more per unit
-    of norm than white noise does: the candidates of ``train_projector``'s ``candidate_grid``.
-    """
-    prompt_ids = check_strings(prompt_ids, "prompt_ids", "prompt id")
-    seeds = check_seeds(seeds, len(prompt_ids), "prompt id")
-    shape = _check_shape(shape)
-    if grid < 1:
-        raise ValueError(f"grid must be >= 1, got {grid}")
-    channels, size = int(shape[0]), tuple(int(s) for s in shape[1:])
-    coarse = torch.stack(
-        [
-            initial_noise(f"{p}\x1fsmooth", s, (channels, grid, grid))
-            for p, s in zip(prompt_ids, seeds)
-        ]
-    )
-    fields = torch.nn.functional.interpolate(
-        coarse, size=size, mode="bilinear", align_corners=False
-    )
-    flat = fields.flatten(1)
-    flat = (flat - flat.mean(1, keepdim=True)) / flat.std(1, keepdim=True).clamp_min(1e-6)
-    return flat.view(len(prompt_ids), *shape)
-
-
 def distribution_preserving_mix(
     a: torch.Tensor, b: torch.Tensor, gamma: float | torch.Tensor
 ) -> torch.Tensor:

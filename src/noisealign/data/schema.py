@@ -1,13 +1,17 @@
-"""The schema of collected feedback rows (DESIGN.md section 5).
+"""The schema of collected feedback rows (DESIGN.md section 5): :class:`CollectRow`, once.
 
 One row per (prompt id, seed). ``token_scores`` / ``token_mask`` are aligned to the
 *pipeline's* text tokens (length L of its tokenizer), so later stages read them next to
 the prompt embeddings without re-tokenizing. The noise is stored only on request: it is
 re-derived exactly from ``(prompt_id, seed, latent_shape)`` by :mod:`noisealign.noise`.
+
+The collect stage builds each row as a :class:`CollectRow` and :func:`collect_features` reads
+the dataset features off the same fields, so the columns are written down in one place.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -25,42 +29,67 @@ CONCEPT_FEATURES = {
 }
 
 
-def collect_features(
-    latent_shape: Sequence[int], save_images: bool, save_noise: bool, exploration: bool = False
-) -> Features:
-    """Features of the collect dataset; image, noise and exploration columns only when asked for."""
-    features = {
-        "prompt_id": Value("string"),
-        "prompt": Value("string"),
-        "seed": Value("int64"),
-        "pipeline": Value("string"),
-        "num_inference_steps": Value("int32"),
-        "guidance_scale": Value("float32"),
-        "height": Value("int32"),
-        "width": Value("int32"),
-        "latent_shape": List(Value("int32")),
-        "judge": Value("string"),
-        "overall": Value("float32"),
-        "tokens": List(Value("string")),
-        "token_scores": List(Value("float32")),
-        "token_mask": List(Value("bool")),
-        "concepts": List(CONCEPT_FEATURES),
-        "failed": Value("bool"),
-        "error": Value("string"),
-    }
-    if save_images:
-        features["image"] = datasets.Image()
-    if save_noise:
-        features["noise"] = Array3D(shape=tuple(latent_shape), dtype="float32")
-    if exploration:
-        features["exploration_gamma"] = Value("float32")
+def column(feature: Any, optional: bool = False) -> Any:
+    """A :class:`CollectRow` field stored with ``feature`` (a callable of the latent shape for
+    shape-dependent ones); ``optional`` columns are written only when the recipe asks."""
+    if optional:
+        return dataclasses.field(default=None, metadata={"feature": feature, "optional": True})
+    return dataclasses.field(metadata={"feature": feature})
+
+
+@dataclasses.dataclass
+class CollectRow:
+    """One row of the collect dataset, in column order."""
+
+    prompt_id: str = column(Value("string"))
+    prompt: str = column(Value("string"))
+    seed: int = column(Value("int64"))
+    pipeline: str = column(Value("string"))
+    num_inference_steps: int = column(Value("int32"))
+    guidance_scale: float = column(Value("float32"))
+    height: int = column(Value("int32"))
+    width: int = column(Value("int32"))
+    latent_shape: list[int] = column(List(Value("int32")))
+    judge: str = column(Value("string"))
+    overall: float = column(Value("float32"))
+    tokens: list[str] = column(List(Value("string")))
+    token_scores: list[float] = column(List(Value("float32")))
+    token_mask: list[bool] = column(List(Value("bool")))
+    concepts: list[dict] = column(List(CONCEPT_FEATURES))
+    failed: bool = column(Value("bool"))
+    error: str = column(Value("string"))
+    image: Any = column(lambda shape: datasets.Image(), optional=True)
+    """The generated image (``save_images``)."""
+    noise: Any = column(lambda shape: Array3D(shape=tuple(shape), dtype="float32"), optional=True)
+    """The initial noise as a (C, H, W) array (``save_noise``)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row as the dataset stores it: optional columns only when set."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if not f.metadata.get("optional") or getattr(self, f.name) is not None
+        }
+
+
+def collect_features(latent_shape: Sequence[int], save_images: bool, save_noise: bool) -> Features:
+    """Features of the collect dataset; the image and noise columns only when asked for."""
+    wanted = {"image": save_images, "noise": save_noise}
+    features = {}
+    for f in dataclasses.fields(CollectRow):
+        feature = f.metadata["feature"]
+        if f.metadata.get("optional"):
+            if not wanted[f.name]:
+                continue
+            feature = feature(latent_shape)
+        features[f.name] = feature
     return Features(features)
 
 
 def feedback_columns(
     feedback: Feedback | None, error: str, tokens: Sequence[str], offsets: Sequence[tuple[int, int]]
 ) -> dict[str, Any]:
-    """The judge-dependent columns of one row; a failed sample gets NaN overall and an empty mask."""
+    """The judge-dependent columns of one row; a failed sample gets NaN overall, an empty mask."""
     if feedback is None:
         return {
             "overall": math.nan,

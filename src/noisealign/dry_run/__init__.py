@@ -74,7 +74,6 @@ INPUT_FOLDERS = (
     "teacher",
     "init_from",
     "candidate_images",
-    "exploration_images",
     "projector",
 )
 
