@@ -133,8 +133,9 @@ class PatchEmbed(nn.Sequential):
     ) -> tuple[torch.Tensor, tuple[int, int]]:
         """``(patches, (h, w))``; the positions are cast to ``dtype`` (default: the patches').
 
-        Under autocast the conv returns the autocast dtype: the policies pass their input's
-        dtype, which keeps the sum in it; the reward model keeps the patches'.
+        The sum takes the wider of the two dtypes: under autocast or FSDP's bf16 the conv
+        returns bf16, so float32 positions give float32 patches. Each model passes the dtype
+        it was trained with (projector: float32, NPNet: its input's, reward model: default).
         """
         pad_h, pad_w = (-x.shape[2]) % self.patch, (-x.shape[3]) % self.patch
         if pad_h or pad_w:

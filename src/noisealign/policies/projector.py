@@ -144,7 +144,8 @@ class NoiseProjector(
         pooled: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """r(ε, e) ``(B, C, H, W)`` float32 before the moment match."""
-        patches, grid = self.patch_embed(noise, noise.dtype)
+        # float32 positions whatever the patches' dtype (FSDP's bf16 ones): the sum is float32
+        patches, grid = self.patch_embed(noise, torch.float32)
         if self.pooled_film is not None:
             scale, shift = self.pooled_film(pooled).chunk(2, dim=-1)
             patches = modulate(patches, scale[:, None], shift[:, None])
