@@ -10,11 +10,11 @@ from safetensors.torch import load_file
 
 from noisealign import distill
 from noisealign.data.feedback import split_by_prompt
+from noisealign.distillation import teacher as teacher_module
 from noisealign.errors import ConfigError, DataError
 from noisealign.noise import batch_noise
 from noisealign.pipelines import encode_prompts, load_pipeline
 from noisealign.rewards import load_reward_model
-from noisealign.rewards import teacher as teacher_module
 from noisealign.rewards.features import step_features
 from noisealign.testing.feedback import FEEDBACK_PROMPTS
 

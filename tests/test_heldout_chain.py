@@ -19,8 +19,8 @@ from noisealign import (
     train_npnet,
     train_projector,
 )
+from noisealign.distillation import stage
 from noisealign.errors import DataError
-from noisealign.rewards import stage
 
 ROWS = [
     ("t0", "a red circle", "train"),

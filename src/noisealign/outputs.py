@@ -98,7 +98,7 @@ def _check_folder_contents(out: Path, output_dir, stage: str, overwrite: bool) -
             "output_dir"
         )
     # a trainer's folder is its own when it has complete checkpoints (then
-    # rewards.trainer.check_output_dir asks for --resume_from_checkpoint or an overwrite)
+    # checkpointing.check_output_dir asks for --resume_from_checkpoint or an overwrite)
     claimed = any(out.glob("checkpoints/checkpoint-*/trainer_state.json"))
     mine = sorted(found & set(own) - {"recipe.json", "checkpoints"})
     if mine and not claimed and not overwrite:

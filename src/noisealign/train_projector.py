@@ -243,7 +243,7 @@ def main(args: Sequence[str] | None = None) -> TrainProjectorResult:
     from noisealign.policies.training import read_prompts, step_keys
     from noisealign.rewards import load_reward_model
     from noisealign.rewards.features import encode_prompt_table
-    from noisealign.rewards.trainer import (
+    from noisealign.checkpointing import (
         check_output_dir,
         gathered_copy,
         load_checkpoint,
