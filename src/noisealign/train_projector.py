@@ -1,4 +1,5 @@
-"""train_projector stage: a noise projector f_θ(ε, e) trained with quasi-DPO against a distilled reward model.
+"""train_projector stage: a noise projector f_θ(ε, e) trained with quasi-DPO against a distilled
+reward model.
 
 Launch (any of):
     accelerate launch src/noisealign/train_projector.py --config recipes/toy/train_projector.yaml
@@ -21,20 +22,42 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from noisealign.checkpointing import check_output_dir, resolve_checkpoint
 from noisealign.configs import TORCH_DTYPES, BaseConfig, arg, parse_config
 from noisealign.errors import ConfigError
+from noisealign.judges import build_judge
+from noisealign.outputs import check_output_dir_against_inputs
+from noisealign.pipelines import PromptEmbeddings, latent_shape, load_pipeline, pipeline_signature
+from noisealign.policies import NoiseProjector, NoiseProjectorConfig, load_projector
+from noisealign.policies.candidates import CandidateSource, candidate_source
+from noisealign.policies.preference_training import ProjectorStep
+from noisealign.policies.training import read_prompts
+from noisealign.rewards import load_reward_model
+from noisealign.rewards.features import encode_prompt_table
+from noisealign.tracking import make_accelerator, start_tracking
+from noisealign.training import (
+    Checkpointing,
+    TrainerSettings,
+    TrainParts,
+    every,
+    save_final,
+    start_state,
+    train,
+    trainer_default,
+)
 
 logger = logging.getLogger("noisealign.train_projector")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "reward_gradient")
 
 
 @dataclass
-class TrainProjectorConfig(BaseConfig):
+class TrainProjectorConfig(TrainerSettings, BaseConfig):
     """Recipe of the train_projector stage."""
 
     pipeline: str = arg("", required=True)
@@ -82,22 +105,7 @@ class TrainProjectorConfig(BaseConfig):
     """(ε, e) samples per process per step."""
     max_steps: int = arg(500, min=1)
     """Optimizer steps."""
-    learning_rate: float = arg(1e-4, min=0, min_exclusive=True)
-    """AdamW learning rate (constant after warm-up)."""
-    weight_decay: float = arg(0.0, min=0)
-    """AdamW weight decay."""
-    warmup_steps: int = arg(0, min=0)
-    """Linear warm-up steps."""
-    max_grad_norm: float = arg(1.0, min=0)
-    """Gradient clipping norm; 0 turns clipping off."""
-    logging_steps: int = arg(10, min=1)
-    """Log train metrics every this many steps."""
-    save_steps: int = arg(100, min=1)
-    """Checkpoint (accelerate save_state) every this many steps."""
-    save_total_limit: int = arg(2, min=0)
-    """Checkpoints kept (0 keeps all)."""
-    resume_from_checkpoint: str | None = None
-    """'latest' or a checkpoint folder to resume from."""
+    save_steps: int = trainer_default("save_steps", 100)
     image_steps: int = arg(0, min=0)
     """Every this many steps, a standard-vs-projected image grid from the real pipeline (0: never).
     """
@@ -143,128 +151,29 @@ class TrainProjectorResult:
     model_dir: str
 
 
-def step_loss(config, model, reward_model, pipe, emb, noise, ids, seeds, source):
-    """Loss and metrics of one step on this process's samples (formulas: losses.preference).
+@dataclass
+class ProjectorInputs:
+    """The checked inputs of a run; ``table``: the prompts' float32 embeddings on the device."""
 
-    π_ref's mean is the identity (ε itself); ``source`` is the
-    :class:`~noisealign.policies.candidates.CandidateSource` of the K candidates.
-    """
-    from noisealign.losses.preference import (
-        gaussianity_penalty,
-        quasi_dpo_loss,
-        reward_gradient_loss,
-    )
-    from noisealign.policies.candidates import draw_candidates
-    from noisealign.policies.training import make_pairs, repeat, reward_logits
-
-    projected = model(noise, emb.embeds, emb.mask, emb.pooled)
-    metrics: dict[str, float] = {}
-    if config.loss_type == "reward_gradient":
-        loss, metrics = reward_gradient_loss(reward_logits(reward_model, projected, emb, pipe))
-    else:
-        with torch.no_grad():
-            k = config.num_candidates
-            cands = draw_candidates(source, noise, ids, seeds, k, config.candidate_gamma)
-            if config.rank_by == "verdicts":  # of the images the candidates mixed in
-                scores = source.verdicts(ids, seeds, k).to(noise.device)
-            else:
-                scores = reward_logits(reward_model, cands.flatten(0, 1), repeat(emb, k), pipe)
-        b, win, lose = make_pairs(scores.view(-1, k), config.pair_mode)
-        if len(b):
-            loss, metrics = quasi_dpo_loss(
-                projected[b],
-                noise[b],
-                cands[b, win],
-                cands[b, lose],
-                sigma=config.sigma,
-                beta=config.beta,
-                loss_type=config.loss_type,
-                rpo_alpha=config.rpo_alpha,
-            )
-        else:  # no pair of distinct scores: only the penalty acts (the graph stays connected)
-            loss = projected.sum() * 0.0
-        metrics["candidates/spread"] = (
-            (scores.view(-1, k).amax(1) - scores.view(-1, k).amin(1)).mean().item()
-        )
-    penalty, gauss = gaussianity_penalty(projected)
-    loss = loss + config.gaussianity_weight * penalty
-    return loss, projected.detach(), {**metrics, **gauss}
+    prompt_ids: list[str]
+    prompts: list[str]
+    resume: Path | None
+    pipe: Any
+    signature: dict[str, Any]
+    reward_model: Any
+    table: PromptEmbeddings
+    source: CandidateSource
+    judge: Any
 
 
-@torch.no_grad()
-def monitor(reward_model, pipe, emb, noise, projected) -> dict[str, float]:
-    """r_φ(ε′) vs r_φ(ε) and ε′'s Gaussian statistics (logged, not optimised)."""
-    from noisealign.policies.training import noise_metrics, reward_logits
-
-    r_projected = reward_logits(reward_model, projected, emb, pipe)
-    r_noise = reward_logits(reward_model, noise, emb, pipe)
-    return {
-        "reward/projected": r_projected.mean().item(),
-        "reward/standard": r_noise.mean().item(),
-        "reward/gain": (r_projected - r_noise).mean().item(),
-        "reward/win_rate": (r_projected > r_noise).float().mean().item(),
-        **noise_metrics(projected, "eps_prime"),
-        "eps_prime/distance": (projected - noise).flatten(1).norm(dim=1).mean().item(),
-    }
-
-
-def log_images(accelerator, config, projector, pipe, judge, step: int) -> None:
-    """Standard-vs-projected grid of the fixed prompts and seeds: PNG in output_dir/images, and wandb."""
-    from noisealign.policies.training import comparison_grid
-
-    prompts = [p for p in config.image_prompts for _ in config.image_seeds]
-    seeds = [s for _ in config.image_prompts for s in config.image_seeds]
-    grid, scores = comparison_grid(
-        pipe, projector, prompts, seeds, judge, config.num_inference_steps, config.guidance_scale
-    )
-    folder = Path(config.output_dir, "images")
-    folder.mkdir(parents=True, exist_ok=True)
-    grid.save(folder / f"step-{step:06d}.png")
-    accelerator.log(scores, step=step)
-    if config.report_to == "wandb":
-        import wandb
-
-        tracker = accelerator.get_tracker("wandb", unwrap=True)
-        tracker.log({"images/standard_vs_projected": wandb.Image(grid)}, step=step)
-
-
-def main(args: Sequence[str] | None = None) -> TrainProjectorResult:
-    """Run the train_projector stage; returns the logged history (folder saved on the main process)."""
-    # ---- 1. recipe and the accelerator (before touching the output folder) ----------
-    config = parse_config(TrainProjectorConfig, args)
-    from tqdm.auto import tqdm
-
-    from noisealign.judges import build_judge
-    from noisealign.noise import batch_noise
-    from noisealign.outputs import check_output_dir_against_inputs
-    from noisealign.pipelines import latent_shape, load_pipeline, pipeline_signature
-    from noisealign.policies import NoiseProjector, NoiseProjectorConfig, load_projector
-    from noisealign.policies.candidates import candidate_source
-    from noisealign.policies.training import read_prompts, step_keys
-    from noisealign.rewards import load_reward_model
-    from noisealign.rewards.features import encode_prompt_table
-    from noisealign.checkpointing import (
-        check_output_dir,
-        gathered_copy,
-        load_checkpoint,
-        resolve_checkpoint,
-        save_checkpoint,
-    )
-    from noisealign.tracking import make_accelerator, start_tracking
-
-    accelerator = make_accelerator(config)
-
-    # ---- 2. prompts, pipeline, reward model: every check before any output -------------
+def load_inputs(config: TrainProjectorConfig, accelerator) -> ProjectorInputs:
+    """Prompts, pipeline, reward model: every check passed before any output is written; claims
+    the output folder."""
     prompt_ids, prompts = read_prompts(config.prompts, config.dataset)
+    inputs = ("pipeline", "reward_model", "dataset", "init_from", "candidate_images")
     check_output_dir_against_inputs(
         config.output_dir,
-        {
-            "pipeline": config.pipeline,
-            "reward_model": config.reward_model,
-            "dataset": config.dataset,
-            "init_from": config.init_from,
-            "candidate_images": config.candidate_images,
-        },
+        {name: getattr(config, name) for name in inputs},
         stage="train_projector",
         overwrite=config.overwrite_output_dir,
     )
@@ -280,107 +189,107 @@ def main(args: Sequence[str] | None = None) -> TrainProjectorResult:
     reward_model.requires_grad_(False).eval().to(accelerator.device)
     if config.loss_type == "reward_gradient" and reward_model.config.input_steps > 0:
         raise ConfigError(
-            "loss_type 'reward_gradient' needs a reward model with input_steps 0 (no UNet in the gradient path)"
+            "loss_type 'reward_gradient' needs a reward model with input_steps 0 (no UNet in the "
+            "gradient path)"
         )
     # float32 whatever the pipeline dtype: the projector and reward model train in float32
     table = encode_prompt_table(pipe, prompts).to(accelerator.device, torch.float32)
-    shape = latent_shape(pipe)
     judge = build_judge(config.judge, **config.judge_kwargs) if config.judge else None
     source = candidate_source(config.candidate_images, pipe, prompt_ids)
+    return ProjectorInputs(
+        prompt_ids, prompts, resume, pipe, signature, reward_model, table, source, judge
+    )
 
-    # ---- 3. projector, optimizer; resume; trackers --------------------------
+
+def build_projector(config: TrainProjectorConfig, inputs: ProjectorInputs) -> NoiseProjector:
+    """The projector to train: ``init_from``'s, or a fresh one (the identity map) sized by the
+    recipe, with the same initial weights on every process."""
     if config.init_from:
-        model = load_projector(config.init_from, pipe).train()
-    else:
-        fields = dict(
-            latent_channels=shape[0],
-            text_dim=signature["text_embed_dim"],
-            pooled_dim=signature["pooled_dim"],
-        )
-        projector_config = NoiseProjectorConfig(
-            **{**fields, **config.projector_kwargs},
-            pipeline_signature=signature,
-            pipeline=config.pipeline,
-        )
-        torch.manual_seed(config.seed)  # same initial weights on every process
-        model = NoiseProjector(projector_config)
+        return load_projector(config.init_from, inputs.pipe).train()
+    signature = inputs.signature
+    fields = dict(
+        latent_channels=latent_shape(inputs.pipe)[0],
+        text_dim=signature["text_embed_dim"],
+        pooled_dim=signature["pooled_dim"],
+    )
+    projector_config = NoiseProjectorConfig(
+        **{**fields, **config.projector_kwargs},
+        pipeline_signature=signature,
+        pipeline=config.pipeline,
+    )
+    torch.manual_seed(config.seed)
+    return NoiseProjector(projector_config)
+
+
+def build_parts(config: TrainProjectorConfig, accelerator, inputs, model) -> TrainParts:
+    """The prepared projector, AdamW with a constant schedule after warm-up, and its step."""
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
     warmup = max(config.warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    saved_config = json.loads(json.dumps(asdict(accelerator.unwrap_model(model).config)))
-    state = {"step": 0, "batches": 0}
-    if resume is not None:
-        state = load_checkpoint(accelerator, resume, saved_config)
+    step = ProjectorStep(
+        accelerator,
+        config,
+        model,
+        inputs.reward_model,
+        inputs.pipe,
+        inputs.table,
+        inputs.prompt_ids,
+        latent_shape(inputs.pipe),
+        inputs.source,
+        inputs.judge,
+    )
+    return TrainParts(
+        model,
+        optimizer,
+        scheduler,
+        step,
+        step.batch_for,
+        config.max_steps,
+        step.log,
+        # the norm is logged every step: 'inf' measures it without clipping
+        config.max_grad_norm if config.max_grad_norm > 0 else float("inf"),
+        hooks=[every(config.image_steps, step.images)],
+        checkpoints=Checkpointing.of(accelerator, config, model),
+        name="train_projector",
+    )
+
+
+def save_projector(config: TrainProjectorConfig, projector, history: list[dict]) -> None:
+    """The projector folder (its config records the pipeline) and train_metrics.json."""
+    projector.save_pretrained(config.output_dir)
+    Path(config.output_dir, "train_metrics.json").write_text(json.dumps(history, indent=2))
+
+
+def main(args: Sequence[str] | None = None) -> TrainProjectorResult:
+    """Run the train_projector stage; returns the logged history (folder saved on the main
+    process)."""
+    # ---- the recipe and the accelerator (before touching the output folder) -------------
+    config = parse_config(TrainProjectorConfig, args)
+    accelerator = make_accelerator(config)
+
+    # ---- prompts, pipeline, reward model: every check before any output ----------------
+    inputs = load_inputs(config, accelerator)
+
+    # ---- projector, optimizer; resume; trackers -----------------------------------------
+    model = build_projector(config, inputs)
+    parts = build_parts(config, accelerator, inputs, model)
+    state = start_state(accelerator, config, inputs.resume, parts.checkpoints)
     start_tracking(accelerator, config, "train_projector")
     logger.info(
         "%d prompts; projector with %d parameters; loss %s",
-        len(prompts),
+        len(inputs.prompts),
         sum(p.numel() for p in model.parameters()),
         config.loss_type,
     )
 
-    # ---- 4. train: fresh noise every step, keyed by (seed, step, position) -------------
-    history: list[dict[str, float]] = []
-    bar = tqdm(
-        total=config.max_steps, initial=state["step"], disable=not accelerator.is_main_process
-    )
-    while state["step"] < config.max_steps:
-        keys = step_keys(
-            len(prompts),
-            state["step"],
-            config.batch_size,
-            config.seed,
-            accelerator.process_index,
-            accelerator.num_processes,
-        )
-        ids = [prompt_ids[i] for i in keys.prompt_index]
-        emb = table.select(keys.prompt_index)
-        noise = batch_noise(ids, keys.seeds, shape).to(accelerator.device)
-        loss, projected, metrics = step_loss(
-            config, model, reward_model, pipe, emb, noise, ids, keys.seeds, source
-        )
-        accelerator.backward(loss)
-        clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        state["step"] += 1
-        state["batches"] = state["step"]
-        bar.update(1)
-        if state["step"] % config.logging_steps == 0 or state["step"] == config.max_steps:
-            mean_loss = accelerator.reduce(loss.detach(), reduction="mean").item()
-            logged = {
-                "step": state["step"],
-                "loss": mean_loss,
-                "grad_norm": float(grad_norm),
-                **metrics,
-            }
-            logged |= monitor(reward_model, pipe, emb, noise, projected)
-            history.append(logged)
-            accelerator.log(logged, step=state["step"])
-            bar.set_postfix(loss=f"{mean_loss:.4f}", gain=f"{logged['reward/gain']:.3f}")
-        if config.image_steps and state["step"] % config.image_steps == 0:
-            projector = gathered_copy(accelerator, model)  # every process: FSDP gathers shards
-            if projector is not None:
-                projector.to(accelerator.device)
-                log_images(accelerator, config, projector, pipe, judge, state["step"])
-            accelerator.wait_for_everyone()
-        if state["step"] % config.save_steps == 0:
-            save_checkpoint(
-                accelerator, config.output_dir, state, saved_config, config.save_total_limit
-            )
-    bar.close()
+    # ---- train: fresh noise every step, keyed by (seed, step, position) ------------------
+    history = train(accelerator, parts, state)
 
-    # ---- 5. the projector folder (config records its pipeline) -------------------------
-    projector = gathered_copy(accelerator, model)
-    if projector is not None:
-        projector.save_pretrained(config.output_dir)
-        Path(config.output_dir, "train_metrics.json").write_text(json.dumps(history, indent=2))
-    accelerator.wait_for_everyone()
+    # ---- the projector folder -------------------------------------------------------------
+    save_final(accelerator, parts.model, lambda p: save_projector(config, p, history))
     accelerator.end_training()
     return TrainProjectorResult(history, str(Path(config.output_dir)))
 
