@@ -311,7 +311,8 @@ def test_two_processes_write_the_same_rows_as_one(tiny_pipeline, prompt_file, tm
     ],
 )
 def test_real_recipe_code_paths_with_tiny_models(tmp_path, pipeline_builder, arch, method):
-    """recipes/sd15 (SD + Qwen2.5-VL concepts) and recipes/sdxl (SDXL + LLaVA caption) on tiny models."""
+    """recipes/sd15 (SD + Qwen2.5-VL concepts) and recipes/sdxl (SDXL + LLaVA caption) on tiny
+    models."""
     from noisealign.testing import pipelines as tiny_pipelines
     from noisealign.testing.vlms import build_tiny_vlm
 

@@ -1,4 +1,5 @@
-"""collect_npd: re-denoise sampling (Theorem E.1), the filter, and the stage end to end on a tiny SD pipeline."""
+"""collect_npd: re-denoise sampling (Theorem E.1), the filter, and the stage end to end on a tiny SD
+pipeline."""
 
 import json
 import math
@@ -21,7 +22,8 @@ from noisealign.noise import batch_noise, initial_noise
 from noisealign.pipelines import encode_prompts, latent_shape, re_denoise
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ["a red circle", "a blue square left of a yellow triangle", "a green triangle above a red square"]  # fmt: skip
+PROMPTS = ["a red circle", "a blue square left of a yellow triangle"]
+PROMPTS += ["a green triangle above a red square"]
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +52,10 @@ def _coin_judge(monkeypatch):
 
 
 def args(root, out, *extra):
-    return [
-        "--pipeline", str(root / "sd"), "--judge", "coin", "--prompts", str(root / "prompts.txt"),
-        "--seeds", "0:3", "--redenoise_steps", "4", "--num_inference_steps", "2",
-        "--batch_size", "2", "--chunk_size", "2", "--report_to", "none", "--output_dir", str(out),
-        *extra,
-    ]  # fmt: skip
+    options = {"--pipeline": root / "sd", "--judge": "coin", "--prompts": root / "prompts.txt"}
+    options |= {"--seeds": "0:3", "--redenoise_steps": 4, "--num_inference_steps": 2}
+    options |= {"--batch_size": 2, "--chunk_size": 2, "--report_to": "none", "--output_dir": out}
+    return [str(x) for option in options.items() for x in option] + list(extra)
 
 
 # ---- re-denoise sampling -------------------------------------------------------------------
@@ -66,7 +66,8 @@ def test_re_denoise_is_the_identity_without_a_cfg_gap_and_linear_in_the_gap(tiny
     x = batch_noise(["a", "b"], [0, 0], latent_shape(pipe))
 
     def golden(omega_l, omega_w):
-        return re_denoise(pipe, x, emb, num_inference_steps=50, guidance_denoise=omega_l, guidance_invert=omega_w)  # fmt: skip
+        guidance = dict(guidance_denoise=omega_l, guidance_invert=omega_w)
+        return re_denoise(pipe, x, emb, num_inference_steps=50, **guidance)
 
     assert (golden(5.5, 1.0) - x).abs().mean() > 1e-3  # the gap moves the noise
     # measured on this pipeline: the DDIM round trip misses by 0.014 (max) at 50 steps
@@ -103,8 +104,9 @@ def test_rows_hold_the_keyed_source_its_re_denoised_target_and_the_filter(tiny, 
     assert (row["prompt"], int(row["seed"])) == (PROMPTS[1], 1)
     shape = tuple(row["latent_shape"].tolist())
     assert torch.equal(row["source_noise"], initial_noise(row["prompt_id"], 1, shape))
-    expected = re_denoise(pipe, row["source_noise"][None], encode_prompts(pipe, [PROMPTS[1]]),
-                          num_inference_steps=4, guidance_denoise=5.5, guidance_invert=1.0)  # fmt: skip
+    emb = encode_prompts(pipe, [PROMPTS[1]])
+    guidance = dict(guidance_denoise=5.5, guidance_invert=1.0)
+    expected = re_denoise(pipe, row["source_noise"][None], emb, num_inference_steps=4, **guidance)
     assert torch.allclose(row["target_noise"], expected[0], atol=1e-5)
     assert not torch.allclose(row["target_noise"], row["source_noise"])
     for r in dataset:
@@ -143,7 +145,8 @@ def test_other_recipe_in_output_dir_is_refused(tiny, tmp_path):
     collect_npd.main(args(root, tmp_path / "out"))
     with pytest.raises(DataError, match=r"different recipe \(differs in: guidance_denoise\)"):
         collect_npd.main(args(root, tmp_path / "out", "--guidance_denoise", "7.0"))
-    redone = collect_npd.main(args(root, tmp_path / "out", "--guidance_denoise", "7.0", "--overwrite_output_dir", "true"))  # fmt: skip
+    overwrite = ("--guidance_denoise", "7.0", "--overwrite_output_dir", "true")
+    redone = collect_npd.main(args(root, tmp_path / "out", *overwrite))
     assert set(redone["guidance_denoise"]) == {7.0}
 
 
@@ -156,7 +159,8 @@ def test_failed_judge_rows_are_never_kept(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setitem(judges.JUDGES, "broken", Broken)
     root, _ = tiny
-    dataset = collect_npd.main(args(root, tmp_path / "out", "--judge", "broken", "--judge_retries", "0", "--seeds", "0:1"))  # fmt: skip
+    broken = ("--judge", "broken", "--judge_retries", "0", "--seeds", "0:1")
+    dataset = collect_npd.main(args(root, tmp_path / "out", *broken))
     assert all(dataset["failed"]) and not any(dataset["kept"])
     assert set(dataset["error"]) == {"RuntimeError: judge down"}
     with pytest.raises(DataError, match="no usable pair"):
@@ -170,10 +174,12 @@ def test_sigkill_and_restart_gives_the_rows_of_an_uninterrupted_run(tiny, tmp_pa
     # the coin judge lives in this process only: the subprocesses use the shapes judge
 
     def command(out):
-        return [sys.executable, "-m", "noisealign.collect_npd", *args(root, out, "--judge", "shapes", "--seeds", "0:6")]  # fmt: skip
+        shapes = ("--judge", "shapes", "--seeds", "0:6")
+        return [sys.executable, "-m", "noisealign.collect_npd", *args(root, out, *shapes)]
 
     cmd = command(tmp_path / "killed")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, **quiet)
     deadline = time.time() + 120
     while (
         time.time() < deadline and len(list((tmp_path / "killed" / "shards").glob("shard-*"))) < 2

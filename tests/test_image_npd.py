@@ -22,19 +22,21 @@ def collected(tmp_path_factory):
     root = tmp_path_factory.mktemp("image_npd")
     build_tiny_sd_pipeline(root / "sd")
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    collect.main([
-        "--pipeline", str(root / "sd"), "--judge", "shapes", "--prompts", str(root / "prompts.txt"),
-        "--seeds", "0:2", "--num_inference_steps", "2", "--batch_size", "6", "--chunk_size", "6",
-        "--report_to", "none", "--output_dir", str(root / "collect"), "--save_images", "true",
-    ])  # fmt: skip
+    options = {"--pipeline": root / "sd", "--judge": "shapes", "--prompts": root / "prompts.txt"}
+    options |= {"--seeds": "0:2", "--num_inference_steps": 2, "--batch_size": 6, "--chunk_size": 6}
+    options |= {"--report_to": "none", "--output_dir": root / "collect", "--save_images": "true"}
+    collect.main(_flags(options))
     return root
 
 
+def _flags(options: dict) -> list[str]:
+    return [str(x) for option in options.items() for x in option]
+
+
 def _args(root, out, *extra):
-    return [
-        "--dataset", str(root / "collect" / "dataset"), "--pipeline", str(root / "sd"),
-        "--output_dir", str(out), "--report_to", "none", "--pairs_per_image", "3", *extra,
-    ]  # fmt: skip
+    options = {"--dataset": root / "collect" / "dataset", "--pipeline": root / "sd"}
+    options |= {"--output_dir": out, "--report_to": "none", "--pairs_per_image": 3}
+    return _flags(options) + list(extra)
 
 
 def test_targets_mix_the_accepted_images_latent_into_fresh_noise(collected, tmp_path):
@@ -56,12 +58,11 @@ def test_targets_mix_the_accepted_images_latent_into_fresh_noise(collected, tmp_
     assert json.loads((out / "recipe.json").read_text())["fingerprint"]["gamma"] == 0.2
     # the format train_npnet reads, and trains on
     assert load_noise_pairs(out).num_rows == pairs.num_rows
-    result = train_npnet.main([
-        "--pipeline", str(collected / "sd"), "--dataset", str(out), "--output_dir", str(tmp_path / "net"),
-        "--report_to", "none", "--batch_size", "4", "--max_steps", "3", "--save_steps", "3",
-        "--logging_steps", "1", "--eval_fraction", "0.34",
-        "--policy_kwargs", '{"hidden_dim": 16, "depth": 1, "num_heads": 2, "patch_size": 4}',
-    ])  # fmt: skip
+    options = {"--pipeline": collected / "sd", "--dataset": out, "--output_dir": tmp_path / "net"}
+    options |= {"--report_to": "none", "--batch_size": 4, "--max_steps": 3, "--save_steps": 3}
+    options |= {"--logging_steps": 1, "--eval_fraction": 0.34}
+    options["--policy_kwargs"] = '{"hidden_dim": 16, "depth": 1, "num_heads": 2, "patch_size": 4}'
+    result = train_npnet.main(_flags(options))
     assert [h["step"] for h in result.history] == [1, 2, 3]
 
 
@@ -71,10 +72,10 @@ def test_bad_inputs_fail_clearly_and_write_nothing(collected, tmp_path):
         image_npd.main(_args(collected, out, "--min_score", "2"))
     assert not out.exists()
     plain = tmp_path / "plain"
-    collect.main([
-        "--pipeline", str(collected / "sd"), "--judge", "shapes", "--prompts", str(collected / "prompts.txt"),
-        "--seeds", "0:1", "--num_inference_steps", "2", "--report_to", "none", "--output_dir", str(plain),
-    ])  # fmt: skip
+    options = {"--pipeline": collected / "sd", "--judge": "shapes"}
+    options |= {"--prompts": collected / "prompts.txt", "--seeds": "0:1"}
+    options |= {"--num_inference_steps": 2, "--report_to": "none", "--output_dir": plain}
+    collect.main(_flags(options))
     with pytest.raises(DataError, match="save_images: true"):
         image_npd.main([*_args(collected, out), "--dataset", str(plain / "dataset")])
     assert not out.exists()

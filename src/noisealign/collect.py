@@ -44,22 +44,7 @@ class CollectConfig(GenerationSettings, BaseConfig):
     log_images: int = arg(16, min=0)
     """Sample images logged to the tracker as a table."""
 
-    def fingerprint(self) -> dict:
-        """Settings that decide a row's content; a folder written with others is refused."""
-        keys = (
-            "pipeline",
-            "judge",
-            "judge_kwargs",
-            "prompt_column",
-            "num_inference_steps",
-            "guidance_scale",
-            "height",
-            "width",
-            "torch_dtype",
-            "save_images",
-            "save_noise",
-        )
-        return {k: getattr(self, k) for k in keys}
+    row_fields = ("save_images", "save_noise")
 
 
 CONFIG_CLASS = CollectConfig  # read by `noisealign.cli` and the recipe tests

@@ -53,6 +53,8 @@ class CollectNPDConfig(GenerationSettings, BaseConfig):
     log_images: int = arg(8, min=0)
     """Source | target image pairs logged to the tracker as a table."""
 
+    row_fields = ("redenoise_steps", "guidance_denoise", "guidance_invert", "margin")
+
     def __post_init__(self) -> None:
         super().__post_init__()  # seeds, types and the limits in each field's metadata
         if self.guidance_invert >= self.guidance_denoise:
@@ -62,25 +64,6 @@ class CollectNPDConfig(GenerationSettings, BaseConfig):
                 self.guidance_invert,
                 self.guidance_denoise,
             )
-
-    def fingerprint(self) -> dict:
-        """Settings that decide a row's content; a folder written with others is refused."""
-        keys = (
-            "pipeline",
-            "judge",
-            "judge_kwargs",
-            "prompt_column",
-            "redenoise_steps",
-            "guidance_denoise",
-            "guidance_invert",
-            "margin",
-            "num_inference_steps",
-            "guidance_scale",
-            "height",
-            "width",
-            "torch_dtype",
-        )
-        return {k: getattr(self, k) for k in keys}
 
 
 CONFIG_CLASS = CollectNPDConfig  # read by `noisealign.cli` and the recipe tests

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from noisealign import pipelines
 from noisealign.configs import TORCH_DTYPES, DocumentedFields, arg, check_seeds
@@ -61,10 +61,19 @@ class GenerationSettings(DocumentedFields):
     judge_retries: int = arg(2, min=0)
     """Per-sample retries after a judge fails on a batch."""
 
+    # the stage's own fields that decide a row's content, besides the generation settings
+    row_fields: ClassVar[tuple[str, ...]] = ()
+
     def __post_init__(self) -> None:
         if isinstance(self.seeds, list):  # a YAML list arrives untouched by argparse
             self.seeds = ",".join(str(s) for s in self.seeds)
         super().__post_init__()  # BaseConfig's: types and the limits in each field's metadata
+
+    def fingerprint(self) -> dict:
+        """Settings that decide a row's content; a folder written with others is refused."""
+        keys = ("pipeline", "judge", "judge_kwargs", "prompt_column", "num_inference_steps")
+        keys += ("guidance_scale", "height", "width", "torch_dtype", *self.row_fields)
+        return {k: getattr(self, k) for k in keys}
 
 
 @dataclass
