@@ -40,7 +40,8 @@ STAGES: dict[str, str] = {
 
 # commands that are not recipe stages (no YAML, plain arguments) -> module holding ``main(args)``
 TOOLS: dict[str, str] = {
-    "convert_npnet": "noisealign.policies.npnet_convert",  # official NPNet checkpoint -> policy folder
+    # an official NPNet checkpoint -> a policy folder
+    "convert_npnet": "noisealign.policies.npnet_convert",
     "dry_run_chain": "noisealign.dry_run.chain",  # dry-run every stage recipe of a folder, in order
 }
 
@@ -73,12 +74,14 @@ def run_stage(
         >>> from noisealign import collect
         >>> run_stage(collect.main, ["--config", "recipes/toy/collect.yaml"])  # doctest: +SKIP
     """
-    from .dry_run import report  # here, not at the top: it imports torch; `--help` need not
-
     setup_logging()
     with _sigterm_raises_interrupted():
         try:
             main(args)
+            # imported after the stage, not at the top: it imports torch and the model loaders,
+            # which `noisealign --help` and a stage's `--help` need not wait for
+            from .dry_run.report import report
+
             report()  # a dry run's report (nothing otherwise)
         except (Exception, KeyboardInterrupt, Interrupted) as exc:
             explained = None if os.environ.get(DEBUG_ENV) == "1" else explain(exc, args)

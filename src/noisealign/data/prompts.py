@@ -61,7 +61,7 @@ def prompt_hash_id(prompt: str) -> str:
 def _rows(path: Path) -> list[dict[str, Any]]:
     suffix = path.suffix.lower()
     if path.is_dir():
-        import datasets
+        import datasets  # heavy, and needed only for a saved dataset (the other files are text)
 
         try:
             dataset = datasets.load_from_disk(str(path))

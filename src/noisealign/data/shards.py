@@ -28,6 +28,8 @@ from typing import Any
 import datasets
 
 from ..errors import DataError
+from ..outputs import lock_output_dir
+from ..tracking import redact
 
 logger = logging.getLogger(__name__)
 datasets.disable_progress_bars()  # one bar per shard would drown the stage's own progress bar
@@ -51,9 +53,6 @@ def claim_output_dir(
     naming the settings that differ, unless ``overwrite``: then the ``derived`` paths (the
     other recipe's outputs) are deleted first.
     """
-    from ..outputs import lock_output_dir
-    from ..tracking import redact
-
     root = Path(root)
     fingerprint = redact(fingerprint)  # a key in judge_kwargs never reaches recipe.json
     recipe_file = root / "recipe.json"

@@ -13,8 +13,8 @@ here right after the recipe is parsed:
   outputs and never touches the real ones;
 - the work is cut to a few prompts, seeds and steps (:data:`CUTS`).
 
-The stage ends with a report (:func:`report`): what was built, each model's class, dtype and
-device on every rank, peak memory, and the outputs it read back.
+The stage ends with a report (:func:`noisealign.dry_run.report.report`): what was built, each
+model's class, dtype and device on every rank, peak memory, and the outputs it read back.
 
 Example:
     ``noisealign train_projector --config recipes/sd15/train_projector.yaml --dry_run true``
@@ -30,6 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..errors import ConfigError
 from .replicas import replica_judge_model, replica_pipeline
 
@@ -41,6 +43,7 @@ STEPS = 2
 
 
 def _first_seeds(seeds: Any) -> Any:
+    # here, not at the top: data.prompts imports noisealign.judges, which imports this module
     from ..data.prompts import parse_seeds
 
     kept = parse_seeds(seeds)[:2]
@@ -184,8 +187,6 @@ def cpu_dtype(dtype: str) -> str:
     and 1.4 s in bfloat16 (2.0 s in float32), so a float16 dry run of a real recipe would take
     hours. bfloat16 keeps the half-precision code paths (casts, upcasts, autocast) exercised.
     """
-    import torch
-
     if dtype in ("float16", "fp16") and not torch.cuda.is_available():
         return "bfloat16"
     return dtype
@@ -234,7 +235,7 @@ def _mirrored_input(plan: Plan, what: str, path: str) -> str:
 
 
 def _mirror_inputs(config: Any, plan: Plan, names: set[str]) -> None:
-    from ..rewards import ARCHITECTURES
+    from ..rewards import ARCHITECTURES  # here: noisealign.rewards imports this module
 
     for name in INPUT_FOLDERS:
         value = getattr(config, name) if name in names else None
@@ -286,6 +287,4 @@ def _trim_prompts(config: Any, plan: Plan, names: set[str]) -> None:
         _set(config, plan, "prompt_sets", sets)
 
 
-from .report import report  # noqa: E402  (report reads _PLAN and _TRACKED)
-
-__all__ = ["CUTS", "Plan", "mirror", "prepare", "report", "reset", "track"]
+__all__ = ["CUTS", "Plan", "mirror", "prepare", "reset", "track"]

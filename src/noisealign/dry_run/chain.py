@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import subprocess
@@ -21,6 +22,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
+from ..cli import STAGES, run_stage
 from ..errors import ConfigError
 
 logger = logging.getLogger("noisealign.dry_run")
@@ -69,10 +73,6 @@ def stage_command(recipe: Path, num_processes: int, port: int) -> list[str]:
 
 def _run_here(stage: str, args: list[str]) -> bool:
     """Run one stage in this process, as the console command would; True when it succeeded."""
-    import importlib
-
-    from ..cli import STAGES, run_stage
-
     try:
         run_stage(importlib.import_module(STAGES[stage]).main, args)
     except SystemExit as exc:  # run_stage exits 2 on a user error, after logging it
@@ -87,8 +87,6 @@ def run_chain(
     failure."""
     env = dict(os.environ)
     if num_processes > 1 and "CUDA_VISIBLE_DEVICES" not in env:
-        import torch
-
         if not torch.cuda.is_available():
             env["ACCELERATE_USE_CPU"] = "1"
     seconds = []
@@ -126,6 +124,4 @@ def main(args: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from noisealign.cli import run_stage
-
     run_stage(main)

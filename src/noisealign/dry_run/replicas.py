@@ -19,8 +19,10 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 from filelock import FileLock
+from huggingface_hub import try_to_load_from_cache
 
 from ..errors import ConfigError
 
@@ -52,8 +54,6 @@ def _config_on_disk(name_or_path: str, filename: str) -> dict | None:
         return json.loads(local.read_text())
     if Path(name_or_path).exists():
         return None
-    from huggingface_hub import try_to_load_from_cache
-
     try:
         cached = try_to_load_from_cache(name_or_path, filename)
     except Exception:  # not a valid repo id: then it is neither cached nor a known id
@@ -105,19 +105,25 @@ def judge_model_type(judge: str, model: str) -> str:
     return model_type
 
 
-def _build_pipeline(class_name: str, folder: Path) -> None:
-    from ..testing import pipelines
+def _testing() -> tuple[ModuleType, ModuleType]:
+    """noisealign.testing's pipeline and VLM builders, imported here rather than at the top:
+    they import noisealign.pipelines, which imports this package."""
+    from ..testing import pipelines, vlms
 
+    return pipelines, vlms
+
+
+def _build_pipeline(class_name: str, folder: Path) -> None:
+    pipelines, _ = _testing()
     getattr(pipelines, PIPELINE_BUILDERS[class_name])(folder)
 
 
 def _build_judge_model(model_type: str, folder: Path) -> None:
-    from ..testing.vlms import build_tiny_clip, build_tiny_vlm
-
+    _, vlms = _testing()
     if model_type == "clip":
-        build_tiny_clip(folder)
+        vlms.build_tiny_clip(folder)
     else:
-        build_tiny_vlm(model_type, folder)
+        vlms.build_tiny_vlm(model_type, folder)
 
 
 def slug(name: str) -> str:

@@ -10,15 +10,21 @@ import resource
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import datasets
 import torch
+from accelerate import PartialState
+from diffusers import DiffusionPipeline
+from safetensors.torch import load_file
 from torch import nn
 
+from .. import dry_run
 from ..errors import NoiseAlignError
-
-if TYPE_CHECKING:
-    from . import Plan
+from ..policies import load_policy
+from ..rewards import load_reward_model
+from . import Plan, mirror
+from .replicas import slug
 
 logger = logging.getLogger("noisealign.dry_run")
 
@@ -44,8 +50,6 @@ def _module(role: str, cls: str, module: nn.Module) -> dict[str, str]:
 
 def describe(role: str, obj: Any) -> list[dict[str, str]]:
     """Class, dtype and device of a tracked pipeline, judge or model."""
-    from diffusers import DiffusionPipeline
-
     if isinstance(obj, DiffusionPipeline):
         parts = [(name, getattr(obj, name, None)) for name in PIPELINE_PARTS]
         return [
@@ -70,8 +74,6 @@ def peak_memory_mb() -> dict[str, float]:
 
 
 def _check_safetensors(path: Path) -> tuple[str, str | None]:
-    from safetensors.torch import load_file
-
     tensors = load_file(path)
     values = sum(t.numel() for t in tensors.values())
     finite = all(torch.isfinite(t.float()).all() for t in tensors.values())
@@ -85,12 +87,8 @@ def _load_folder(folder: Path) -> str:
     """Load a saved reward model or policy folder with the loaders later stages use."""
     config = json.loads((folder / "config.json").read_text())
     if "architecture" in config:
-        from ..rewards import load_reward_model
-
         return type(load_reward_model(str(folder))).__name__
     if "policy_type" in config or "pipeline_signature" in config:
-        from ..policies import load_policy
-
         return type(load_policy(str(folder))).__name__
     return "an unknown folder (not checked)"
 
@@ -98,8 +96,6 @@ def _load_folder(folder: Path) -> str:
 def check_outputs(folder: Path) -> tuple[list[str], list[str]]:
     """Read back what the stage wrote: datasets (rows), safetensors (finite), reports,
     checkpoints."""
-    import datasets
-
     lines, problems = [], []
     if not folder.is_dir():
         return lines, [f"the stage wrote no output folder {folder}"]
@@ -137,20 +133,16 @@ def report() -> dict[str, Any] | None:
     Called by :func:`noisealign.cli.run_stage` after the stage returned (a no-op outside a
     dry run). Raises :class:`DryRunFailure` when an output does not read back.
     """
-    from . import _PLAN, _TRACKED, reset  # read at call time: prepare() set them
-
-    if _PLAN is None:
+    if dry_run._PLAN is None:  # read at call time: prepare() sets them
         return None
     try:
-        return _report(_PLAN, _TRACKED)
+        return _report(dry_run._PLAN, dry_run._TRACKED)
     finally:
-        reset()
+        dry_run.reset()
 
 
 def rank_summary(tracked: list[tuple[str, Any]]) -> dict[str, Any]:
     """This process's rank, device, tracked models and peak memory."""
-    from accelerate import PartialState
-
     state = PartialState()
     return {
         "rank": state.process_index,
@@ -167,8 +159,6 @@ def gather_ranks(plan: Plan, mine: dict[str, Any], timeout: float = RANK_TIMEOUT
     extra collective would change the stage's own sequence of them. Ranks of one launch share
     their parent process (the launcher), which keys the files.
     """
-    from accelerate import PartialState
-
     state = PartialState()
     if state.num_processes == 1:
         return [mine]
@@ -190,11 +180,6 @@ def gather_ranks(plan: Plan, mine: dict[str, Any], timeout: float = RANK_TIMEOUT
 
 
 def _report(plan: Plan, tracked: list[tuple[str, Any]]) -> dict[str, Any] | None:
-    from accelerate import PartialState
-
-    from . import mirror
-    from .replicas import slug
-
     state = PartialState()
     ranks = gather_ranks(plan, rank_summary(tracked))
     if not state.is_main_process:

@@ -102,6 +102,8 @@ def label_offsets(methods: Sequence[dict], gap: float = 10.0, height: float = 21
 
 def cost_plot(methods: Sequence[dict], path: Path, title: str) -> None:
     """Alignment vs denoising steps per image (log x), one labelled point per method."""
+    # imported here: matplotlib is slow to import, and use("Agg") (no display needed) must not
+    # switch the backend of a notebook that merely imports this package
     import matplotlib
 
     matplotlib.use("Agg")
