@@ -28,14 +28,13 @@ from noisealign.toy.grammar import prompt_records
 from noisealign.toy.models import PRESETS, assemble_pipeline, build_components
 from noisealign.toy.train import (
     Pool,
-    UNetRun,
     build_pool,
     encode_pool,
     fit_scaling_factor,
     reconstruction_accuracy,
-    train_unet,
     train_vae,
 )
+from noisealign.toy.unet_training import UNetRun, train_unet
 from noisealign.tracking import make_accelerator, start_tracking
 
 logger = logging.getLogger("noisealign.pretrain")
@@ -187,7 +186,8 @@ def _closing_check(
 
 
 def _write_card(folder: Path, config: PretrainConfig, timings: dict[str, float]) -> None:
-    """A model card saying how the folder was made (paste bench/toy_baseline.py's table below it)."""
+    """A model card saying how the folder was made (paste bench/toy_baseline.py's table below
+    it)."""
     fields = "\n".join(
         f"| {k} | {v} |" for k, v in config.to_dict().items() if k not in ("env", "pipeline_dir")
     )
@@ -196,7 +196,8 @@ def _write_card(folder: Path, config: PretrainConfig, timings: dict[str, float])
         f"# noisealign toy pipeline ({config.model_size})\n\n"
         "A `StableDiffusionPipeline` trained by `noisealign.pretrain` on procedurally drawn shapes "
         "(see docs/toy_world.md). 32x32 RGB images, 4x16x16 latents, DDIM v-prediction, "
-        f"20 steps, guidance 5 recommended.\n\nTraining time on {torch.get_num_threads()} CPU threads: {times}.\n\n"
+        "20 steps, guidance 5 recommended.\n\n"
+        f"Training time on {torch.get_num_threads()} CPU threads: {times}.\n\n"
         f"| recipe field | value |\n|---|---|\n{fields}\n"
     )
     (folder / "README.md").write_text(text)
