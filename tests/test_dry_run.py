@@ -42,7 +42,9 @@ def test_pipeline_class_of_known_ids(name, expected):
 def test_pipeline_class_is_read_from_a_local_model_index(tmp_path):
     folder = tmp_path / "my-model"
     folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))  # fmt: skip
+    (folder / "model_index.json").write_text(
+        json.dumps({"_class_name": "StableDiffusionXLPipeline"})
+    )
     assert replicas.pipeline_class(str(folder)) == "StableDiffusionXLPipeline"
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     with pytest.raises(ConfigError, match="its class is FluxPipeline.*replicas exist for"):
@@ -90,7 +92,10 @@ def test_prepare_replaces_models_mirrors_paths_and_cuts_work(tmp_path, monkeypat
     dr = tmp_path / "dr"
     assert Path(config.output_dir) == dr / "outputs/sd15/collect"
     assert Path(config.pipeline).parent == dr / "models/pipelines"
-    assert json.loads((Path(config.pipeline) / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"  # fmt: skip
+    assert (
+        json.loads((Path(config.pipeline) / "model_index.json").read_text())["_class_name"]
+        == "StableDiffusionPipeline"
+    )
     model = json.loads((Path(config.judge_kwargs["model"]) / "config.json").read_text())
     assert model["model_type"] == "qwen2_5_vl" and config.judge_kwargs["method"] == "concepts"
     assert config.seeds == "0,1" and config.torch_dtype in ("bfloat16", "float16")
@@ -121,8 +126,18 @@ def test_an_input_no_dry_run_wrote_is_named(tmp_path, monkeypatch):
     from noisealign.distill import DistillConfig
 
     monkeypatch.chdir(ROOT)
-    args = ["--config", "recipes/sd15/distill.yaml", "--dry_run", "true", "--dry_run_dir", str(tmp_path / "dr")]  # fmt: skip
-    with pytest.raises(ConfigError, match="dataset 'outputs/sd15/collect/dataset' is read from .*which no dry run wrote"):  # fmt: skip
+    args = [
+        "--config",
+        "recipes/sd15/distill.yaml",
+        "--dry_run",
+        "true",
+        "--dry_run_dir",
+        str(tmp_path / "dr"),
+    ]
+    with pytest.raises(
+        ConfigError,
+        match="dataset 'outputs/sd15/collect/dataset' is read from .*which no dry run wrote",
+    ):
         parse_config(DistillConfig, args)
 
 

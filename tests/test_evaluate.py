@@ -1,4 +1,5 @@
-"""The evaluate stage on the toy pipeline: every method's row with cost, figures, reproducibility, resume, 2 processes, bad input."""
+"""The evaluate stage on the toy pipeline: every method's row with cost, figures, reproducibility,
+resume, 2 processes, bad input."""
 
 import json
 
@@ -25,9 +26,15 @@ def folders(tmp_path_factory):
     toy = StableDiffusionPipeline.from_pretrained(pipeline_path())
     torch.manual_seed(0)
     config = NoiseProjectorConfig(
-        latent_channels=4, text_dim=64, hidden_dim=16, depth=1, num_heads=2, patch_size=2,
-        pipeline_signature=pipeline_signature(toy), pipeline=str(pipeline_path()),
-    )  # fmt: skip
+        latent_channels=4,
+        text_dim=64,
+        hidden_dim=16,
+        depth=1,
+        num_heads=2,
+        patch_size=2,
+        pipeline_signature=pipeline_signature(toy),
+        pipeline=str(pipeline_path()),
+    )
     model = NoiseProjector(config)
     with torch.no_grad():
         model.head.weight.normal_(0, 0.5)  # as if trained: ε′ differs from ε
@@ -54,11 +61,30 @@ def recipe(root, out, methods=None, *extra):
         "noise_diffusion": {"type": "noise_diffusion", "rounds": 1, "num_candidates": 2},
     }
     return [
-        "--pipeline", str(pipeline_path()), "--prompt_sets", json.dumps({"mini": str(root / "prompts.jsonl")}),
-        "--seeds", "0:2", "--judges", "shapes", "--methods", json.dumps(methods),
-        "--num_inference_steps", "4", "--batch_size", "4", "--grid_prompts", "2",
-        "--output_dir", str(out), "--report_to", "none", "--num_threads", "1", *extra,
-    ]  # fmt: skip
+        "--pipeline",
+        str(pipeline_path()),
+        "--prompt_sets",
+        json.dumps({"mini": str(root / "prompts.jsonl")}),
+        "--seeds",
+        "0:2",
+        "--judges",
+        "shapes",
+        "--methods",
+        json.dumps(methods),
+        "--num_inference_steps",
+        "4",
+        "--batch_size",
+        "4",
+        "--grid_prompts",
+        "2",
+        "--output_dir",
+        str(out),
+        "--report_to",
+        "none",
+        "--num_threads",
+        "1",
+        *extra,
+    ]
 
 
 def numbers(report):
@@ -80,7 +106,10 @@ def test_every_method_has_a_row_with_cost_and_the_figures_are_written(folders, t
     assert (standard["denoising_steps"], standard["judge_calls"]) == (4, 0)
     assert (best["denoising_steps"], best["judge_calls"]) == (8, 2)
     # N·k + (T − k) steps for early stop
-    assert (rows["early_stop_2"]["denoising_steps"], rows["early_stop_2"]["judge_calls"]) == (2 * 2 + 2, 2)  # fmt: skip
+    assert (rows["early_stop_2"]["denoising_steps"], rows["early_stop_2"]["judge_calls"]) == (
+        2 * 2 + 2,
+        2,
+    )
     # best-of-N keeps candidate 0 (the standard noise) unless the same judge prefers another
     assert best["difference"] >= 0 and best["losses"] == 0
     assert all(m["seconds_per_image"] > 0 and m["peak_memory_mb"] >= 0 for m in rows.values())
@@ -126,13 +155,39 @@ def test_two_processes_write_the_report_of_one_and_a_rerun_in_one_finishes_it(fo
         return recipe(folders, out, methods, "--pipeline", str(folders / "tiny_sd"))
 
     launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", "29547", "src/noisealign/evaluate.py",
-    ]  # fmt: skip
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29547",
+        "src/noisealign/evaluate.py",
+    ]
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "1",
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "OMP_NUM_THREADS": "1",
+    }
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run(launch + tiny(tmp_path / "two"), env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        launch + tiny(tmp_path / "two"),
+        env=env,
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-3000:]
     assert "process 1 takes 5" in done.stdout  # really two ranks, 5 of the 10 batches each
     one = json.loads(json.dumps(evaluate.main(tiny(tmp_path / "one"))))
@@ -142,7 +197,10 @@ def test_two_processes_write_the_report_of_one_and_a_rerun_in_one_finishes_it(fo
     assert numbers(two) == numbers(one)
     assert [m["name"] for m in two["prompt_sets"]["mini"]["methods"]] == list(methods)
     for label in methods:
-        rows = [json.loads((tmp_path / r / "rows" / "mini" / f"{label}.json").read_text())["rows"] for r in ("one", "two")]  # fmt: skip
+        rows = [
+            json.loads((tmp_path / r / "rows" / "mini" / f"{label}.json").read_text())["rows"]
+            for r in ("one", "two")
+        ]
         assert rows[1] == rows[0] and len(rows[0]) == 6
     assert not list((tmp_path / "two" / "rows").rglob("*.parts"))
     grids = [Image.open(tmp_path / r / "grid_mini.png").tobytes() for r in ("one", "two")]
@@ -156,15 +214,44 @@ def test_bad_recipes_fail_clearly_and_touch_nothing(folders, tmp_path):
     with pytest.raises(
         ConfigError, match="methods.fancy: unknown type 'magic'; choose one of standard, policy"
     ):
-        evaluate.main(recipe(folders, tmp_path / "a", {"standard": {"type": "standard"}, "fancy": {"type": "magic"}}))  # fmt: skip
+        evaluate.main(
+            recipe(
+                folders,
+                tmp_path / "a",
+                {"standard": {"type": "standard"}, "fancy": {"type": "magic"}},
+            )
+        )
     with pytest.raises(ConfigError, match="methods needs a 'standard' entry"):
         evaluate.main(recipe(folders, tmp_path / "b", {"b": {"type": "best_of_n"}}))
-    with pytest.raises(ConfigError, match=r"methods.b \(best_of_n\): .*unexpected keyword argument 'm'"):  # fmt: skip
-        evaluate.main(recipe(folders, tmp_path / "c", {"standard": {"type": "standard"}, "b": {"type": "best_of_n", "m": 2}}))  # fmt: skip
+    with pytest.raises(
+        ConfigError, match=r"methods.b \(best_of_n\): .*unexpected keyword argument 'm'"
+    ):
+        evaluate.main(
+            recipe(
+                folders,
+                tmp_path / "c",
+                {"standard": {"type": "standard"}, "b": {"type": "best_of_n", "m": 2}},
+            )
+        )
     with pytest.raises(ConfigError, match="stop_step must be in 1..3"):
-        evaluate.main(recipe(folders, tmp_path / "d", {"standard": {"type": "standard"}, "e": {"type": "early_stop", "stop_step": 4}}))  # fmt: skip
+        evaluate.main(
+            recipe(
+                folders,
+                tmp_path / "d",
+                {"standard": {"type": "standard"}, "e": {"type": "early_stop", "stop_step": 4}},
+            )
+        )
     with pytest.raises(PipelineError, match="text_embed_dim"):
-        evaluate.main(recipe(folders, tmp_path / "e", {"standard": {"type": "standard"}, "p": {"type": "policy", "policy": str(folders / "projector_tiny")}}))  # fmt: skip
+        evaluate.main(
+            recipe(
+                folders,
+                tmp_path / "e",
+                {
+                    "standard": {"type": "standard"},
+                    "p": {"type": "policy", "policy": str(folders / "projector_tiny")},
+                },
+            )
+        )
     with pytest.raises(DataError, match="prompt file .* does not exist"):
         evaluate.main(recipe(folders, tmp_path / "f", None, "--prompt_sets", '{"x": "nope.jsonl"}'))
 
@@ -191,7 +278,13 @@ def test_wandb_gets_the_metrics_table_and_a_table_of_images(folders, tmp_path):
     args[args.index("--report_to") + 1] = "wandb"
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", HF_HUB_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-m", "noisealign.evaluate", *args], env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "noisealign.evaluate", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     media = tmp_path / "wandb"
     samples = list(media.rglob("mini/samples_*.table.json"))

@@ -1,4 +1,5 @@
-"""The generate stage: PNGs from a projector folder, side by side on request, clear pipeline errors."""
+"""The generate stage: PNGs from a projector folder, side by side on request, clear pipeline
+errors."""
 
 import pytest
 import torch
@@ -19,9 +20,15 @@ def folders(tmp_path_factory):
     build_tiny_sdxl_pipeline(root / "sdxl")
     torch.manual_seed(0)
     config = NoiseProjectorConfig(
-        latent_channels=4, text_dim=32, hidden_dim=16, depth=1, num_heads=2, patch_size=2,
-        pipeline_signature=pipeline_signature(pipe), pipeline=str(root / "sd"),
-    )  # fmt: skip
+        latent_channels=4,
+        text_dim=32,
+        hidden_dim=16,
+        depth=1,
+        num_heads=2,
+        patch_size=2,
+        pipeline_signature=pipeline_signature(pipe),
+        pipeline=str(root / "sd"),
+    )
     model = NoiseProjector(config)
     with torch.no_grad():
         model.head.weight.normal_(0, 0.5)  # as if trained: ε′ differs from ε
@@ -31,14 +38,32 @@ def folders(tmp_path_factory):
 
 def run(root, out, *extra):
     return generate.main(
-        ["--projector", str(root / "projector"), "--prompt", "a red circle", "a blue square",
-         "--seed", "0", "1", "--num_inference_steps", "2", "--output_dir", str(out), *extra]
-    )  # fmt: skip
+        [
+            "--projector",
+            str(root / "projector"),
+            "--prompt",
+            "a red circle",
+            "a blue square",
+            "--seed",
+            "0",
+            "1",
+            "--num_inference_steps",
+            "2",
+            "--output_dir",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 def test_writes_one_png_per_prompt_and_seed(folders, tmp_path):
     paths = run(folders, tmp_path / "a")
-    assert [p.name for p in paths] == ["000_seed0.png", "000_seed1.png", "001_seed0.png", "001_seed1.png"]  # fmt: skip
+    assert [p.name for p in paths] == [
+        "000_seed0.png",
+        "000_seed1.png",
+        "001_seed0.png",
+        "001_seed1.png",
+    ]
     assert Image.open(paths[0]).size == (32, 32)
     again = run(folders, tmp_path / "b")
     assert Image.open(again[0]).tobytes() == Image.open(paths[0]).tobytes()  # deterministic
@@ -90,8 +115,18 @@ def test_recorded_relative_pipeline_resolves_from_any_working_directory(
     (projector / "config.json").write_text(json.dumps({**config, "pipeline": recorded}))
     monkeypatch.chdir(folders if cwd == "root" else tmp_path)
     paths = generate.main(
-        ["--projector", str(projector), "--prompt", "a red circle", "--seed", "0",
-         "--num_inference_steps", "2", "--output_dir", str(tmp_path / "out")]
-    )  # fmt: skip
+        [
+            "--projector",
+            str(projector),
+            "--prompt",
+            "a red circle",
+            "--seed",
+            "0",
+            "--num_inference_steps",
+            "2",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert [p.name for p in paths] == ["000_seed0.png"]
     assert Image.open(paths[0]).size == (32, 32)

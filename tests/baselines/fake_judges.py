@@ -1,4 +1,5 @@
-"""Judges whose scores the baseline tests control (a module of its own: several test folders have a conftest)."""
+"""Judges whose scores the baseline tests control (a module of its own: several test folders have a
+conftest)."""
 
 from __future__ import annotations
 

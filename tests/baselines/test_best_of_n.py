@@ -91,16 +91,18 @@ def test_early_stop_finishes_the_best_preview(tiny_pipe):
 def test_early_stop_at_the_last_step_and_errors(tiny_sd):
     emb = encode_prompts(tiny_sd, PROMPTS)
     cands = candidate_noise(IDS, SEEDS, 2, latent_shape(tiny_sd))
-    out = early_stop_best_of_n(tiny_sd, emb, PROMPTS, cands, ScriptedJudge([0, 1, 1, 0]),
-                               stop_step=4, **STEPS)  # fmt: skip
+    out = early_stop_best_of_n(
+        tiny_sd, emb, PROMPTS, cands, ScriptedJudge([0, 1, 1, 0]), stop_step=4, **STEPS
+    )
     assert out.extras["chosen"] == [1, 0] and out.denoising_steps == [8.0, 8.0]
     full = generate(tiny_sd, emb, out.latents, **STEPS)
     assert all(np.abs(_pixels(a) - _pixels(b)).max() <= 1 for a, b in zip(out.images, full))
     with pytest.raises(ValueError, match=r"stop_step must lie in \[1, 4\], got 0"):
         early_stop_best_of_n(tiny_sd, emb, PROMPTS, cands, ScriptedJudge([]), stop_step=0, **STEPS)
     with pytest.raises(ValueError, match="preview must be one of"):
-        early_stop_best_of_n(tiny_sd, emb, PROMPTS, cands, ScriptedJudge([]), stop_step=1,
-                             preview="clip", **STEPS)  # fmt: skip
+        early_stop_best_of_n(
+            tiny_sd, emb, PROMPTS, cands, ScriptedJudge([]), stop_step=1, preview="clip", **STEPS
+        )
     with pytest.raises(ValueError, match="got 2 prompts, 2 prompt embeddings and 1 candidate"):
         best_of_n(tiny_sd, emb, PROMPTS, cands[:1], ScriptedJudge([]), **STEPS)
 
@@ -110,9 +112,13 @@ def test_linear_preview_is_fitted_once_and_approximates_the_vae(tiny_sd):
     assert isinstance(preview, LinearPreview) and linear_preview(tiny_sd) is preview
     assert preview.weight.shape == (4, 3) and preview.bias.shape == (3,)
     assert preview.size == (32, 32)
-    latents = ddim_loop(tiny_sd, encode_prompts(tiny_sd, [""] * 2),
-                        batch_noise(["x", "y"], [0, 0], (4, 16, 16)),
-                        num_inference_steps=4, guidance_scale=1.0).latents  # fmt: skip
+    latents = ddim_loop(
+        tiny_sd,
+        encode_prompts(tiny_sd, [""] * 2),
+        batch_noise(["x", "y"], [0, 0], (4, 16, 16)),
+        num_inference_steps=4,
+        guidance_scale=1.0,
+    ).latents
     with torch.no_grad():
         exact = decode(tiny_sd, latents)
     approx = preview(latents)
@@ -123,6 +129,14 @@ def test_linear_preview_is_fitted_once_and_approximates_the_vae(tiny_sd):
     ).mean()
     emb = encode_prompts(tiny_sd, PROMPTS)
     cands = candidate_noise(IDS, SEEDS, 2, latent_shape(tiny_sd))
-    out = early_stop_best_of_n(tiny_sd, emb, PROMPTS, cands, ScriptedJudge([0, 1, 0, 1]),
-                               stop_step=1, preview="linear", **STEPS)  # fmt: skip
+    out = early_stop_best_of_n(
+        tiny_sd,
+        emb,
+        PROMPTS,
+        cands,
+        ScriptedJudge([0, 1, 0, 1]),
+        stop_step=1,
+        preview="linear",
+        **STEPS,
+    )
     assert out.extras["chosen"] == [1, 1] and out.denoising_steps == [5.0, 5.0]

@@ -1,4 +1,5 @@
-"""Noise Diffusion: the replay gradient, the step size, the selection rule, the update, the errors."""
+"""Noise Diffusion: the replay gradient, the step size, the selection rule, the update, the
+errors."""
 
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ def test_replay_reproduces_the_forward_pass_and_its_gradient_matches_finite_diff
     with torch.no_grad():
         trace = ddim_loop(tiny_pipe, emb, noise, record=True, **STEPS)
     assert len(trace.model_outputs) == 3
-    assert torch.equal(ddim_replay(tiny_pipe, noise, trace.model_outputs, num_inference_steps=3),
-                       trace.latents)  # fmt: skip
+    assert torch.equal(
+        ddim_replay(tiny_pipe, noise, trace.model_outputs, num_inference_steps=3), trace.latents
+    )
     score, grad = score_and_gradient(tiny_pipe, emb, PROMPTS, noise, judge, **STEPS)
     assert grad.shape == noise.shape and grad.abs().sum() > 0
 
@@ -122,5 +124,15 @@ def test_a_judge_without_score_tensor_is_refused(tiny_sd):
     emb = encode_prompts(tiny_sd, PROMPTS)
     noise = batch_noise(IDS, SEEDS, latent_shape(tiny_sd))
     with pytest.raises(JudgeError, match="judge 'scripted' \\(ScriptedJudge\\) has none"):
-        noise_diffusion(tiny_sd, emb, PROMPTS, noise, ScriptedJudge([]), prompt_ids=IDS,
-                        seeds=SEEDS, rounds=1, num_candidates=2, **STEPS)  # fmt: skip
+        noise_diffusion(
+            tiny_sd,
+            emb,
+            PROMPTS,
+            noise,
+            ScriptedJudge([]),
+            prompt_ids=IDS,
+            seeds=SEEDS,
+            rounds=1,
+            num_candidates=2,
+            **STEPS,
+        )

@@ -1,4 +1,5 @@
-"""Reading collected feedback for distill: required columns, skipped rows, the prompt split, batches."""
+"""Reading collected feedback for distill: required columns, skipped rows, the prompt split,
+batches."""
 
 import math
 
@@ -102,7 +103,8 @@ def test_dataset_rederives_noise_and_batches_hold_whole_prompts(rows, tmp_path):
 
 
 def test_sampler_splits_large_prompt_groups():
-    """seeds_per_group bounds a prompt's share of a batch; each epoch still visits every row once."""
+    """seeds_per_group bounds a prompt's share of a batch; each epoch still visits every row
+    once."""
     groups = [p for p in range(5) for _ in range(10)]  # 5 prompts x 10 seeds
     sampler = PromptBatchSampler(
         groups, prompts_per_batch=3, shuffle=True, seed=2, seeds_per_group=4

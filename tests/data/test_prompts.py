@@ -81,10 +81,25 @@ def test_parse_seeds():
 
 def test_geneval_metadata_becomes_concepts(tmp_path):
     rows = [
-        {"tag": "counting", "include": [{"class": "cow", "count": 3}], "prompt": "a photo of three cows"},
-        {"tag": "position", "include": [{"class": "bench", "count": 1}, {"class": "dog", "count": 1, "position": ["left of", 0]}], "prompt": "a photo of a dog left of a bench"},
-        {"tag": "color_attr", "include": [{"class": "car", "count": 1, "color": "red"}], "prompt": "a photo of a red car"},
-    ]  # fmt: skip
+        {
+            "tag": "counting",
+            "include": [{"class": "cow", "count": 3}],
+            "prompt": "a photo of three cows",
+        },
+        {
+            "tag": "position",
+            "include": [
+                {"class": "bench", "count": 1},
+                {"class": "dog", "count": 1, "position": ["left of", 0]},
+            ],
+            "prompt": "a photo of a dog left of a bench",
+        },
+        {
+            "tag": "color_attr",
+            "include": [{"class": "car", "count": 1, "color": "red"}],
+            "prompt": "a photo of a red car",
+        },
+    ]
     path = tmp_path / "evaluation_metadata.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))
     counting, position, color = load_prompts(path)
@@ -93,8 +108,15 @@ def test_geneval_metadata_becomes_concepts(tmp_path):
         ("3 cow", "count", [(11, 16)]),
     ]
     relation = position.concepts[-1]
-    assert (relation.text, relation.kind, relation.spans) == ("dog left of bench", "relation", [(17, 24)])  # fmt: skip
-    assert [(c.kind, c.spans) for c in color.concepts] == [("object", [(17, 20)]), ("attribute", [(13, 16)])]  # fmt: skip
+    assert (relation.text, relation.kind, relation.spans) == (
+        "dog left of bench",
+        "relation",
+        [(17, 24)],
+    )
+    assert [(c.kind, c.spans) for c in color.concepts] == [
+        ("object", [(17, 20)]),
+        ("attribute", [(13, 16)]),
+    ]
 
 
 def test_split_filter(tmp_path):
@@ -110,13 +132,26 @@ def test_split_filter(tmp_path):
 
 
 def _split_file(path, rows):
-    path.write_text("".join(json.dumps(dict(zip(("prompt_id", "prompt", "split"), r))) + "\n" for r in rows))  # fmt: skip
+    path.write_text(
+        "".join(json.dumps(dict(zip(("prompt_id", "prompt", "split"), r))) + "\n" for r in rows)
+    )
     return path
 
 
 def test_training_stages_never_read_heldout_rows_and_evaluate_reads_only_them(tmp_path):
-    path = _split_file(tmp_path / "p.jsonl", [("t0", "a cat", "train"), ("e0", "a dog", "eval"), ("v0", "a cow", "val"), ("e1", "a pig", "eval")])  # fmt: skip
-    assert [(r.prompt_id, r.split) for r in prompts.load_training_prompts(path)] == [("t0", "train"), ("v0", "val")]  # fmt: skip
+    path = _split_file(
+        tmp_path / "p.jsonl",
+        [
+            ("t0", "a cat", "train"),
+            ("e0", "a dog", "eval"),
+            ("v0", "a cow", "val"),
+            ("e1", "a pig", "eval"),
+        ],
+    )
+    assert [(r.prompt_id, r.split) for r in prompts.load_training_prompts(path)] == [
+        ("t0", "train"),
+        ("v0", "val"),
+    ]
     assert [r.prompt_id for r in prompts.load_heldout_prompts(path)] == ["e0", "e1"]
     assert prompts.heldout_record(path)["heldout_prompt_ids"] == ["e0", "e1"]
     plain = tmp_path / "p.txt"  # no split column (the toy world's separate files): read whole
@@ -127,16 +162,30 @@ def test_training_stages_never_read_heldout_rows_and_evaluate_reads_only_them(tm
 
 
 def test_heldout_selection_errors_name_the_file_and_the_fix(tmp_path):
-    only_eval = _split_file(tmp_path / "eval.jsonl", [("e0", "a dog", "eval"), ("e1", "a pig", "eval")])  # fmt: skip
-    with pytest.raises(DataError, match=r"'.*eval\.jsonl' holds only held-out prompts \(split 'eval'\).*set 'prompts' to a file with training rows"):  # fmt: skip
+    only_eval = _split_file(
+        tmp_path / "eval.jsonl", [("e0", "a dog", "eval"), ("e1", "a pig", "eval")]
+    )
+    with pytest.raises(
+        DataError,
+        match=(
+            r"'.*eval\.jsonl' holds only held-out prompts \(split 'eval'\).*set 'prompts' to a "
+            r"file with training rows"
+        ),
+    ):
         prompts.load_training_prompts(only_eval)
     no_eval = _split_file(tmp_path / "train.jsonl", [("t0", "a cat", "train")])
-    with pytest.raises(DataError, match=r"'.*train\.jsonl' has a 'split' column but no held-out rows"):  # fmt: skip
+    with pytest.raises(
+        DataError, match=r"'.*train\.jsonl' has a 'split' column but no held-out rows"
+    ):
         prompts.load_heldout_prompts(no_eval)
     # a held-out prompt repeated as a training row would leak: under another id or the same one
     for second_id in ("t1", "e0"):
-        both = _split_file(tmp_path / "both.jsonl", [("e0", "a dog", "eval"), (second_id, "a dog", "train")])  # fmt: skip
-        with pytest.raises(DataError, match=r"both\.jsonl: row 2: prompt 'a dog' is both in a held-out row"):  # fmt: skip
+        both = _split_file(
+            tmp_path / "both.jsonl", [("e0", "a dog", "eval"), (second_id, "a dog", "train")]
+        )
+        with pytest.raises(
+            DataError, match=r"both\.jsonl: row 2: prompt 'a dog' is both in a held-out row"
+        ):
             load_prompts(both, split="train")
 
 
@@ -147,7 +196,13 @@ def test_datasets_with_rows_of_recorded_heldout_prompts_are_refused(tmp_path, ca
     # found from <output_dir>/dataset (distill, image_npd) and from <output_dir> (train_npnet)
     for dataset in (collected / "dataset", collected):
         assert prompts.check_not_heldout(dataset, ["t0"])["heldout_prompt_ids"] == ["e0"]
-        with pytest.raises(DataError, match=r"holds rows of 1 held-out prompt\(s\) \(e\.g\. 'e0', split 'eval' of .*p\.jsonl\); collect it again"):  # fmt: skip
+        with pytest.raises(
+            DataError,
+            match=(
+                r"holds rows of 1 held-out prompt\(s\) \(e\.g\. 'e0', split 'eval' of "
+                r".*p\.jsonl\); collect it again"
+            ),
+        ):
             prompts.check_not_heldout(dataset, ["t0", "e0"])
     with caplog.at_level("WARNING", logger="noisealign.data.prompts"):
         assert prompts.check_not_heldout(tmp_path / "old" / "dataset", ["t0", "e0"]) is None

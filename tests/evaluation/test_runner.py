@@ -1,4 +1,5 @@
-"""Sharing a method's batches out to processes: the merged rows equal one process's, resume, devices."""
+"""Sharing a method's batches out to processes: the merged rows equal one process's, resume,
+devices."""
 
 import json
 from types import SimpleNamespace
@@ -33,7 +34,10 @@ class BatchSensitive:
 
     def __call__(self, prompts, prompt_ids, concepts, seeds):
         self.calls.append(tuple(zip(prompt_ids, seeds)))
-        shades = [(10 * int(p[1:]) + 3 * s + 7 * i + len(seeds)) % 256 for i, (p, s) in enumerate(zip(prompt_ids, seeds))]  # fmt: skip
+        shades = [
+            (10 * int(p[1:]) + 3 * s + 7 * i + len(seeds)) % 256
+            for i, (p, s) in enumerate(zip(prompt_ids, seeds))
+        ]
         images = [Image.new("RGB", (4, 4), (v, 0, 0)) for v in shades]
         return MethodOutput(
             images, torch.zeros(len(seeds), 1), [2.0] * len(seeds), [1] * len(seeds)
@@ -52,7 +56,14 @@ def evaluate_in(root, num_processes, ranks=None, run=None):
     run = run or BatchSensitive()
     work = plan_work(root, PROMPTS, SEEDS, ["m"], batch_size=3, grid_prompts=2)
     for rank in range(num_processes) if ranks is None else ranks:
-        run_share(work, {"m": run}, {"red": RedJudge()}, process_index=rank, num_processes=num_processes, device=torch.device("cpu"))  # fmt: skip
+        run_share(
+            work,
+            {"m": run},
+            {"red": RedJudge()},
+            process_index=rank,
+            num_processes=num_processes,
+            device=torch.device("cpu"),
+        )
     return work, run
 
 
@@ -114,11 +125,20 @@ def test_each_process_gets_its_own_device_and_a_pinned_one_is_refused():
     assert process_device(None, accelerator("cuda:1", 2), "device") == torch.device("cuda:1")
     assert process_device("cuda", accelerator("cuda:1", 2), "device") == torch.device("cuda:1")
     assert process_device("cpu", accelerator("cuda:0", 1), "device") == torch.device("cpu")
-    with pytest.raises(ConfigError, match=r"device is 'cuda:0', but each of the 2 processes runs on its own cuda device; leave device unset"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=(
+            r"device is 'cuda:0', but each of the 2 processes runs on its own cuda device; leave "
+            r"device unset"
+        ),
+    ):
         process_device("cuda:0", accelerator("cuda:1", 2), "device")
     with pytest.raises(ConfigError, match="judge_kwargs.vlm.device is 'cpu'"):
         process_device("cpu", accelerator("cuda:0", 2), "judge_kwargs.vlm.device")
     kwargs = {"vlm": {"model": "m", "device": "cuda"}, "clip": {"model": "c"}}
-    assert judge_devices(kwargs, accelerator("cuda:1", 2)) == {"vlm": {"model": "m", "device": "cuda:1"}, "clip": {"model": "c"}}  # fmt: skip
+    assert judge_devices(kwargs, accelerator("cuda:1", 2)) == {
+        "vlm": {"model": "m", "device": "cuda:1"},
+        "clip": {"model": "c"},
+    }
     with pytest.raises(ConfigError, match="'gpu0' is not a torch device"):
         process_device("gpu0", accelerator("cpu", 1), "device")

@@ -1,4 +1,5 @@
-"""OpenAIJudge against a fake OpenAI-compatible server on 127.0.0.1: values, retries, key hygiene."""
+"""OpenAIJudge against a fake OpenAI-compatible server on 127.0.0.1: values, retries, key
+hygiene."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ ENV = "NOISEALIGN_TEST_API_KEY"
 
 
 class FakeAPI:
-    """Shared state of the fake server: scripted failures, P(yes) per question, recorded requests."""
+    """Shared state of the fake server: scripted failures, P(yes) per question, recorded
+    requests."""
 
     def __init__(self) -> None:
         # per request, popped first: "500", "400", "sleep", "garbage"; then "ok"

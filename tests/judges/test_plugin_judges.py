@@ -1,4 +1,5 @@
-"""Outside judges come in through the 'noisealign.judges' entry-point group of an installed distribution."""
+"""Outside judges come in through the 'noisealign.judges' entry-point group of an installed
+distribution."""
 
 import sys
 
@@ -25,7 +26,8 @@ def factory(**kwargs):
 
 @pytest.fixture
 def installed_plugin(tmp_path, monkeypatch):
-    """A folder on sys.path holding my_judges.py and its my_judges-0.1.dist-info, as pip leaves them."""
+    """A folder on sys.path holding my_judges.py and its my_judges-0.1.dist-info, as pip leaves
+    them."""
     site = tmp_path / "site"
     info = site / "my_judges-0.1.dist-info"
     info.mkdir(parents=True)
@@ -53,5 +55,11 @@ def test_unknown_judge_names_the_installed_ones_and_the_entry_point_group(
     installed_plugin, monkeypatch
 ):
     monkeypatch.syspath_prepend(str(installed_plugin))
-    with pytest.raises(JudgeError, match=r"unknown judge 'mien'; known judges: .*\bmine\b.*'noisealign.judges' entry-point group"):  # fmt: skip
+    with pytest.raises(
+        JudgeError,
+        match=(
+            r"unknown judge 'mien'; known judges: .*\bmine\b.*'noisealign.judges' entry-point "
+            r"group"
+        ),
+    ):
         judges.build_judge("mien")

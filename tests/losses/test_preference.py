@@ -74,7 +74,9 @@ def test_rpo_alpha_adds_the_winners_per_value_nll():
     assert loss.item() == pytest.approx(plain.item() + 2.0 * 0.25)
     assert m["loss/preference"] == pytest.approx(plain.item())  # logged without the NLL
     mean = torch.zeros(1, 2, requires_grad=True)
-    quasi_dpo_loss(mean, torch.zeros(1, 2), t(1.0, 1.0), t(-1.0, 0.0), sigma=1.0, beta=1.0, rpo_alpha=1.0)[0].backward()  # fmt: skip
+    quasi_dpo_loss(
+        mean, torch.zeros(1, 2), t(1.0, 1.0), t(-1.0, 0.0), sigma=1.0, beta=1.0, rpo_alpha=1.0
+    )[0].backward()
     # DPO part -0.5 * (2, 1) as above; NLL part d/df ||w - f||^2 / 4 = -(w - f) / 2 = (-0.5, -0.5)
     assert torch.allclose(mean.grad, torch.tensor([[-1.5, -1.0]]))
 

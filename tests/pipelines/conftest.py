@@ -11,7 +11,8 @@ from noisealign.testing.pipelines import build_tiny_sd_pipeline, build_tiny_sdxl
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    """Tiny models gain nothing from threads; on a busy 2-core CPU, 2 threads made generate 10x slower."""
+    """Tiny models gain nothing from threads; on a busy 2-core CPU, 2 threads made generate 10x
+    slower."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

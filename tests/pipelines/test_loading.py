@@ -47,7 +47,10 @@ def test_unsupported_class_lists_supported(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     with pytest.raises(
         PipelineError,
-        match="'FluxPipeline' is not supported; supported: StableDiffusionPipeline, StableDiffusionXLPipeline",
+        match=(
+            "'FluxPipeline' is not supported; supported: StableDiffusionPipeline, "
+            "StableDiffusionXLPipeline"
+        ),
     ):
         load_pipeline(str(tmp_path))
 

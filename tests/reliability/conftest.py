@@ -1,4 +1,5 @@
-"""Tiny inputs shared by the reliability suite: pipelines, a feedback dataset, reward model, projector."""
+"""Tiny inputs shared by the reliability suite: pipelines, a feedback dataset, reward model,
+projector."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ PROMPTS = [
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    """A folder holding ``sd``/``sdxl`` pipelines, ``data`` (collect rows), ``reward``, ``projector``."""
+    """A folder holding ``sd``/``sdxl`` pipelines, ``data`` (collect rows), ``reward``,
+    ``projector``."""
     from noisealign.pipelines import pipeline_signature
     from noisealign.policies import NoiseProjector, NoiseProjectorConfig
     from noisealign.rewards import NoiseRewardConfig, NoiseRewardModel
@@ -33,15 +35,26 @@ def tiny(tmp_path_factory):
     torch.manual_seed(0)
     NoiseRewardModel(
         NoiseRewardConfig(
-            latent_channels=4, text_dim=32, hidden_dim=16, depth=1, num_heads=2, mlp_ratio=2.0,
+            latent_channels=4,
+            text_dim=32,
+            hidden_dim=16,
+            depth=1,
+            num_heads=2,
+            mlp_ratio=2.0,
             pipeline_signature=signature,
         )
-    ).save_pretrained(root / "reward")  # fmt: skip
+    ).save_pretrained(root / "reward")
     NoiseProjector(
         NoiseProjectorConfig(
-            latent_channels=4, text_dim=32, hidden_dim=16, depth=1, num_heads=2, patch_size=2,
-            pipeline_signature=signature, pipeline=str(root / "sd"),
+            latent_channels=4,
+            text_dim=32,
+            hidden_dim=16,
+            depth=1,
+            num_heads=2,
+            patch_size=2,
+            pipeline_signature=signature,
+            pipeline=str(root / "sd"),
         )
-    ).save_pretrained(root / "projector")  # fmt: skip
+    ).save_pretrained(root / "projector")
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     return root

@@ -86,32 +86,68 @@ def latin1_prompts(tmp: Path) -> Path:
 
 # Each case: (id, function (tiny, tmp, out) -> argv, regex the one error line must match).
 CASES = [
-    ("prompts-not-utf8", lambda t, tmp, out: collect(t, out, "--prompts", str(latin1_prompts(tmp))),
-     r"prompt file '.*prompts.txt' is not UTF-8 text \(line 2, byte offset 30: invalid continuation byte\); save it as UTF-8"),
-    ("pipeline-is-a-file-collect", lambda t, tmp, out: collect(t, out, "--pipeline", str(t / "prompts.txt")),
-     r"pipeline '.*prompts.txt' is a file; pass the pipeline folder"),
-    ("pipeline-without-unet-collect", lambda t, tmp, out: collect(t, out, "--pipeline", str(without_unet(t, tmp))),
-     r"pipeline folder '.*no-unet' has no 'unet/' folder, which its model_index.json lists"),
-    ("pipeline-without-unet-generate", lambda t, tmp, out: generate(t, out, "--pipeline", str(without_unet(t, tmp))),
-     r"pipeline folder '.*no-unet' has no 'unet/' folder"),
-    ("truncated-unet-weights-collect", lambda t, tmp, out: collect(t, out, "--pipeline", str(truncated_unet(t, tmp))),
-     r"pipeline folder '.*truncated': 'unet/diffusion_pytorch_model.safetensors' is corrupt or truncated"),
-    ("truncated-unet-weights-generate", lambda t, tmp, out: generate(t, out, "--pipeline", str(truncated_unet(t, tmp))),
-     r"'unet/diffusion_pytorch_model.safetensors' is corrupt or truncated"),
-    ("output-dir-is-a-file", lambda t, tmp, out: collect(t, out / "earlier_results.txt"),
-     r"'.*out/earlier_results.txt' is a file, not a folder; move it away or choose another output_dir"),
-    ("output-dir-inside-a-file", lambda t, tmp, out: collect(t, out / "earlier_results.txt" / "run"),
-     r"'.*out/earlier_results.txt' is a file, not a folder"),
-    pytest.param(lambda t, tmp, out: evaluate(t, out, "--device", "cuda"),
-                 r"device is 'cuda', but CUDA is not available on this machine; remove device or use cpu",
-                 id="device-cuda-without-cuda", marks=NO_CUDA),
-    pytest.param(lambda t, tmp, out: evaluate(t, out, "--judge_kwargs", '{"shapes": {"device": "cuda:0"}}'),
-                 r"judge_kwargs.shapes.device is 'cuda:0', but CUDA is not available",
-                 id="judge-device-cuda-without-cuda", marks=NO_CUDA),
+    (
+        "prompts-not-utf8",
+        lambda t, tmp, out: collect(t, out, "--prompts", str(latin1_prompts(tmp))),
+        r"prompt file '.*prompts.txt' is not UTF-8 text \(line 2, byte offset 30: invalid "
+        r"continuation byte\); save it as UTF-8",
+    ),
+    (
+        "pipeline-is-a-file-collect",
+        lambda t, tmp, out: collect(t, out, "--pipeline", str(t / "prompts.txt")),
+        r"pipeline '.*prompts.txt' is a file; pass the pipeline folder",
+    ),
+    (
+        "pipeline-without-unet-collect",
+        lambda t, tmp, out: collect(t, out, "--pipeline", str(without_unet(t, tmp))),
+        r"pipeline folder '.*no-unet' has no 'unet/' folder, which its model_index.json lists",
+    ),
+    (
+        "pipeline-without-unet-generate",
+        lambda t, tmp, out: generate(t, out, "--pipeline", str(without_unet(t, tmp))),
+        r"pipeline folder '.*no-unet' has no 'unet/' folder",
+    ),
+    (
+        "truncated-unet-weights-collect",
+        lambda t, tmp, out: collect(t, out, "--pipeline", str(truncated_unet(t, tmp))),
+        r"pipeline folder '.*truncated': 'unet/diffusion_pytorch_model.safetensors' is corrupt or "
+        r"truncated",
+    ),
+    (
+        "truncated-unet-weights-generate",
+        lambda t, tmp, out: generate(t, out, "--pipeline", str(truncated_unet(t, tmp))),
+        r"'unet/diffusion_pytorch_model.safetensors' is corrupt or truncated",
+    ),
+    (
+        "output-dir-is-a-file",
+        lambda t, tmp, out: collect(t, out / "earlier_results.txt"),
+        r"'.*out/earlier_results.txt' is a file, not a folder; move it away or choose another "
+        r"output_dir",
+    ),
+    (
+        "output-dir-inside-a-file",
+        lambda t, tmp, out: collect(t, out / "earlier_results.txt" / "run"),
+        r"'.*out/earlier_results.txt' is a file, not a folder",
+    ),
+    pytest.param(
+        lambda t, tmp, out: evaluate(t, out, "--device", "cuda"),
+        r"device is 'cuda', but CUDA is not available on this machine; remove device or use cpu",
+        id="device-cuda-without-cuda",
+        marks=NO_CUDA,
+    ),
+    pytest.param(
+        lambda t, tmp, out: evaluate(t, out, "--judge_kwargs", '{"shapes": {"device": "cuda:0"}}'),
+        r"judge_kwargs.shapes.device is 'cuda:0', but CUDA is not available",
+        id="judge-device-cuda-without-cuda",
+        marks=NO_CUDA,
+    ),
     # a judge's own ValueError for a bad kwarg value is a JudgeError naming the judge
-    pytest.param(lambda t, tmp, out: collect(t, out, "--judge_kwargs", '{"overall": "bogus"}'),
-                 r"judge 'shapes' rejected its judge_kwargs", id="judge-rejects-a-kwarg-value"),
-]  # fmt: skip
+    pytest.param(
+        lambda t, tmp, out: collect(t, out, "--judge_kwargs", '{"overall": "bogus"}'),
+        r"judge 'shapes' rejected its judge_kwargs",
+        id="judge-rejects-a-kwarg-value",
+    ),
+]
 PARAMS = [pytest.param(*c[1:], id=c[0]) if type(c) is tuple else c for c in CASES]
 
 
@@ -137,7 +173,11 @@ def tmpfs(tmp_path):
             pytest.skip("mounting a tmpfs needs root")
         folder = tmp_path / f"mnt{len(mounted)}"
         folder.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True)  # fmt: skip
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
         mounted.append(folder)
@@ -151,12 +191,19 @@ def tmpfs(tmp_path):
 def test_read_only_output_folder(tiny, tmpfs, caplog):
     out = tmpfs("size=1m")
     (out / "earlier_results.txt").write_text("results of an earlier run")
-    remount = subprocess.run(["mount", "-o", "remount,ro", str(out)], capture_output=True, text=True)  # fmt: skip
+    remount = subprocess.run(
+        ["mount", "-o", "remount,ro", str(out)], capture_output=True, text=True
+    )
     if remount.returncode != 0:
         pytest.skip(f"cannot remount the tmpfs read-only: {remount.stderr.strip()}")
     before = snapshot(out)
     status, errors = run_cli(collect(tiny, out), caplog)
-    assert_one_line(status, errors, rf"'{re.escape(str(out))}/.*' is on a read-only file system; choose an output_dir on a writable disk")  # fmt: skip
+    assert_one_line(
+        status,
+        errors,
+        rf"'{re.escape(str(out))}/.*' is on a read-only file system; choose an output_dir on a "
+        r"writable disk",
+    )
     assert snapshot(out) == before  # nothing could be added either
 
 
@@ -165,7 +212,12 @@ def test_full_disk(tiny, tmpfs, caplog):
     (disk / "earlier_results.txt").write_text("results of an earlier run")
     before = snapshot(disk)
     status, errors = run_cli(collect(tiny, disk / "out", "--seeds", "0:4"), caplog)
-    assert_one_line(status, errors, rf"no space left on the disk holding .*{re.escape(str(disk))}/out.*; free space or choose an output_dir on another disk")  # fmt: skip
+    assert_one_line(
+        status,
+        errors,
+        rf"no space left on the disk holding .*{re.escape(str(disk))}/out.*; free space or choose "
+        r"an output_dir on another disk",
+    )
     assert_earlier_files_unchanged(disk, before)
 
 
@@ -199,20 +251,56 @@ def test_debug_env_shows_every_traceback(tiny, tmp_path, monkeypatch, make_argv,
 @pytest.mark.parametrize(
     "exc, line",
     [
-        (OSError(errno.ENOSPC, "No space left on device"), r"no space left on the disk holding output_dir 'o'"),  # a write() names no file
-        (RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'), r"no space left"),
-        (PermissionError(errno.EACCES, "Permission denied", "/data/p.txt"), r"permission denied for '/data/p.txt'"),
-        (IsADirectoryError(errno.EISDIR, "Is a directory", "/data"), r"'/data' is a folder where a file is expected"),
-        (FileNotFoundError(errno.ENOENT, "No such file", "/given/in.txt"), r"'/given/in.txt' does not exist"),
-        (FileNotFoundError(errno.ENOENT, "No such file", "o/shards/x"), None),  # the stage's own file: a bug
+        (
+            OSError(errno.ENOSPC, "No space left on device"),
+            r"no space left on the disk holding output_dir 'o'",
+        ),  # a write() names no file
+        (
+            RuntimeError(
+                "Error while serializing: IoError(Os "
+                '{ code: 28, kind: StorageFull, message: "No space left on device" })'
+            ),
+            r"no space left",
+        ),
+        (
+            PermissionError(errno.EACCES, "Permission denied", "/data/p.txt"),
+            r"permission denied for '/data/p.txt'",
+        ),
+        (
+            IsADirectoryError(errno.EISDIR, "Is a directory", "/data"),
+            r"'/data' is a folder where a file is expected",
+        ),
+        (
+            FileNotFoundError(errno.ENOENT, "No such file", "/given/in.txt"),
+            r"'/given/in.txt' does not exist",
+        ),
+        (
+            FileNotFoundError(errno.ENOENT, "No such file", "o/shards/x"),
+            None,
+        ),  # the stage's own file: a bug
         (FileNotFoundError(errno.ENOENT, "No such file", "/elsewhere"), None),
-        (AssertionError("Torch not compiled with CUDA enabled"), r"CUDA is not available on this machine"),
+        (
+            AssertionError("Torch not compiled with CUDA enabled"),
+            r"CUDA is not available on this machine",
+        ),
         (UnicodeDecodeError("utf-8", b"ab\xff", 2, 3, "invalid start byte"), r"byte offset 2"),
         (KeyboardInterrupt(), INTERRUPTED),
         (ValueError("a bug"), None),
     ],
-    ids=["enospc-no-file", "enospc-in-text", "eacces", "eisdir", "enoent-given", "enoent-own", "enoent-other", "cuda", "decode", "ctrl-c", "bug"],
-)  # fmt: skip
+    ids=[
+        "enospc-no-file",
+        "enospc-in-text",
+        "eacces",
+        "eisdir",
+        "enoent-given",
+        "enoent-own",
+        "enoent-other",
+        "cuda",
+        "decode",
+        "ctrl-c",
+        "bug",
+    ],
+)
 def test_explain_classes(exc, line):
     explained = explain(exc, ["--prompts", "/given/in.txt", "--output_dir", "o"])
     if line is None:
@@ -266,9 +354,15 @@ def test_collect_interrupted_then_rerun_completes(tiny, tmp_path, signum):
 @pytest.mark.slow
 def test_training_sigterm_then_resume_completes(tiny, tmp_path):
     out, steps = tmp_path / "out", 12
-    argv = train_projector(tiny, out, "--max_steps", str(steps), "--logging_steps", "1", "--save_steps", "1")  # fmt: skip
+    argv = train_projector(
+        tiny, out, "--max_steps", str(steps), "--logging_steps", "1", "--save_steps", "1"
+    )
     proc = _launch(argv)
-    stderr = _signal_when(proc, lambda: (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file(), signal.SIGTERM)  # fmt: skip
+    stderr = _signal_when(
+        proc,
+        lambda: (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file(),
+        signal.SIGTERM,
+    )
     _assert_interrupted(proc, stderr, signal.SIGTERM)
     assert not (out / "model.safetensors").exists()
     saved = sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*/trainer_state.json"))

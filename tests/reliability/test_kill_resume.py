@@ -35,8 +35,12 @@ def _launch(argv: list[str]) -> subprocess.Popen:
     stage, *rest = argv
     return subprocess.Popen(
         [sys.executable, "-m", f"noisealign.{stage}", *rest],
-        cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _kill_when(proc: subprocess.Popen, ready, delay: float, what: str) -> None:
@@ -101,10 +105,25 @@ def noise_pairs(tiny, tmp_path_factory):
 
 STEPS = 24
 TRAINING = {
-    "distill": lambda t, pairs, out: distill(t, out, "--max_steps", str(STEPS), "--logging_steps", "1", "--eval_steps", "0"),
-    "train_projector": lambda t, pairs, out: train_projector(t, out, "--max_steps", str(STEPS), "--logging_steps", "1"),
-    "train_npnet": lambda t, pairs, out: train_npnet(t, out, "--dataset", str(pairs), "--margin", "-1", "--max_steps", str(STEPS), "--logging_steps", "1"),
-}  # fmt: skip
+    "distill": lambda t, pairs, out: distill(
+        t, out, "--max_steps", str(STEPS), "--logging_steps", "1", "--eval_steps", "0"
+    ),
+    "train_projector": lambda t, pairs, out: train_projector(
+        t, out, "--max_steps", str(STEPS), "--logging_steps", "1"
+    ),
+    "train_npnet": lambda t, pairs, out: train_npnet(
+        t,
+        out,
+        "--dataset",
+        str(pairs),
+        "--margin",
+        "-1",
+        "--max_steps",
+        str(STEPS),
+        "--logging_steps",
+        "1",
+    ),
+}
 
 
 @pytest.mark.parametrize("stage", list(TRAINING))
@@ -122,13 +141,18 @@ def test_sigkill_then_resume_gives_the_uninterrupted_loss_curve(tiny, noise_pair
     rng = random.Random(f"kill-{stage}")
     step = rng.randint(2, 10)
     _kill_when(
-        _launch(argv), lambda: (killed / "checkpoints" / f"checkpoint-{step}").exists(),
-        rng.uniform(0, 0.2), f"checkpoint-{step}",
-    )  # fmt: skip
+        _launch(argv),
+        lambda: (killed / "checkpoints" / f"checkpoint-{step}").exists(),
+        rng.uniform(0, 0.2),
+        f"checkpoint-{step}",
+    )
     resumed = module.main(argv[1:] + ["--resume_from_checkpoint", "latest"])
     after = {h["step"]: h["loss"] for h in resumed.history}
     assert after and min(after) >= step and max(after) == STEPS
     assert after == {s: losses[s] for s in after}  # bit-identical loss after the resume
-    final, reference = load_file(killed / "model.safetensors"), load_file(tmp_path / "full" / "model.safetensors")  # fmt: skip
+    final, reference = (
+        load_file(killed / "model.safetensors"),
+        load_file(tmp_path / "full" / "model.safetensors"),
+    )
     assert final.keys() == reference.keys()
     assert all(torch.equal(final[k], reference[k]) for k in final)

@@ -52,32 +52,83 @@ def runs(argv) -> None:
 
 
 def evaluate_policy(t, out, *extra, policy):
-    return evaluate(t, out, *extra, methods={"standard": {"type": "standard"}, "p": {"type": "policy", "policy": str(policy)}})  # fmt: skip
+    return evaluate(
+        t,
+        out,
+        *extra,
+        methods={"standard": {"type": "standard"}, "p": {"type": "policy", "policy": str(policy)}},
+    )
 
 
 # (id, input copied from the tiny fixture, where output_dir goes relative to that copy,
 #  argv builder taking (tiny, out, copy), field named in the message)
 OVERLAPS = [
-    ("train_projector-is-reward_model", "reward", ".",
-     lambda t, out, c: train_projector(t, out, "--reward_model", str(c)), r"is the reward_model folder"),
-    ("generate-is-projector", "projector", ".",
-     lambda t, out, c: generate(t, out, "--projector", str(c)), r"is the projector folder"),
-    ("evaluate-is-policy", "projector", ".",
-     lambda t, out, c: evaluate_policy(t, out, policy=c), r"is the methods.p.policy folder"),
-    ("distill-inside-dataset", "data", "sub",
-     lambda t, out, c: distill(t, out, "--dataset", str(c)), r"lies inside the dataset folder"),
-    ("collect_npd-inside-pipeline", "sd", "npd",
-     lambda t, out, c: collect_npd(t, out, "--pipeline", str(c)), r"lies inside the pipeline folder"),
-    ("collect-contains-pipeline", "sd", "..",
-     lambda t, out, c: collect(t, out, "--pipeline", str(c)), r"contains the pipeline"),
-    ("image_npd-contains-dataset", "data", "..",
-     lambda t, out, c: ["image_npd", "--dataset", str(c), "--pipeline", str(t / "sd"), "--output_dir", str(out)],
-     r"contains the dataset"),
-]  # fmt: skip
+    (
+        "train_projector-is-reward_model",
+        "reward",
+        ".",
+        lambda t, out, c: train_projector(t, out, "--reward_model", str(c)),
+        r"is the reward_model folder",
+    ),
+    (
+        "generate-is-projector",
+        "projector",
+        ".",
+        lambda t, out, c: generate(t, out, "--projector", str(c)),
+        r"is the projector folder",
+    ),
+    (
+        "evaluate-is-policy",
+        "projector",
+        ".",
+        lambda t, out, c: evaluate_policy(t, out, policy=c),
+        r"is the methods.p.policy folder",
+    ),
+    (
+        "distill-inside-dataset",
+        "data",
+        "sub",
+        lambda t, out, c: distill(t, out, "--dataset", str(c)),
+        r"lies inside the dataset folder",
+    ),
+    (
+        "collect_npd-inside-pipeline",
+        "sd",
+        "npd",
+        lambda t, out, c: collect_npd(t, out, "--pipeline", str(c)),
+        r"lies inside the pipeline folder",
+    ),
+    (
+        "collect-contains-pipeline",
+        "sd",
+        "..",
+        lambda t, out, c: collect(t, out, "--pipeline", str(c)),
+        r"contains the pipeline",
+    ),
+    (
+        "image_npd-contains-dataset",
+        "data",
+        "..",
+        lambda t, out, c: [
+            "image_npd",
+            "--dataset",
+            str(c),
+            "--pipeline",
+            str(t / "sd"),
+            "--output_dir",
+            str(out),
+        ],
+        r"contains the dataset",
+    ),
+]
 
 
-@pytest.mark.parametrize("source, where, make_argv, message", [c[1:] for c in OVERLAPS], ids=[c[0] for c in OVERLAPS])  # fmt: skip
-def test_output_dir_overlapping_an_input_is_refused(tiny, tmp_path, caplog, source, where, make_argv, message):  # fmt: skip
+@pytest.mark.parametrize(
+    "source, where, make_argv, message", [c[1:] for c in OVERLAPS], ids=[c[0] for c in OVERLAPS]
+)
+def test_output_dir_overlapping_an_input_is_refused(
+    tiny, tmp_path, caplog, source, where, make_argv, message
+):
     copy = tmp_path / "work" / source
     shutil.copytree(tiny / source, copy)
     out = (copy / where) if where != ".." else copy.parent
@@ -96,15 +147,37 @@ def _foreign(out: Path, *names: str) -> None:
 # (id, argv builder, files already in output_dir, message, whether overwrite lets it run)
 FOREIGN = [
     ("evaluate-report", evaluate, ("report.md",), r"already holds report.md", True),
-    ("train_projector-weights", train_projector, ("model.safetensors", "config.json"), r"already holds model.safetensors", True),
+    (
+        "train_projector-weights",
+        train_projector,
+        ("model.safetensors", "config.json"),
+        r"already holds model.safetensors",
+        True,
+    ),
     ("generate-png", generate, ("000_seed0.png",), r"already holds \*.png", True),
-    ("collect-weights", collect, ("model.safetensors",), r"holds another stage's output: saved model weights", False),
-    ("distill-report", distill, ("report.md",), r"holds another stage's output: an evaluation report", False),
-]  # fmt: skip
+    (
+        "collect-weights",
+        collect,
+        ("model.safetensors",),
+        r"holds another stage's output: saved model weights",
+        False,
+    ),
+    (
+        "distill-report",
+        distill,
+        ("report.md",),
+        r"holds another stage's output: an evaluation report",
+        False,
+    ),
+]
 
 
-@pytest.mark.parametrize("make_argv, files, message, overwritable", [c[1:] for c in FOREIGN], ids=[c[0] for c in FOREIGN])  # fmt: skip
-def test_folder_of_unknown_origin_is_refused(tiny, tmp_path, caplog, make_argv, files, message, overwritable):  # fmt: skip
+@pytest.mark.parametrize(
+    "make_argv, files, message, overwritable", [c[1:] for c in FOREIGN], ids=[c[0] for c in FOREIGN]
+)
+def test_folder_of_unknown_origin_is_refused(
+    tiny, tmp_path, caplog, make_argv, files, message, overwritable
+):
     out = tmp_path / "out"
     _foreign(out, *files)
     before = snapshot(out)
@@ -118,7 +191,10 @@ def test_folder_of_unknown_origin_is_refused(tiny, tmp_path, caplog, make_argv, 
         assert snapshot(out) == before
 
 
-HOLD_LOCK = "import sys, time; from noisealign.outputs import lock_output_dir; lock_output_dir(sys.argv[1]); print('held', flush=True); time.sleep(60)"  # fmt: skip
+HOLD_LOCK = (
+    "import sys, time; from noisealign.outputs import lock_output_dir; "
+    "lock_output_dir(sys.argv[1]); print('held', flush=True); time.sleep(60)"
+)
 
 
 @pytest.mark.parametrize(
@@ -126,7 +202,9 @@ HOLD_LOCK = "import sys, time; from noisealign.outputs import lock_output_dir; l
 )
 def test_folder_held_by_another_run_is_refused(tiny, tmp_path, caplog, make_argv):
     out = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True, env=ENV)  # fmt: skip
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True, env=ENV
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         line = refused(make_argv(tiny, out), caplog)
@@ -143,7 +221,13 @@ def test_two_concurrent_collects_one_is_refused_the_other_completes(tiny, tmp_pa
 
     out = tmp_path / "out"
     argv = collect(tiny, out, "--seeds", "0:32", "--chunk_size", "4")
-    first = subprocess.Popen([sys.executable, "-c", "from noisealign.cli import main; main()", *argv], cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    first = subprocess.Popen(
+        [sys.executable, "-c", "from noisealign.cli import main; main()", *argv],
+        cwd=ROOT,
+        env=ENV,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     pid_file = tmp_path / ".out.lock.pid"
     deadline = time.monotonic() + 120
     while not (pid_file.is_file() and pid_file.read_text().strip() == str(first.pid)):

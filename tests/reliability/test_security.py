@@ -64,7 +64,11 @@ def test_no_pickle_modules_and_no_pickled_numpy(trees):
     for name, tree in trees.items():
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
-                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]  # fmt: skip
+                modules = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                )
                 for module in modules:
                     assert module.split(".")[0] not in banned, (
                         f"{name}:{node.lineno}: imports {module}"
@@ -96,12 +100,15 @@ def test_trust_remote_code_is_never_hard_coded_true(trees):
                 )
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 args = node.args.args + node.args.kwonlyargs
-                defaults = [None] * (len(node.args.args) - len(node.args.defaults)) + node.args.defaults  # fmt: skip
+                defaults = [None] * (
+                    len(node.args.args) - len(node.args.defaults)
+                ) + node.args.defaults
                 defaults += node.args.kw_defaults
                 for arg, default in zip(args, defaults):
                     if arg.arg == "trust_remote_code":
                         assert isinstance(default, ast.Constant) and default.value is False, (
-                            f"{name}:{node.lineno}: {node.name}(trust_remote_code=...) must default to False"
+                            f"{name}:{node.lineno}: {node.name}(trust_remote_code=...) must "
+                            "default to False"
                         )
 
 
@@ -118,7 +125,8 @@ def test_every_stage_config_defaults_trust_remote_code_off():
 def test_stages_pass_the_recipes_trust_remote_code_to_the_loader(
     tiny, tmp_path, monkeypatch, recipe_value
 ):
-    """collect, distill, train_projector, generate hand exactly the recipe's value to load_pipeline."""
+    """collect, distill, train_projector, generate hand exactly the recipe's value to
+    load_pipeline."""
     import noisealign.pipelines
 
     seen = []
@@ -139,8 +147,12 @@ def test_stages_pass_the_recipes_trust_remote_code_to_the_loader(
     from .test_bad_inputs import train_projector as train_projector_args
 
     extra = [] if recipe_value is None else ["--trust_remote_code", recipe_value]
-    for module, build in ((collect, collect_args), (distill, distill_args),
-                          (train_projector, train_projector_args), (generate, generate_args)):  # fmt: skip
+    for module, build in (
+        (collect, collect_args),
+        (distill, distill_args),
+        (train_projector, train_projector_args),
+        (generate, generate_args),
+    ):
         argv = build(tiny, tmp_path / module.__name__.split(".")[-1])[1:] + extra
         with pytest.raises(Stop):
             module.main(argv)
@@ -207,7 +219,16 @@ class FakeAPI(BaseHTTPRequestHandler):
         if "blue" in question:
             time.sleep(0.5)  # longer than the judge's timeout
         top = [{"token": "Yes", "logprob": -0.5}, {"token": "No", "logprob": -1.0}]
-        reply = {"choices": [{"message": {"content": "Yes"}, "logprobs": {"content": [{"token": "Yes", "logprob": -0.5, "top_logprobs": top}]}}]}  # fmt: skip
+        reply = {
+            "choices": [
+                {
+                    "message": {"content": "Yes"},
+                    "logprobs": {
+                        "content": [{"token": "Yes", "logprob": -0.5, "top_logprobs": top}]
+                    },
+                }
+            ]
+        }
         payload = json.dumps(reply).encode()
         try:
             self.send_response(200)
@@ -248,13 +269,34 @@ def test_api_judge_timeouts_become_failed_rows_and_the_key_never_leaks(
     from .test_bad_inputs import collect as collect_args
 
     tracked = []
-    monkeypatch.setattr(Accelerator, "init_trackers", lambda self, project, config=None, init_kwargs=None: tracked.append(config))  # fmt: skip
+    monkeypatch.setattr(
+        Accelerator,
+        "init_trackers",
+        lambda self, project, config=None, init_kwargs=None: tracked.append(config),
+    )
     monkeypatch.setenv("WANDB_MODE", "disabled")
     caplog.set_level("DEBUG")
-    kwargs = {"model": "fake-vlm", "base_url": api, "api_key_env": ENV, "timeout": 0.2, "max_retries": 1, "backoff": 0.01}  # fmt: skip
+    kwargs = {
+        "model": "fake-vlm",
+        "base_url": api,
+        "api_key_env": ENV,
+        "timeout": 0.2,
+        "max_retries": 1,
+        "backoff": 0.01,
+    }
     out = tmp_path / "out"
-    argv = collect_args(tiny, out, "--judge", "openai", "--judge_kwargs", json.dumps(kwargs),
-                        "--judge_retries", "1", "--report_to", "wandb")[1:]  # fmt: skip
+    argv = collect_args(
+        tiny,
+        out,
+        "--judge",
+        "openai",
+        "--judge_kwargs",
+        json.dumps(kwargs),
+        "--judge_retries",
+        "1",
+        "--report_to",
+        "wandb",
+    )[1:]
     dataset = collect.main(argv)
 
     # the run completes; the blue prompt's rows are recorded as failed with the timeout
@@ -272,7 +314,8 @@ def test_api_judge_timeouts_become_failed_rows_and_the_key_never_leaks(
 
 
 def test_credential_like_values_are_redacted_everywhere_they_are_saved(tiny, tmp_path, monkeypatch):
-    """A judge plugin that takes its key as an argument: the key stays out of recipe.json and the tracker."""
+    """A judge plugin that takes its key as an argument: the key stays out of recipe.json and the
+    tracker."""
     from noisealign import collect, judges
     from noisealign.tracking import redact
 
@@ -288,10 +331,15 @@ def test_credential_like_values_are_redacted_everywhere_they_are_saved(tiny, tmp
             return self.inner.score(images, prompts, concepts)
 
     monkeypatch.setitem(judges.JUDGES, "keyed", KeyedJudge)
-    assert redact({"judge_kwargs": {"api_key": SENTINEL, "hf_token": SENTINEL}, "x": [{"password": SENTINEL}]}) == {  # fmt: skip
-        "judge_kwargs": {"api_key": "<redacted>", "hf_token": "<redacted>"}, "x": [{"password": "<redacted>"}]
-    }  # fmt: skip
+    assert redact(
+        {"judge_kwargs": {"api_key": SENTINEL, "hf_token": SENTINEL}, "x": [{"password": SENTINEL}]}
+    ) == {
+        "judge_kwargs": {"api_key": "<redacted>", "hf_token": "<redacted>"},
+        "x": [{"password": "<redacted>"}],
+    }
     out = tmp_path / "out"
-    argv = collect_args(tiny, out, "--judge", "keyed", "--judge_kwargs", json.dumps({"api_key": SENTINEL}))[1:]  # fmt: skip
+    argv = collect_args(
+        tiny, out, "--judge", "keyed", "--judge_kwargs", json.dumps({"api_key": SENTINEL})
+    )[1:]
     collect.main(argv)
     assert SENTINEL.encode() not in _tree_text(out)
