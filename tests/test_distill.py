@@ -28,13 +28,34 @@ def tiny(tmp_path_factory):
 
 def args(root, out, *extra):
     return [
-        "--dataset", str(root / "data"), "--pipeline", str(root / "sd"), "--output_dir", str(out),
-        "--report_to", "none", "--max_steps", "4", "--save_steps", "2", "--eval_steps", "2",
-        "--logging_steps", "1", "--prompts_per_batch", "2", "--warmup_steps", "1",
-        "--eval_fraction", "0.34", "--learning_rate", "1e-3",
-        "--model_kwargs", '{"hidden_dim": 16, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0}',
+        "--dataset",
+        str(root / "data"),
+        "--pipeline",
+        str(root / "sd"),
+        "--output_dir",
+        str(out),
+        "--report_to",
+        "none",
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "2",
+        "--eval_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--prompts_per_batch",
+        "2",
+        "--warmup_steps",
+        "1",
+        "--eval_fraction",
+        "0.34",
+        "--learning_rate",
+        "1e-3",
+        "--model_kwargs",
+        '{"hidden_dim": 16, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0}',
         *extra,
-    ]  # fmt: skip
+    ]
 
 
 def test_distill_saves_a_self_describing_folder(tiny, tmp_path):
@@ -158,17 +179,29 @@ def test_unet_lora_variant_by_name(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_two_cpu_processes_data_parallel(tiny, tmp_path):
-    """Real 2-process DDP (gloo) through accelerate launch; both ranks agree and one folder is saved."""
+    """Real 2-process DDP (gloo) through accelerate launch; both ranks agree and one folder is
+    saved."""
     import os
     import subprocess
     import sys
 
     out = tmp_path / "out"
     launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(Path(distill.__file__)), *args(tiny, out, "--max_steps", "2"),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(Path(distill.__file__)),
+        *args(tiny, out, "--max_steps", "2"),
+    ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -189,9 +222,15 @@ def test_tiny_recipes_collect_then_distill(tmp_path, monkeypatch):
     monkeypatch.chdir(root)  # the recipes' paths are relative to the repository root
     collect.main(["--config", "recipes/tiny/collect.yaml", "--output_dir", str(tmp_path / "c")])
     result = distill.main(
-        ["--config", "recipes/tiny/distill.yaml", "--dataset", str(tmp_path / "c" / "dataset"),
-         "--output_dir", str(tmp_path / "d")]
-    )  # fmt: skip
+        [
+            "--config",
+            "recipes/tiny/distill.yaml",
+            "--dataset",
+            str(tmp_path / "c" / "dataset"),
+            "--output_dir",
+            str(tmp_path / "d"),
+        ]
+    )
     assert len(result.history) == 10 and (tmp_path / "d" / "model.safetensors").is_file()
 
 

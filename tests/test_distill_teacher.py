@@ -23,20 +23,50 @@ PROMPTS = list(FEEDBACK_PROMPTS)
 
 def args(root, out, *extra):
     return [
-        "--dataset", str(root / "data"), "--pipeline", str(root / "sd"), "--output_dir", str(out),
-        "--report_to", "none", "--max_steps", "3", "--save_steps", "2", "--eval_steps", "0",
-        "--logging_steps", "1", "--prompts_per_batch", "2", "--warmup_steps", "1",
-        "--eval_fraction", "0.34", "--learning_rate", "1e-3",
-        "--model_kwargs", '{"hidden_dim": 16, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0}',
+        "--dataset",
+        str(root / "data"),
+        "--pipeline",
+        str(root / "sd"),
+        "--output_dir",
+        str(out),
+        "--report_to",
+        "none",
+        "--max_steps",
+        "3",
+        "--save_steps",
+        "2",
+        "--eval_steps",
+        "0",
+        "--logging_steps",
+        "1",
+        "--prompts_per_batch",
+        "2",
+        "--warmup_steps",
+        "1",
+        "--eval_fraction",
+        "0.34",
+        "--learning_rate",
+        "1e-3",
+        "--model_kwargs",
+        '{"hidden_dim": 16, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0}',
         *extra,
-    ]  # fmt: skip
+    ]
 
 
 def student(root, out, *extra):
     return args(
-        root, out, "--teacher", str(root / "teacher"), "--teacher_seeds", "5",
-        "--seeds_per_group", "2", "--feature_batch_size", "1", *extra,
-    )  # fmt: skip
+        root,
+        out,
+        "--teacher",
+        str(root / "teacher"),
+        "--teacher_seeds",
+        "5",
+        "--seeds_per_group",
+        "2",
+        "--feature_batch_size",
+        "1",
+        *extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +118,14 @@ def test_student_trains_on_the_teachers_labels_of_fresh_training_noises(tiny, tm
     emb = encode_prompts(pipe, [prompt_of[p] for p in ids])
     with torch.no_grad():
         x = step_features(
-            pipe, batch_noise(ids, [plan_seeds[i] for i in pick], (4, 16, 16)), emb,
-            steps=1, kind="x0", num_inference_steps=2, guidance_scale=teacher.config.guidance_scale,
-        )  # fmt: skip
+            pipe,
+            batch_noise(ids, [plan_seeds[i] for i in pick], (4, 16, 16)),
+            emb,
+            steps=1,
+            kind="x0",
+            num_inference_steps=2,
+            guidance_scale=teacher.config.guidance_scale,
+        )
         want = teacher(x, emb.embeds, emb.mask, emb.pooled)
     torch.testing.assert_close(got["overall_logit"][pick], want.overall_logit, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got["token_logits"][pick], want.token_logits, atol=1e-5, rtol=1e-4)
@@ -181,10 +216,21 @@ def test_two_processes_share_the_labelling_and_get_the_same_labels(tiny, tmp_pat
     distill.main(student(tiny, single, "--max_steps", "1"))
     out = tmp_path / "two"
     launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(Path(distill.__file__)), *student(tiny, out, "--max_steps", "1"),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(Path(distill.__file__)),
+        *student(tiny, out, "--max_steps", "1"),
+    ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -1,4 +1,5 @@
-"""train_npnet on hand-made noise pairs for a tiny SD pipeline: learning, per-sample prompts, resume, bad inputs."""
+"""train_npnet on hand-made noise pairs for a tiny SD pipeline: learning, per-sample prompts,
+resume, bad inputs."""
 
 import json
 import logging
@@ -10,14 +11,20 @@ import pytest
 import torch
 
 from noisealign import train_npnet
-from noisealign.policies import pair_training
 from noisealign.data.npd import load_noise_pairs, npd_features
 from noisealign.errors import ConfigError, DataError, PipelineError
 from noisealign.noise import initial_noise
 from noisealign.pipelines import encode_prompts, pipeline_signature
-from noisealign.policies import NPNet, load_policy
+from noisealign.policies import NPNet, load_policy, pair_training
 
-PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star", "a red square", "a blue circle"]  # fmt: skip
+PROMPTS = [
+    "a red circle",
+    "a blue square",
+    "a green triangle",
+    "a yellow star",
+    "a red square",
+    "a blue circle",
+]
 SHAPE = (4, 16, 16)
 
 
@@ -35,15 +42,32 @@ def write_pairs(path, signature, *, seeds=4, shape=SHAPE, nan_row=None, drop=(),
             target = 0.8 * source + 0.6 * pattern(p, shape)
             if nan_row == len(rows):
                 target[0, 0, 0] = float("nan")
-            rows.append({
-                "prompt_id": f"p{p}", "prompt": prompt, "seed": seed, "source_noise": source.numpy(),
-                "target_noise": target.numpy(), "source_score": 0.2, "target_score": 0.8,
-                "kept": True if kept is None else kept(len(rows)), "failed": False, "error": "",
-                "judge": "hand", "margin": 0.0, "pipeline": "tiny", "latent_shape": list(shape),
-                "pipeline_signature": json.dumps(signature), "height": 32, "width": 32,
-                "num_inference_steps": 2, "guidance_scale": 5.0, "redenoise_steps": 4,
-                "guidance_denoise": 5.5, "guidance_invert": 1.0,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "prompt_id": f"p{p}",
+                    "prompt": prompt,
+                    "seed": seed,
+                    "source_noise": source.numpy(),
+                    "target_noise": target.numpy(),
+                    "source_score": 0.2,
+                    "target_score": 0.8,
+                    "kept": True if kept is None else kept(len(rows)),
+                    "failed": False,
+                    "error": "",
+                    "judge": "hand",
+                    "margin": 0.0,
+                    "pipeline": "tiny",
+                    "latent_shape": list(shape),
+                    "pipeline_signature": json.dumps(signature),
+                    "height": 32,
+                    "width": 32,
+                    "num_inference_steps": 2,
+                    "guidance_scale": 5.0,
+                    "redenoise_steps": 4,
+                    "guidance_denoise": 5.5,
+                    "guidance_invert": 1.0,
+                }
+            )
     dataset = datasets.Dataset.from_list(rows, features=npd_features(shape))
     dataset.remove_columns(list(drop)).save_to_disk(str(path / "dataset"))
     return path
@@ -57,17 +81,40 @@ def tiny(tmp_path_factory):
     pipe = build_tiny_sd_pipeline(root / "sd")
     sdxl = build_tiny_sdxl_pipeline(root / "sdxl")
     write_pairs(root / "pairs", pipeline_signature(pipe))
-    return {"root": root, "pipe": pipe, "signature": pipeline_signature(pipe), "sdxl_signature": pipeline_signature(sdxl)}  # fmt: skip
+    return {
+        "root": root,
+        "pipe": pipe,
+        "signature": pipeline_signature(pipe),
+        "sdxl_signature": pipeline_signature(sdxl),
+    }
 
 
 def args(tiny, out, *extra, dataset=None):
     return [
-        "--pipeline", str(tiny["root"] / "sd"), "--dataset", str(dataset or tiny["root"] / "pairs"),
-        "--output_dir", str(out), "--report_to", "none", "--batch_size", "4", "--max_steps", "4",
-        "--save_steps", "2", "--logging_steps", "1", "--learning_rate", "3e-3", "--eval_fraction", "0.34",
-        "--policy_kwargs", '{"hidden_dim": 16, "depth": 1, "num_heads": 2, "patch_size": 4}',
+        "--pipeline",
+        str(tiny["root"] / "sd"),
+        "--dataset",
+        str(dataset or tiny["root"] / "pairs"),
+        "--output_dir",
+        str(out),
+        "--report_to",
+        "none",
+        "--batch_size",
+        "4",
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--learning_rate",
+        "3e-3",
+        "--eval_fraction",
+        "0.34",
+        "--policy_kwargs",
+        '{"hidden_dim": 16, "depth": 1, "num_heads": 2, "patch_size": 4}',
         *extra,
-    ]  # fmt: skip
+    ]
 
 
 def test_loss_decreases_and_the_folder_records_its_pipeline(tiny, tmp_path):
@@ -78,7 +125,14 @@ def test_loss_decreases_and_the_folder_records_its_pipeline(tiny, tmp_path):
     assert result.history[0]["relative_mse"] == pytest.approx(
         1.0, abs=1e-6
     )  # starts as the identity
-    for key in ("mse", "identity_mse", "relative_mse", "eps_prime/mean", "eps_prime/std", "eps_prime/ks"):  # fmt: skip
+    for key in (
+        "mse",
+        "identity_mse",
+        "relative_mse",
+        "eps_prime/mean",
+        "eps_prime/std",
+        "eps_prime/ks",
+    ):
         assert key in result.metrics
     assert result.history[-1]["relative_mse"] < 0.9  # better than returning x_T on seen prompts
     config = json.loads((out / "config.json").read_text())
@@ -94,19 +148,23 @@ def test_every_parameter_changes(tiny, tmp_path):
     train_npnet.main(args(tiny, tmp_path / "o", "--max_steps", "3"))
     before = train_npnet.build_policy(
         train_npnet.parse_config(train_npnet.TrainNPNetConfig, args(tiny, tmp_path / "o2")),
-        tiny["signature"], SHAPE,
-    )  # fmt: skip
+        tiny["signature"],
+        SHAPE,
+    )
     after = load_policy(str(tmp_path / "o"))
     for (name, p0), p1 in zip(before.named_parameters(), after.parameters()):
         assert not torch.equal(p0, p1), name
 
 
 def test_noise_projector_is_regressed_onto_the_pairs(tiny, tmp_path):
-    """policy_type noise_projector: starts as the identity, learns, and loads as train_projector's init_from."""
+    """policy_type noise_projector: starts as the identity, learns, and loads as
+    train_projector's init_from."""
     from noisealign.policies import NoiseProjector
 
     out = tmp_path / "proj"
-    result = train_npnet.main(args(tiny, out, "--max_steps", "40", "--policy_type", "noise_projector"))  # fmt: skip
+    result = train_npnet.main(
+        args(tiny, out, "--max_steps", "40", "--policy_type", "noise_projector")
+    )
     assert result.history[0]["relative_mse"] == pytest.approx(1.0, abs=1e-6)  # zero head: identity
     assert result.history[-1]["relative_mse"] < 0.9
     policy = load_policy(str(out), tiny["pipe"])
@@ -144,7 +202,18 @@ def test_resume_gives_the_same_next_losses(tiny, tmp_path):
 
 def test_gradient_accumulation_matches_a_bigger_batch(tiny, tmp_path):
     big = train_npnet.main(args(tiny, tmp_path / "big", "--batch_size", "8", "--max_steps", "1"))
-    small = train_npnet.main(args(tiny, tmp_path / "acc", "--batch_size", "4", "--gradient_accumulation_steps", "2", "--max_steps", "1"))  # fmt: skip
+    small = train_npnet.main(
+        args(
+            tiny,
+            tmp_path / "acc",
+            "--batch_size",
+            "4",
+            "--gradient_accumulation_steps",
+            "2",
+            "--max_steps",
+            "1",
+        )
+    )
     assert small.history[0]["grad_norm"] == pytest.approx(big.history[0]["grad_norm"], rel=1e-5)
 
 
@@ -177,7 +246,17 @@ def test_pairs_of_another_pipeline_are_refused(tiny, tmp_path):
         train_npnet.main(args(tiny, tmp_path / "o", dataset=three))
     wide = write_pairs(tmp_path / "wide", tiny["signature"], shape=(4, 16, 24))
     with pytest.raises(PipelineError, match="square 4-channel latents"):
-        train_npnet.main(args(tiny, tmp_path / "o", "--policy_type", "npnet_compat", "--policy_kwargs", "{}", dataset=wide))  # fmt: skip
+        train_npnet.main(
+            args(
+                tiny,
+                tmp_path / "o",
+                "--policy_type",
+                "npnet_compat",
+                "--policy_kwargs",
+                "{}",
+                dataset=wide,
+            )
+        )
     # the improved NPNet takes any latent size
     result = train_npnet.main(args(tiny, tmp_path / "o", "--max_steps", "1", dataset=wide))
     assert result.history[0]["step"] == 1
@@ -194,11 +273,25 @@ def test_bad_recipes_fail_clearly(tiny, tmp_path):
 
 def test_compat_architecture_trains_on_square_latents(tiny, tmp_path):
     kwargs = '{"swin_embed_dim": 8, "swin_depths": [1, 1, 1, 1], "swin_heads": [1, 1, 2, 2]}'
-    result = train_npnet.main(args(tiny, tmp_path / "o", "--policy_type", "npnet_compat", "--policy_kwargs", kwargs, "--max_steps", "2"))  # fmt: skip
+    result = train_npnet.main(
+        args(
+            tiny,
+            tmp_path / "o",
+            "--policy_type",
+            "npnet_compat",
+            "--policy_kwargs",
+            kwargs,
+            "--max_steps",
+            "2",
+        )
+    )
     assert [h["step"] for h in result.history] == [1, 2]
     config = json.loads((tmp_path / "o" / "config.json").read_text())
     assert config["policy_type"] == "npnet_compat" and config["resolution"] == 16
-    assert load_policy(str(tmp_path / "o"), tiny["pipe"]).config.text_length == tiny["signature"]["text_length"]  # fmt: skip
+    assert (
+        load_policy(str(tmp_path / "o"), tiny["pipe"]).config.text_length
+        == tiny["signature"]["text_length"]
+    )
 
 
 @pytest.mark.slow
@@ -211,11 +304,23 @@ def test_two_processes_match_one_process(tiny, tmp_path):
 
     one = train_npnet.main(args(tiny, tmp_path / "one", "--batch_size", "4", "--max_steps", "2"))
     launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", "29531", str(Path(train_npnet.__file__)),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29531",
+        str(Path(train_npnet.__file__)),
         *args(tiny, tmp_path / "two", "--batch_size", "2", "--max_steps", "2"),
-    ]  # fmt: skip
+    ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -241,19 +346,56 @@ def test_sdxl_recipes_code_paths_with_tiny_models(tiny, tmp_path, monkeypatch):
     root = tiny["root"]
     (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     recipes = Path(__file__).resolve().parents[1] / "recipes" / "sdxl"
-    collect_npd.main([
-        "--config", str(recipes / "collect_npd.yaml"), "--pipeline", str(root / "sdxl"),
-        "--torch_dtype", "float32", "--judge", "coin", "--judge_kwargs", "{}",
-        "--prompts", str(tmp_path / "prompts.txt"), "--seeds", "0:2", "--num_inference_steps", "2",
-        "--report_to", "none", "--output_dir", str(tmp_path / "pairs"),
-    ])  # fmt: skip
-    result = train_npnet.main([
-        "--config", str(recipes / "train_npnet.yaml"), "--pipeline", str(root / "sdxl"),
-        "--torch_dtype", "float32", "--dataset", str(tmp_path / "pairs"), "--margin", "-1.0",
-        "--policy_kwargs", '{"hidden_dim": 16, "depth": 1, "num_heads": 2, "patch_size": 4}',
-        "--eval_fraction", "0.34", "--batch_size", "4", "--max_steps", "2",
-        "--report_to", "none", "--output_dir", str(tmp_path / "out"),
-    ])  # fmt: skip
+    collect_npd.main(
+        [
+            "--config",
+            str(recipes / "collect_npd.yaml"),
+            "--pipeline",
+            str(root / "sdxl"),
+            "--torch_dtype",
+            "float32",
+            "--judge",
+            "coin",
+            "--judge_kwargs",
+            "{}",
+            "--prompts",
+            str(tmp_path / "prompts.txt"),
+            "--seeds",
+            "0:2",
+            "--num_inference_steps",
+            "2",
+            "--report_to",
+            "none",
+            "--output_dir",
+            str(tmp_path / "pairs"),
+        ]
+    )
+    result = train_npnet.main(
+        [
+            "--config",
+            str(recipes / "train_npnet.yaml"),
+            "--pipeline",
+            str(root / "sdxl"),
+            "--torch_dtype",
+            "float32",
+            "--dataset",
+            str(tmp_path / "pairs"),
+            "--margin",
+            "-1.0",
+            "--policy_kwargs",
+            '{"hidden_dim": 16, "depth": 1, "num_heads": 2, "patch_size": 4}',
+            "--eval_fraction",
+            "0.34",
+            "--batch_size",
+            "4",
+            "--max_steps",
+            "2",
+            "--report_to",
+            "none",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert [h["step"] for h in result.history] == [1, 2]
     sdxl = load_pipeline(str(root / "sdxl"))
     policy = load_policy(str(tmp_path / "out"), sdxl)

@@ -34,8 +34,9 @@ if TYPE_CHECKING:  # accelerate and torch load with the first stage that trains
 
 @dataclass
 class TrainerSettings(DocumentedFields):
-    """Recipe fields every training stage shares (mixed into its config before ``BaseConfig``);
-    a stage with another default redeclares the field with :func:`trainer_default`."""
+    """Recipe fields every training stage shares: a stage config lists it before ``BaseConfig``
+    among its bases; a stage with another default redeclares the field with
+    :func:`trainer_default`."""
 
     learning_rate: float = arg(1e-4, min=0, min_exclusive=True)
     """AdamW learning rate, reached after the warm-up (constant from then on)."""
@@ -96,8 +97,8 @@ class Checkpointing:
     @classmethod
     def of(cls, accelerator: Accelerator, config: Any, model: Any) -> Checkpointing:
         """The plan of a :class:`TrainerSettings` recipe for the prepared ``model``."""
-        config_ = model_config(accelerator, model)
-        return cls(config.output_dir, config_, config.save_steps, config.save_total_limit)
+        saved = model_config(accelerator, model)
+        return cls(config.output_dir, saved, config.save_steps, config.save_total_limit)
 
 
 @dataclass
@@ -125,7 +126,9 @@ class TrainParts:
     name: str = "train"
 
 
-def every(steps: int, action: Callable[[int], None], before: int | None = None) -> Callable:
+def every(
+    steps: int, action: Callable[[int], None], before: int | None = None
+) -> Callable[[int], None]:
     """A hook running ``action(step)`` every ``steps`` steps (never for 0), below ``before``."""
 
     def hook(step: int) -> None:
