@@ -45,11 +45,21 @@ def enable_cpu_fsdp() -> None:
 def launch_fsdp(stage: str, args: list[str], port: int) -> str:
     """Run ``stage`` on 2 FSDP CPU processes with the shipped fsdp.yaml; returns the output."""
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(ROOT / "recipes/accelerate_configs/fsdp.yaml"),
-        "--num_processes", "2", "--mixed_precision", "no",
-        "--main_process_port", str(port), __file__, stage, *args,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "recipes/accelerate_configs/fsdp.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(port),
+        __file__,
+        stage,
+        *args,
+    ]
     env = {**os.environ, **ENV, "ACCELERATE_USE_CPU": "1"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     output = done.stdout + done.stderr
@@ -84,17 +94,40 @@ def tiny(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("fsdp")
     pipe = build_tiny_sd_pipeline(root / "sd")
-    build_feedback_dataset(pipe, root / "data", list(FEEDBACK_PROMPTS), range(4), pipeline=str(root / "sd"))  # fmt: skip
+    build_feedback_dataset(
+        pipe, root / "data", list(FEEDBACK_PROMPTS), range(4), pipeline=str(root / "sd")
+    )
     return root
 
 
 def distill_args(root: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "--dataset", str(root / "data"), "--pipeline", str(root / "sd"), "--output_dir", str(out),
-        "--report_to", "none", "--max_steps", "4", "--save_steps", "2", "--eval_steps", "0",
-        "--logging_steps", "1", "--prompts_per_batch", "2", "--warmup_steps", "1",
-        "--eval_fraction", "0.34", "--learning_rate", "1e-3", *extra,
-    ]  # fmt: skip
+        "--dataset",
+        str(root / "data"),
+        "--pipeline",
+        str(root / "sd"),
+        "--output_dir",
+        str(out),
+        "--report_to",
+        "none",
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "2",
+        "--eval_steps",
+        "0",
+        "--logging_steps",
+        "1",
+        "--prompts_per_batch",
+        "2",
+        "--warmup_steps",
+        "1",
+        "--eval_fraction",
+        "0.34",
+        "--learning_rate",
+        "1e-3",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -116,7 +149,9 @@ def test_distill_under_fsdp_saves_full_weights_and_resumes_exactly(
     model_args = ("--reward_model", architecture, "--model_kwargs", kwargs)
     launch_fsdp("distill", distill_args(tiny, out, *model_args), port)
     # really FSDP on two ranks: the checkpoint is sharded, one file per rank
-    assert sorted(p.name for p in (out / "checkpoints/checkpoint-4/pytorch_model_fsdp_0").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # fmt: skip
+    assert sorted(
+        p.name for p in (out / "checkpoints/checkpoint-4/pytorch_model_fsdp_0").glob("*.distcp")
+    ) == ["__0_0.distcp", "__1_0.distcp"]
     trained = merged_checkpoint(out / "checkpoints/checkpoint-4", tmp_path / "merged")
     saved = folder_weights(out)
     assert_same(saved, trained)  # the gathered weights, not one rank's shard
@@ -143,9 +178,14 @@ def reward(tiny):
 
     torch.manual_seed(0)
     config = NoiseRewardConfig(
-        latent_channels=4, text_dim=32, hidden_dim=16, depth=1, num_heads=2, mlp_ratio=2.0,
+        latent_channels=4,
+        text_dim=32,
+        hidden_dim=16,
+        depth=1,
+        num_heads=2,
+        mlp_ratio=2.0,
         pipeline_signature=pipeline_signature(load_pipeline(str(tiny / "sd"))),
-    )  # fmt: skip
+    )
     NoiseRewardModel(config).save_pretrained(tiny / "reward")
     (tiny / "prompts.txt").write_text("\n".join(FEEDBACK_PROMPTS[:4]) + "\n")
     return tiny
@@ -153,13 +193,32 @@ def reward(tiny):
 
 def projector_args(root: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "--pipeline", str(root / "sd"), "--reward_model", str(root / "reward"),
-        "--prompts", str(root / "prompts.txt"), "--output_dir", str(out), "--report_to", "none",
-        "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1", "--batch_size", "2",
-        "--num_candidates", "4", "--learning_rate", "1e-3",
-        "--projector_kwargs", '{"hidden_dim": 16, "depth": 1, "num_heads": 2, "patch_size": 2}',
+        "--pipeline",
+        str(root / "sd"),
+        "--reward_model",
+        str(root / "reward"),
+        "--prompts",
+        str(root / "prompts.txt"),
+        "--output_dir",
+        str(out),
+        "--report_to",
+        "none",
+        "--max_steps",
+        "4",
+        "--save_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--batch_size",
+        "2",
+        "--num_candidates",
+        "4",
+        "--learning_rate",
+        "1e-3",
+        "--projector_kwargs",
+        '{"hidden_dim": 16, "depth": 1, "num_heads": 2, "patch_size": 2}',
         *extra,
-    ]  # fmt: skip
+    ]
 
 
 @pytest.mark.slow
@@ -176,7 +235,9 @@ def test_train_projector_under_fsdp_saves_full_weights_and_resumes_exactly(rewar
 
     shutil.rmtree(checkpoint)
     (out / "model.safetensors").unlink()
-    launch_fsdp("train_projector", projector_args(reward, out, "--resume_from_checkpoint", "latest"), 29574)  # fmt: skip
+    launch_fsdp(
+        "train_projector", projector_args(reward, out, "--resume_from_checkpoint", "latest"), 29574
+    )
     assert_same(folder_weights(out), trained)
 
 
