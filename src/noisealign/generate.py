@@ -120,6 +120,8 @@ def render(
 def main(args: Sequence[str] | None = None) -> list[Path]:
     """Write the PNGs; returns the paths this process wrote (all of them with one process)."""
     config = parse_config(GenerateConfig, args)
+
+    # ---- the output folder (checked against the inputs) and the processes
     check_output_dir_against_inputs(
         config.output_dir,
         {"projector": config.projector, "pipeline": config.pipeline},
