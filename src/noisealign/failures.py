@@ -50,7 +50,8 @@ _ERRNO_TEXT = {
     errno.EDQUOT: re.compile(r"Disk quota exceeded|os error 122\b"),
     errno.EROFS: re.compile(r"Read-only file system|os error 30\b"),
 }
-# how diffusers / transformers report a missing or unreadable file of a model folder (a bare OSError)
+# how diffusers / transformers report a missing or unreadable file of a model folder (a bare
+# OSError)
 _LOADING = re.compile(
     r"does not appear to have a file named|no file named|Unable to load weights"
     r"|is not a valid JSON file|Can't load"
