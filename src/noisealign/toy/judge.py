@@ -184,7 +184,8 @@ class ShapesJudge:
         """A smooth surrogate of the overall score: ``(B,)`` in [0, 1], differentiable.
 
         ``images`` ``(B, 3, H, W)`` float in [0, 1]. Each concept gets a soft score (see
-        :func:`soft_concept_scores`); ``"all"`` multiplies them, ``"fraction"`` averages them.
+        :mod:`noisealign.toy.soft_judge`); ``"all"`` multiplies them, ``"fraction"`` averages
+        them.
         For gradient-based baselines such as Noise Diffusion; :meth:`score` stays the verdict.
         """
         if images.shape[0] != len(prompts):
