@@ -69,7 +69,8 @@ def check_seeds(seeds: object, count: int, what: str = "prompt") -> list[int]:
     """
     if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Iterable):
         raise ConfigError(
-            f"'seeds' is a {type(seeds).__name__}; pass a list of integer seeds, one per {what}, e.g. [0]"
+            f"'seeds' is a {type(seeds).__name__}; pass a list of integer seeds, one per {what}, "
+            "e.g. [0]"
         )
     seeds = list(seeds)
     out = []
@@ -90,7 +91,8 @@ def check_seeds(seeds: object, count: int, what: str = "prompt") -> list[int]:
 def _check_shape(shape: object) -> tuple[int, ...]:
     if isinstance(shape, (str, bytes)) or not isinstance(shape, Iterable):
         raise ConfigError(
-            f"'shape' is a {type(shape).__name__}; pass the latent shape (C, H, W), e.g. latent_shape(pipe)"
+            f"'shape' is a {type(shape).__name__}; pass the latent shape (C, H, W), e.g. "
+            "latent_shape(pipe)"
         )
     dims = list(shape)
     try:
@@ -101,7 +103,8 @@ def _check_shape(shape: object) -> tuple[int, ...]:
         sizes = ()
     if not sizes or min(sizes) < 1:
         raise ConfigError(
-            f"'shape' is {tuple(dims)}; pass positive integer sizes (C, H, W), e.g. latent_shape(pipe)"
+            f"'shape' is {tuple(dims)}; pass positive integer sizes (C, H, W), e.g. "
+            "latent_shape(pipe)"
         )
     return sizes
 
@@ -173,7 +176,7 @@ def check_finite(x: torch.Tensor, name: str = "noise") -> torch.Tensor:
     if not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
         raise ValueError(
-            f"{name} contains NaN or Inf (samples {bad}); draw it from noisealign.noise.initial_noise "
-            "or check the policy that produced it"
+            f"{name} contains NaN or Inf (samples {bad}); draw it from "
+            "noisealign.noise.initial_noise or check the policy that produced it"
         )
     return x

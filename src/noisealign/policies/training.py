@@ -1,4 +1,5 @@
-"""Pieces of the train_projector stage: prompts, per-step noise keys, pairs, statistics, image grids.
+"""Pieces of the train_projector stage: prompts, per-step noise keys, pairs, statistics, image
+grids.
 
 Everything random in a step is derived from (recipe seed, step, position in the global batch),
 never from a global RNG, so a resumed run and a run on any number of processes draw exactly
@@ -12,13 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from PIL import Image, ImageDraw
 
+from ..data.prompts import check_not_heldout, load_training_prompts, prompt_hash_id
 from ..errors import DataError
 from ..noise import batch_noise, gaussian_stats
-from ..pipelines import PromptEmbeddings
+from ..pipelines import PromptEmbeddings, encode_prompts, generate, latent_shape
 from ..rewards.features import score_noise
+from . import project
 from .projector import NoiseProjector
 
 PAIR_MODES = ("best_worst", "all")
@@ -27,16 +31,12 @@ PAIR_MODES = ("best_worst", "all")
 def read_prompts(prompts: str | None, dataset: str | None) -> tuple[list[str], list[str]]:
     """(prompt ids, prompts) to train on: a prompt file's training rows, or a collected dataset's
     prompts; held-out prompts never come back (:mod:`noisealign.data.prompts`)."""
-    from ..data.prompts import check_not_heldout, load_training_prompts
-
     if prompts:
         records = load_training_prompts(prompts, column_field=None)  # the stage reads 'prompt'
         return [r.prompt_id for r in records], [r.prompt for r in records]
     path = Path(str(dataset))
     if not (path / "dataset_info.json").is_file():
         raise DataError(f"dataset '{path}' does not exist; run the collect stage or set 'prompts'")
-    import datasets
-
     table = datasets.load_from_disk(str(path)).select_columns(["prompt_id", "prompt"])
     unique = dict(zip(table["prompt_id"], table["prompt"]))
     ids = sorted(unique)
@@ -46,7 +46,7 @@ def read_prompts(prompts: str | None, dataset: str | None) -> tuple[list[str], l
 
 @dataclass(frozen=True)
 class StepKeys:
-    """This process's share of one step: prompt indices and noise seeds, each of length ``batch_size``."""
+    """This process's share of one step: prompt indices and noise seeds, batch_size of each."""
 
     prompt_index: list[int]
     seeds: list[int]
@@ -55,7 +55,7 @@ class StepKeys:
 def step_keys(
     num_prompts: int, step: int, batch_size: int, seed: int, rank: int, world: int
 ) -> StepKeys:
-    """The global batch of ``batch_size·world`` (prompt, seed) keys of ``step``, sliced for ``rank``.
+    """The global batch of ``batch_size·world`` (prompt, seed) keys of ``step``, cut for ``rank``.
 
     Seeds are ``step·global + position``: fresh noise every step, the same whatever ``world``.
     """
@@ -91,7 +91,8 @@ def reward_logits(
     emb: PromptEmbeddings,
     pipe: Any | None = None,
 ) -> torch.Tensor:
-    """r_φ's overall logit (B,) of noises ``x`` (B, C, H, W); runs the model's k DDIM steps first if k > 0."""
+    """r_φ's overall logit (B,) of noises ``x`` (B, C, H, W); runs the model's k DDIM steps first
+    if k > 0."""
     return score_noise(reward_model, x, emb, pipe).overall_logit
 
 
@@ -101,7 +102,7 @@ def repeat(emb: PromptEmbeddings, k: int) -> PromptEmbeddings:
 
 
 def noise_metrics(x: torch.Tensor, prefix: str = "noise") -> dict[str, float]:
-    """Mean over the batch of ε′'s per-sample mean, std, KS distance and share passing the checks."""
+    """Mean over the batch of ε′'s per-sample mean, std, KS distance, share passing the checks."""
     stats = gaussian_stats(x)
     return {
         f"{prefix}/mean": stats.mean.mean().item(),
@@ -121,11 +122,7 @@ def comparison_grid(
     num_inference_steps: int,
     guidance_scale: float,
 ) -> tuple[Image.Image, dict[str, float]]:
-    """Rows = (prompt, seed); columns = standard | projected noise, judge scores written on each tile."""
-    from ..data.prompts import prompt_hash_id
-    from ..pipelines import encode_prompts, generate, latent_shape
-    from . import project
-
+    """Rows = (prompt, seed); columns = standard | projected noise, judge scores on each tile."""
     emb = encode_prompts(pipe, prompts)
     noise = batch_noise([prompt_hash_id(p) for p in prompts], list(seeds), latent_shape(pipe))
     projected = project(projector, noise, emb)
