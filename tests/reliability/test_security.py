@@ -12,6 +12,7 @@ import dataclasses
 import importlib
 import json
 import os
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -138,8 +139,13 @@ def test_stages_pass_the_recipes_trust_remote_code_to_the_loader(
         seen.append(trust_remote_code)
         raise Stop
 
-    monkeypatch.setattr(noisealign.pipelines, "load_pipeline", spy)
     from noisealign import collect, distill, generate, train_projector
+
+    # every module that holds the loader, whether it imports it at its top or at call time
+    original = noisealign.pipelines.load_pipeline
+    for module in [m for name, m in sys.modules.items() if name.startswith("noisealign")]:
+        if getattr(module, "load_pipeline", None) is original:
+            monkeypatch.setattr(module, "load_pipeline", spy)
 
     from .test_bad_inputs import collect as collect_args
     from .test_bad_inputs import distill as distill_args
