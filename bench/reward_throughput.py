@@ -105,7 +105,8 @@ def _qwen25_vl_3b_judge(dtype: torch.dtype):
         Qwen2VLImageProcessorPil,
     )
 
-    from noisealign.judges.vlm import ImageOnlyQwenVLProcessor, VLMJudge, answer_token_ids
+    from noisealign.judges.vlm import VLMJudge
+    from noisealign.judges.vlm_loading import ImageOnlyQwenVLProcessor, answer_token_ids
     from noisealign.testing.vlms import QWEN_CHAT_TEMPLATE, QWEN_SPECIALS, _qwen_tokenizer
 
     tokenizer = _qwen_tokenizer()
