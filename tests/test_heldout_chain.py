@@ -101,7 +101,7 @@ def test_collect_and_distill_see_only_training_prompts(chain):
 def test_train_projector_trains_only_on_training_prompts(chain, tmp_path, monkeypatch):
     from noisealign.policies import training
 
-    calls = spy(monkeypatch, training, "read_prompts")
+    calls = spy(monkeypatch, train_projector, "read_prompts")  # imported at its top
     train_projector.main([
         "--pipeline", str(chain / "sd"), "--reward_model", str(chain / "distill"),
         "--prompts", str(chain / "prompts.jsonl"), "--output_dir", str(tmp_path / "projector"),
