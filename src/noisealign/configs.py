@@ -190,9 +190,10 @@ def parse_config(config_cls: type[T], args: Sequence[str] | None = None) -> T:
     Raises:
         ConfigError: unreadable YAML, unknown keys, wrong types or invalid values.
     """
+    # lazy, in one place: trl and the dry run load torch, which importing the configs skips
     from trl import TrlParser
 
-    from .dry_run import reset
+    from . import dry_run
 
     class RecipeParser(TrlParser):
         def add_argument(self, *names, **kwargs):  # HfArgumentParser passes metadata as kwargs
@@ -204,7 +205,7 @@ def parse_config(config_cls: type[T], args: Sequence[str] | None = None) -> T:
                 kwargs["help"] += f" [{allowed}]"
             return super().add_argument(*names, **kwargs)
 
-    reset()  # a dry run's state ends with its stage; this recipe decides for itself
+    dry_run.reset()  # a dry run's state ends with its stage; this recipe decides for itself
     parser = RecipeParser([config_cls])
     parser.error = _argument_error  # one line naming the flag and value, not usage + exit
     for action in parser._actions:  # dict fields take JSON on the command line
@@ -230,7 +231,5 @@ def parse_config(config_cls: type[T], args: Sequence[str] | None = None) -> T:
             message = f"{message.split('. Please')[0]}; known fields: {', '.join(known)}"
         raise ConfigError(f"cannot read the recipe: {message}") from exc
     if isinstance(config, BaseConfig) and config.dry_run:
-        from .dry_run import prepare
-
-        config = prepare(config)
+        config = dry_run.prepare(config)
     return config
