@@ -94,7 +94,7 @@ class TrainProjectorConfig(TrainerSettings, BaseConfig):
     of its images of the same prompt, so candidates differ in layout. Prompt ids must match the
     dataset's."""
     rank_by: str = arg("reward_model", choices=("reward_model", "verdicts"))
-    """What ranks the K candidates: 'reward_model' (r_φ, DESIGN.md) or 'verdicts' (with
+    """What ranks the K candidates: 'reward_model' (r_φ) or 'verdicts' (with
     candidate_images: the judge's collected score of each candidate's source image, i.e. offline
     preference pairs from the collect rows; r_φ then only feeds the logged reward metrics)."""
     pair_mode: str = arg("best_worst", choices=("best_worst", "all"))

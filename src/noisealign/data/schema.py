@@ -1,4 +1,4 @@
-"""The schema of collected feedback rows (DESIGN.md section 5): :class:`CollectRow`, once.
+"""The schema of collected feedback rows (docs/collect.md): :class:`CollectRow`, once.
 
 One row per (prompt id, seed). ``token_scores`` / ``token_mask`` are aligned to the
 *pipeline's* text tokens (length L of its tokenizer), so later stages read them next to

@@ -4,7 +4,7 @@ Candidate j of sample b is √(1−γ)·f_ref(ε, e) + √γ·ξ_bj (:func:`draw
 gives the unit-variance fields ξ, keyed by (prompt id, seed, j) so a resumed run and a run on
 any number of processes draw the same candidates:
 
-- :class:`WhiteNoise` — ξ ~ N(0, I) (DESIGN.md);
+- :class:`WhiteNoise` — ξ ~ N(0, I);
 - :class:`ImageCandidates` — ξ is the standardised VAE latent of one of a collect dataset's
   images of the same prompt (:mod:`noisealign.data.image_latents`), so the K candidates differ
   in layout the way images do. It also knows each candidate's collected verdict (the judge's

@@ -1,7 +1,7 @@
 """The official NPNet (Golden Noise, Zhou et al., arXiv 2411.09502), layer for layer.
 
-:class:`NPNetCompat` (``policy_type="npnet_compat"``) is the released network (DESIGN.md
-section 4), so the official checkpoints load (:mod:`.npnet_convert`)::
+:class:`NPNetCompat` (``policy_type="npnet_compat"``) is the released network, so the
+official checkpoints load (:mod:`.npnet_convert`)::
 
     ε′ = svd(ε) + (2σ(α) − 1)·e + β·residual(ε + e),   e = AdaGroupNorm(ε, flatten(embeds))
 

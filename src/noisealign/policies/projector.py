@@ -1,6 +1,6 @@
 """The noise projector f_θ(ε, e) → ε′: a prompt-aware initial noise in one forward pass.
 
-Architecture (DESIGN.md section 4): a conv patch encoder turns ε (B, C, H, W) into patches
+Architecture (docs/projector.md): a conv patch encoder turns ε (B, C, H, W) into patches
 with fixed 2-D sine-cosine positions (any latent size works; sizes not divisible by the patch
 are padded and cropped back); ``depth`` pre-norm blocks in which the patches attend to each
 other and, per sample, to that prompt's own token embeddings (padding masked); SDXL's pooled

@@ -1,6 +1,6 @@
 """The distilled reward model r_φ(ε, e): a judge's token-level and overall feedback from the noise.
 
-Architecture (DESIGN.md section 4): a conv patch encoder turns the noise (B, C, H, W) into
+Architecture (docs/distill.md): a conv patch encoder turns the noise (B, C, H, W) into
 patches with fixed 2-D sine-cosine positions (so any latent size works); a learned [CLS]
 token and the projected prompt tokens then run through ``depth`` blocks in which tokens
 attend to each other (masked) and to the noise patches; a per-token head reads the tokens
