@@ -13,8 +13,8 @@ could output.
 
 - ``renders``: z = mean of ``--renders`` ground-truth scenes (``noisealign.toy.render``) of each
   of the first 24 held-out prompts; seeds 0–7.
-- ``collect``: z = mean of the latents of the collect's *accepted* images of the prompt, the
-  mean of *all* its images, and accepted minus rejected, for every 8th seen prompt (46 prompts, seeds 100–103, so no
+- ``collect``: z = mean of the latents of the collect's *accepted* images of the prompt, and
+  the mean of *all* its images, for every 8th seen prompt (46 prompts, seeds 100–103, so no
   seed of the collect itself); ``--dataset`` is a collect dataset with images.
 - ``policies``: each policy folder (or ``standard``) on the same seen prompts and seeds, and
   the cosine of its residual ε′ − ε (seed 100) with the accepted mean, the all-images mean
@@ -66,24 +66,16 @@ def render_means(pipe, prompts: list[str], renders: int) -> torch.Tensor:
 
 
 def collect_means(images: ImageLatents, ids: list[str]) -> dict[str, torch.Tensor]:
-    """Standardised mean latents of each prompt's accepted images, of all its images, and the
-    accepted-minus-rejected mean (the direction a winner-minus-loser pair points along)."""
-    means: dict[str, list[torch.Tensor]] = {
-        "accepted": [],
-        "all": [],
-        "accepted_minus_rejected": [],
-    }
+    """The standardised mean latent of the accepted images and of all images of each prompt
+    (a prompt without an accepted image gets the mean of all of them)."""
+    means: dict[str, list[torch.Tensor]] = {"accepted": [], "all": []}
     for pid in ids:
         rows = images.by_prompt[pid]
         accepted = [i for i in rows if images.scores[i] > 0.5] or rows
-        rejected = [i for i in rows if images.scores[i] <= 0.5] or rows
-        mean = {
-            name: torch.stack([images.latent(i, LATENT_SHAPE) for i in chosen]).mean(0)
-            for name, chosen in (("accepted", accepted), ("all", rows), ("rejected", rejected))
-        }
-        means["accepted"].append(mean["accepted"])
-        means["all"].append(mean["all"])
-        means["accepted_minus_rejected"].append(mean["accepted"] - mean["rejected"])
+        for name, chosen in (("accepted", accepted), ("all", rows)):
+            means[name].append(
+                torch.stack([images.latent(i, LATENT_SHAPE) for i in chosen]).mean(0)
+            )
     return {name: standardise(torch.stack(z)) for name, z in means.items()}
 
 
