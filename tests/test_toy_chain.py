@@ -20,9 +20,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CI = ROOT / "recipes" / "toy" / "ci"
-# measured +0.164 [+0.098, +0.234] (64 held-out prompts x seeds 0-3; docs/projector.md, "The CI
-# chain"); the assertion asks for a bootstrap lower bound above 0 and a mean of at least MARGIN,
-# well below the measured value, so that only a real loss of the effect fails
+# measured +0.164 [+0.098, +0.234] (64 held-out prompts x seeds 0-3; docs/evaluate.md, "The CI
+# end-to-end check"); the assertion asks for a bootstrap lower bound above 0 and a mean of at least
+# MARGIN, well below the measured value, so that only a real loss of the effect fails
 MARGIN = 0.05
 
 
