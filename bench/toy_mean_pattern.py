@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
+from toy_layout_oracle import layouts  # beside this script: its folder is on sys.path
 
 from noisealign.data.image_latents import ImageLatents
 from noisealign.noise import batch_noise, distribution_preserving_mix
@@ -41,7 +41,6 @@ from noisealign.toy import pipeline_path
 from noisealign.toy.grammar import prompt_records
 from noisealign.toy.judge import ShapesJudge
 from noisealign.toy.models import LATENT_SHAPE
-from noisealign.toy.render import render_prompt
 
 SEEN_SEEDS = range(100, 104)
 
@@ -52,17 +51,12 @@ def standardise(z: torch.Tensor) -> torch.Tensor:
     return ((flat - flat.mean(1, keepdim=True)) / flat.std(1, keepdim=True)).view_as(z)
 
 
-@torch.no_grad()
 def render_means(pipe, prompts: list[str], renders: int) -> torch.Tensor:
-    """(B, C, H, W): the standardised mean of ``renders`` standardised scene latents per prompt."""
-    total = 0
-    for i in range(renders):
-        rng = random.Random(1100 + i)  # the draws of bench/toy_layout_oracle.py seeds 100…
-        images = np.stack([np.asarray(render_prompt(p, rng)) for p in prompts])
-        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-        z = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-        total = total + standardise(z)
-    return standardise(total / renders)
+    """(B, C, H, W): the standardised mean of ``renders`` standardised scene latents per prompt,
+    the scenes ``bench/toy_layout_oracle.py`` draws for its seeds 100, 101, …"""
+    return standardise(
+        torch.stack([layouts(pipe, prompts, 100 + i, 0) for i in range(renders)]).mean(0)
+    )
 
 
 def collect_means(images: ImageLatents, ids: list[str]) -> dict[str, torch.Tensor]:
