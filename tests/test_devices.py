@@ -39,14 +39,14 @@ def tiny(tmp_path_factory):
     return root
 
 
-def launch(script: str, args: list[str], port: int, processes: int = 2):
+def launch(script: str, args: list[str], port: int, processes: int = 2, timeout: int = 600):
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
         "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
         "--dynamo_backend", "no", "--main_process_port", str(port), script, *args,
     ]  # fmt: skip
     env = {**os.environ, **ENV, "ACCELERATE_USE_CPU": "1"}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def rank_devices(output: str) -> dict[int, list[str]]:

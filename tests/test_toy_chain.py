@@ -11,12 +11,10 @@ seeds (docs/distill.md), but the chain still runs distill for real and checks it
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from test_devices import launch  # the 2-process gloo launcher of the device tests
 
 ROOT = Path(__file__).resolve().parents[1]
 CI = ROOT / "recipes" / "toy" / "ci"
@@ -33,23 +31,13 @@ def stage(name: str, recipe: Path, out: Path, *extra: str) -> None:
     module.main(["--config", str(recipe), "--output_dir", str(out), "--report_to", "none", *extra])
 
 
-def collect_on_two_processes(out: Path) -> None:
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", "29731", "src/noisealign/collect.py",
-        "--config", str(CI / "collect.yaml"), "--output_dir", str(out),
-    ]  # fmt: skip
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-    assert run.returncode == 0, run.stderr[-3000:]
-
-
 @pytest.mark.slow
 def test_reduced_chain_projector_beats_standard_noise_on_heldout(tmp_path):
     import datasets
 
-    collect_on_two_processes(tmp_path / "collect")
+    args = ["--config", str(CI / "collect.yaml"), "--output_dir", str(tmp_path / "collect")]
+    run = launch("src/noisealign/collect.py", args, port=29731, timeout=1200)
+    assert run.returncode == 0, run.stderr[-3000:]
     dataset = str(tmp_path / "collect" / "dataset")
     rows = datasets.load_from_disk(dataset)
     assert len(rows) == 380 * 4 and set(rows["seed"]) == {0, 1, 2, 3}
