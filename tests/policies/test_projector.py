@@ -83,6 +83,24 @@ def test_deterministic_in_eval_and_moment_matched():
 def test_bad_config_fails_with_the_field_name():
     with pytest.raises(ConfigError, match="'hidden_dim'"):
         NoiseProjectorConfig(hidden_dim=30, num_heads=4)
+    with pytest.raises(ConfigError, match="'residual_scale' must be >= 0, got -1"):
+        NoiseProjectorConfig(residual_scale=-1.0)
+
+
+def test_residual_scale_multiplies_the_residual_before_the_moment_match():
+    from noisealign.policies.projector import moment_match
+
+    model = perturbed(tiny(), scale=0.5)
+    noise, embeds = torch.randn(3, 4, 16, 16), torch.randn(3, 5, 32)
+    r = model.residual(noise, embeds, torch.ones(3, 5, dtype=torch.bool))
+    assert torch.equal(model(noise, embeds), moment_match(noise, r))
+    model.config.residual_scale = 2.5
+    scaled = model(noise, embeds)
+    assert torch.allclose(scaled, moment_match(noise, 2.5 * r), atol=1e-6)
+    assert not torch.allclose(scaled, moment_match(noise, r), atol=1e-2)
+    assert torch.allclose(gaussian_stats(scaled).std, gaussian_stats(noise).std, atol=1e-4)
+    model.config.residual_scale = 0.0
+    assert torch.allclose(model(noise, embeds), noise, atol=1e-6)  # s = 0: ε itself
 
 
 def test_save_load_round_trip_and_pipeline_check(tmp_path):

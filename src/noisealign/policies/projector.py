@@ -37,6 +37,7 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from ..errors import ConfigError
 from ..nn import (
     AttentionBlock,
     NoiseInputs,
@@ -66,6 +67,11 @@ class NoiseProjectorConfig(NoiseInputs):
     """Latent pixels per patch side (SD1.5 64x64 → 256 patches)."""
     mlp_ratio: float = 4.0
     """MLP width / hidden_dim."""
+    residual_scale: float = 1.0
+    """s in ε′ = moment_match(ε, s·r): how far ε′ goes along the learned residual. Training
+    leaves it at 1 (the weights would absorb any other value); a larger s set afterwards
+    extrapolates the learned shift, as classifier-free guidance extrapolates a score
+    (docs/projector.md, "Residual scale")."""
     pipeline_signature: dict[str, Any] | None = None
     """noisealign.pipelines.pipeline_signature of the training pipeline."""
     pipeline: str | None = None
@@ -74,6 +80,10 @@ class NoiseProjectorConfig(NoiseInputs):
     def __post_init__(self) -> None:
         names = ("latent_channels", "text_dim", "hidden_dim", "depth", "num_heads", "patch_size")
         check_sizes(self, "projector", names)
+        if not self.residual_scale >= 0:  # also refuses NaN
+            raise ConfigError(
+                f"projector field 'residual_scale' must be >= 0, got {self.residual_scale}"
+            )
 
 
 def check_inputs(noise: torch.Tensor, embeds: torch.Tensor, channels: int, text_dim: int) -> None:
@@ -172,6 +182,8 @@ class NoiseProjector(
         dtype = self.head.weight.dtype
         x = noise.to(dtype)
         r = self.residual(x, embeds.to(dtype), mask, None if pooled is None else pooled.to(dtype))
+        if self.config.residual_scale != 1.0:
+            r = r * self.config.residual_scale
         return moment_match(x, r).to(noise.dtype)
 
 
