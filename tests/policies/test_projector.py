@@ -12,6 +12,7 @@ from noisealign.policies import (
     count_parameters,
     load_projector,
 )
+from noisealign.policies.projector import moment_match
 
 
 def tiny(**kw):
@@ -88,8 +89,6 @@ def test_bad_config_fails_with_the_field_name():
 
 
 def test_residual_scale_multiplies_the_residual_before_the_moment_match():
-    from noisealign.policies.projector import moment_match
-
     model = perturbed(tiny(), scale=0.5)
     noise, embeds = torch.randn(3, 4, 16, 16), torch.randn(3, 5, 32)
     r = model.residual(noise, embeds, torch.ones(3, 5, dtype=torch.bool))

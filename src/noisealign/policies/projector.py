@@ -182,9 +182,7 @@ class NoiseProjector(
         dtype = self.head.weight.dtype
         x = noise.to(dtype)
         r = self.residual(x, embeds.to(dtype), mask, None if pooled is None else pooled.to(dtype))
-        if self.config.residual_scale != 1.0:
-            r = r * self.config.residual_scale
-        return moment_match(x, r).to(noise.dtype)
+        return moment_match(x, r * self.config.residual_scale).to(noise.dtype)
 
 
 def count_parameters(model: nn.Module) -> int:
