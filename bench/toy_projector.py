@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/toy_projector.py --projector outputs/toy/train_projector [--seeds 8]
     .venv/bin/python bench/toy_projector.py --policy outputs/toy/train_npnet      # any policy folder
+    .venv/bin/python bench/toy_projector.py --projector src/noisealign/toy/assets/projector --residual_scale 2
 
 ``--policy`` and ``--projector`` are the same flag: any folder ``load_policy`` reads (noise
 projector, NPNet, compatible NPNet).
@@ -47,11 +48,18 @@ def main() -> None:
     parser.add_argument("--split", default="heldout")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument(
+        "--residual_scale", type=float, help="override a projector's residual_scale"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     pipe = StableDiffusionPipeline.from_pretrained(pipeline_path())
     pipe.set_progress_bar_config(disable=True)
     projector = load_policy(args.projector, pipe)
+    if args.residual_scale is not None:
+        if not hasattr(projector.config, "residual_scale"):
+            parser.error(f"--residual_scale needs a noise projector; {args.projector} is not one")
+        projector.config.residual_scale = args.residual_scale
     policy_type = next(name for name, cls in POLICIES.items() if type(projector) is cls)
     judge = ShapesJudge()
     records = prompt_records(args.split)
@@ -74,7 +82,7 @@ def main() -> None:
     mean_, std_, ks = (torch.cat([getattr(s, k) for s in stats]) for k in ("mean", "std", "ks"))
     passed = torch.cat([s.is_gaussian() for s in stats]).float().mean().item()
     result = {
-        "projector": args.projector, "policy_type": policy_type, "split": args.split, "prompts": len(records),
+        "projector": args.projector, "policy_type": policy_type, "residual_scale": args.residual_scale, "split": args.split, "prompts": len(records),
         "seeds": args.seeds, "standard_mean": float(std.mean()), "projected_mean": float(proj.mean()),
         "difference": float(per_prompt.mean()), "bootstrap95": [low, high],
         "wins": int((proj > std).sum()), "ties": int((proj == std).sum()), "losses": int((proj < std).sum()),
