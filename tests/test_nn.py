@@ -18,12 +18,13 @@ PIPELINE = "src/noisealign/toy/assets/pipeline/"  # diffusers' own folders, not 
 # overall logits (B = 2) and the first 3 token logits of sample 0 on inputs(), and every 500th
 # value of the projector's ε′ − ε: the reward models' computed with the models before they shared
 # noisealign.nn (commit 52000b4), where the new code gives the same float32 bits on CPU; the
-# projector's with the 2400-step asset that replaced the 300-step one on 2026-12-02
+# projector's with the 2400-step asset that replaced the 300-step one on 2026-12-02, at the
+# residual_scale 2 its config.json has set since that day (at 1: -0.097162, 0.209332, ...)
 EXPECTED = {
     "reward_models/toy": ([-4.063083, 2.346911], [4.191734, -1.239723, 3.436865]),
     "reward_models/toy-k0-student": ([-2.357171, 1.396424], [3.884537, 2.277046, 3.506730]),
     "reward_models/toy-k3-x0": ([-4.172065, 0.060359], [3.398680, 0.297540, 3.222415]),
-    "src/noisealign/toy/assets/projector": [-0.097162, 0.209332, -0.252531, 0.310123, -0.149942],
+    "src/noisealign/toy/assets/projector": [-0.121768, 0.392597, -0.477737, 0.61272, -0.266433],
 }
 
 

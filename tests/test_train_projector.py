@@ -99,6 +99,26 @@ def test_rpo_alpha_adds_the_winners_nll_to_the_loss(tiny, tmp_path):
     assert first["loss"] == pytest.approx(base["loss"] + 3 * first["loss/nll"], rel=1e-5)
 
 
+def test_residual_scale_is_saved_but_training_runs_at_one(tiny, tmp_path):
+    plain = train_projector.main(args(tiny, tmp_path / "a", "--max_steps", "2"))
+    scaled = train_projector.main(
+        args(tiny, tmp_path / "b", "--max_steps", "2", "--residual_scale", "2.5")
+    )
+    assert [h["loss"] for h in scaled.history] == [h["loss"] for h in plain.history]
+    a, b = load_projector(str(tmp_path / "a")), load_projector(str(tmp_path / "b"))
+    assert (a.config.residual_scale, b.config.residual_scale) == (1.0, 2.5)
+    for p0, p1 in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p0, p1)
+    noise, embeds = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
+    assert not torch.allclose(a(noise, embeds), b(noise, embeds))
+    # init_from the scaled folder trains as init_from the plain one: the residual at s = 1
+    runs = [
+        train_projector.main(args(tiny, tmp_path / f"from_{x}", "--max_steps", "1", "--init_from", str(tmp_path / x)))  # fmt: skip
+        for x in ("a", "b")
+    ]
+    assert runs[0].history[0]["loss"] == runs[1].history[0]["loss"]
+
+
 def test_resume_gives_the_same_next_losses(tiny, tmp_path):
     out = tmp_path / "out"
     full = train_projector.main(args(tiny, out))
@@ -142,6 +162,11 @@ def test_bad_recipes_fail_clearly(tiny, tmp_path):
         train_projector.main(args(tiny, tmp_path / "o", "--rpo_alpha", "-1"))
     with pytest.raises(ConfigError, match="'image_prompts'"):
         train_projector.main(args(tiny, tmp_path / "o", "--image_steps", "1"))
+    with pytest.raises(ConfigError, match="'residual_scale' must be >= 0"):
+        train_projector.main(args(tiny, tmp_path / "o", "--residual_scale", "-1"))
+    kwargs = '{"hidden_dim": 16, "depth": 1, "num_heads": 2, "residual_scale": 2}'
+    with pytest.raises(ConfigError, match="top-level 'residual_scale'"):
+        train_projector.main(args(tiny, tmp_path / "o", "--projector_kwargs", kwargs))
     with pytest.raises(PipelineError, match="reward model .* different pipeline"):
         train_projector.main(args(tiny, tmp_path / "o", "--pipeline", str(tiny / "sdxl")))
 

@@ -75,6 +75,10 @@ class TrainProjectorConfig(TrainerSettings, BaseConfig):
     """Size of the projector (NoiseProjectorConfig fields, e.g. hidden_dim, depth, patch_size)."""
     init_from: str | None = None
     """Start from this projector folder instead of the identity."""
+    residual_scale: float = arg(1.0, min=0)
+    """s written into the saved projector (NoiseProjectorConfig.residual_scale): at inference
+    ε′ = moment_match(ε, s·r), which extrapolates the learned residual. Training runs at s = 1
+    (the weights would absorb any other value); docs/projector.md measures s."""
     loss_type: str = arg("sigmoid", choices=LOSS_TYPES)
     """'sigmoid' (DPO), 'ipo', 'hinge' (TRL's names) or 'reward_gradient' (the ablation)."""
     beta: float = arg(0.1, min=0, min_exclusive=True)
@@ -138,6 +142,11 @@ class TrainProjectorConfig(TrainerSettings, BaseConfig):
             )
         if self.image_steps and not self.image_prompts:
             raise ConfigError("recipe field 'image_prompts' is required when image_steps > 0")
+        if "residual_scale" in self.projector_kwargs:
+            raise ConfigError(
+                "recipe field 'projector_kwargs' must not set residual_scale: training runs at "
+                "1; set the top-level 'residual_scale' for the saved projector"
+            )
 
 
 CONFIG_CLASS = TrainProjectorConfig  # read by `noisealign.cli` and the recipe tests
@@ -205,7 +214,9 @@ def build_projector(config: TrainProjectorConfig, inputs: ProjectorInputs) -> No
     """The projector to train: ``init_from``'s, or a fresh one (the identity map) sized by the
     recipe, with the same initial weights on every process."""
     if config.init_from:
-        return load_projector(config.init_from, inputs.pipe).train()
+        projector = load_projector(config.init_from, inputs.pipe).train()
+        projector.config.residual_scale = 1.0  # train the residual itself
+        return projector
     signature = inputs.signature
     fields = dict(
         latent_channels=latent_shape(inputs.pipe)[0],
@@ -258,7 +269,9 @@ def build_parts(config: TrainProjectorConfig, accelerator, inputs, model) -> Tra
 
 
 def save_projector(config: TrainProjectorConfig, projector, history: list[dict]) -> None:
-    """The projector folder (its config records the pipeline) and train_metrics.json."""
+    """The projector folder (its config records the pipeline and the recipe's
+    residual_scale) and train_metrics.json."""
+    projector.config.residual_scale = config.residual_scale
     projector.save_pretrained(config.output_dir)
     Path(config.output_dir, "train_metrics.json").write_text(json.dumps(history, indent=2))
 
