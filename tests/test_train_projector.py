@@ -113,7 +113,9 @@ def test_residual_scale_is_saved_but_training_runs_at_one(tiny, tmp_path):
     assert not torch.allclose(a(noise, embeds), b(noise, embeds))
     # init_from the scaled folder trains as init_from the plain one: the residual at s = 1
     runs = [
-        train_projector.main(args(tiny, tmp_path / f"from_{x}", "--max_steps", "1", "--init_from", str(tmp_path / x)))  # fmt: skip
+        train_projector.main(
+            args(tiny, tmp_path / f"from_{x}", "--max_steps", "1", "--init_from", str(tmp_path / x))
+        )
         for x in ("a", "b")
     ]
     assert runs[0].history[0]["loss"] == runs[1].history[0]["loss"]
