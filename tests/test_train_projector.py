@@ -121,6 +121,15 @@ def test_residual_scale_is_saved_but_training_runs_at_one(tiny, tmp_path):
     assert runs[0].history[0]["loss"] == runs[1].history[0]["loss"]
 
 
+def test_learning_rate_schedules(tiny, tmp_path):
+    constant = train_projector.main(args(tiny, tmp_path / "a"))
+    assert [h["lr"] for h in constant.history] == [1e-3] * 4
+    options = ("--lr_scheduler_type", "cosine", "--warmup_steps", "1")
+    cosine = train_projector.main(args(tiny, tmp_path / "b", *options))
+    # transformers' warm-up starts at 0; then half a cosine period over the 3 remaining steps
+    assert [h["lr"] for h in cosine.history] == pytest.approx([0, 1e-3, 7.5e-4, 2.5e-4])
+
+
 def test_resume_gives_the_same_next_losses(tiny, tmp_path):
     out = tmp_path / "out"
     full = train_projector.main(args(tiny, out))

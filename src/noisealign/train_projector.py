@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import get_cosine_schedule_with_warmup
 
 from noisealign.checkpointing import check_output_dir, resolve_checkpoint
 from noisealign.configs import TORCH_DTYPES, BaseConfig, arg, parse_config
@@ -109,6 +110,9 @@ class TrainProjectorConfig(TrainerSettings, BaseConfig):
     """(ε, e) samples per process per step."""
     max_steps: int = arg(500, min=1)
     """Optimizer steps."""
+    lr_scheduler_type: str = arg("constant", choices=("constant", "cosine"))
+    """Learning rate after the linear warm-up: 'constant', or 'cosine' down to 0 at max_steps
+    (transformers' get_cosine_schedule_with_warmup)."""
     save_steps: int = trainer_default("save_steps", 100)
     image_steps: int = arg(0, min=0)
     """Every this many steps, a standard-vs-projected image grid from the real pipeline (0: never).
@@ -233,12 +237,21 @@ def build_projector(config: TrainProjectorConfig, inputs: ProjectorInputs) -> No
 
 
 def build_parts(config: TrainProjectorConfig, accelerator, inputs, model) -> TrainParts:
-    """The prepared projector, AdamW with a constant schedule after warm-up, and its step."""
+    """The prepared projector, AdamW with the recipe's schedule after warm-up, and its step."""
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
-    warmup = max(config.warmup_steps, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    # accelerate steps a prepared scheduler once per process per optimizer step
+    n = accelerator.num_processes
+    if config.lr_scheduler_type == "cosine":
+        scheduler = get_cosine_schedule_with_warmup(
+            optimizer, config.warmup_steps * n, config.max_steps * n
+        )
+    else:
+        warmup = max(config.warmup_steps * n, 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / warmup)
+        )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     step = ProjectorStep(
         accelerator,

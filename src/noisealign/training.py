@@ -83,6 +83,7 @@ class StepRecord:
     grad_norm: torch.Tensor | None
     batch: Any
     progress: Any
+    lr: float  # the learning rate the step used
 
 
 @dataclass
@@ -159,6 +160,7 @@ def train(accelerator: Accelerator, parts: TrainParts, state: dict) -> list[dict
             loss, metrics = parts.step(batch)
             accelerator.backward(loss)
             grad_norm = _clip(accelerator, models, parts.max_grad_norm)
+            lr = parts.optimizer.param_groups[0]["lr"]
             parts.optimizer.step()
             parts.scheduler.step()
             parts.optimizer.zero_grad()
@@ -168,7 +170,7 @@ def train(accelerator: Accelerator, parts: TrainParts, state: dict) -> list[dict
         state["step"] += 1
         progress.update(1)
         entry = parts.log(
-            StepRecord(state["step"], epoch, loss, metrics, grad_norm, batch, progress)
+            StepRecord(state["step"], epoch, loss, metrics, grad_norm, batch, progress, lr)
         )
         if entry is not None:
             history.append(entry)

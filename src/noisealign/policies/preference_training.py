@@ -154,7 +154,8 @@ class ProjectorStep:
         if step % config.logging_steps != 0 and step != config.max_steps:
             return None
         mean_loss = self.accelerator.reduce(record.loss.detach(), reduction="mean").item()
-        logged = {"step": step, "loss": mean_loss, "grad_norm": float(record.grad_norm)}
+        logged = {"step": step, "loss": mean_loss, "lr": record.lr}
+        logged["grad_norm"] = float(record.grad_norm)
         logged |= record.metrics
         emb, noise = record.batch["emb"], record.batch["noise"]
         logged |= monitor(self.reward_model, self.pipe, emb, noise, self.projected)
