@@ -1,13 +1,14 @@
 """The toy-world chain end to end, reduced for CI: collect → distill → train_projector → evaluate.
 
-Runs the recipes under ``recipes/toy/ci/`` (5 min 16 s on the shared 2-core CPU on 2026-12-02;
-10 min 43 s on 2026-12-03 with two other jobs on the CPU) and asserts that the trained projector
-beats the standard noise on the held-out compositions, with fixed seeds, by a margin and with a bootstrap interval above 0, so a change that breaks the
-method's effect cannot land. The projector is trained the way the toy recipe trains it
-(quasi-DPO with ``rpo_alpha``, candidates mixing in latents of the collect's own images, ranked
-by the committed k = 0 student ``reward_models/toy-k0-student``), on a 4-seed collect and for
-half the recipe's steps, saved with the recipe's ``residual_scale`` 2. The CI collect is far too
-small to distill a reward model that ranks seeds (docs/distill.md), but the chain still runs distill for real and checks its outputs.
+Runs the recipes under ``recipes/toy/ci/`` (5 min 16 s on the shared 2-core CPU on 2026-12-02; 10
+min 43 s on 2026-12-03 with two other jobs on the CPU) and asserts that the trained projector beats
+the standard noise on the held-out compositions, with fixed seeds, by a margin and with a bootstrap
+interval above 0, so a change that breaks the method's effect cannot land. The projector is trained
+the way the toy recipe trains it (quasi-DPO with ``rpo_alpha``, candidates mixing in latents of the
+collect's own images, ranked by the committed k = 0 student ``reward_models/toy-k0-student``), on a
+4-seed collect and for half the recipe's steps, saved with the recipe's ``residual_scale`` 2. The CI
+collect is far too small to distill a reward model that ranks seeds (docs/distill.md), but the chain
+still runs distill for real and checks its outputs.
 """
 
 import json
@@ -18,9 +19,10 @@ from test_devices import launch  # the 2-process gloo launcher of the device tes
 
 ROOT = Path(__file__).resolve().parents[1]
 CI = ROOT / "recipes" / "toy" / "ci"
-# measured +0.219 [+0.137, +0.301] with the recipe's residual_scale 2 (+0.164 at scale 1; 64 held-out
-# prompts x seeds 0-3; docs/evaluate.md, "The CI end-to-end check"); the assertion asks for a
-# bootstrap lower bound above 0 and a mean of at least MARGIN, well below the measured value, so that only a real loss of the effect fails
+# measured +0.219 [+0.137, +0.301] with the recipe's residual_scale 2 (+0.164 at scale 1; 64 held-
+# out prompts x seeds 0-3; docs/evaluate.md, "The CI end-to-end check"); the assertion asks for a
+# bootstrap lower bound above 0 and a mean of at least MARGIN, well below the measured value, so
+# that only a real loss of the effect fails
 MARGIN = 0.05
 
 
