@@ -318,6 +318,7 @@ def _signal_when(proc: subprocess.Popen, ready, signum: int) -> str:
         assert proc.poll() is None, f"finished before the signal: {proc.stderr.read()[-1500:]}"
         assert time.time() < deadline, "timed out waiting for the process"
         time.sleep(0.02)
+    assert proc.poll() is None, f"finished before the signal: {proc.stderr.read()[-1500:]}"
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
     return stderr
@@ -334,7 +335,20 @@ def _assert_interrupted(proc: subprocess.Popen, stderr: str, signum: int) -> Non
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
 def test_collect_interrupted_then_rerun_completes(tiny, tmp_path, signum):
     out = tmp_path / "out"
-    argv = collect(tiny, out, "--seeds", "0:6", "--chunk_size", "2", "--batch_size", "2")
+    # 8 steps an image (the builder's 2 would let the 11 chunks left after the first shard
+    # finish before a loaded machine delivers the signal: a flaky exit 0 instead of 130)
+    argv = collect(
+        tiny,
+        out,
+        "--seeds",
+        "0:6",
+        "--chunk_size",
+        "2",
+        "--batch_size",
+        "2",
+        "--num_inference_steps",
+        "8",
+    )
     proc = _launch(argv)
     stderr = _signal_when(proc, lambda: any((out / "shards").glob("shard-*")), signum)
     _assert_interrupted(proc, stderr, signum)
