@@ -4,11 +4,14 @@
     .venv/bin/python bench/toy_projector.py --policy outputs/toy/train_npnet      # any policy folder
     .venv/bin/python bench/toy_projector.py --projector src/noisealign/toy/assets/projector --residual_scale 1 2 3
     .venv/bin/python bench/toy_projector.py --projector ... --split seen --every 8 --first_seed 100 --seeds 4
+    .venv/bin/python bench/toy_projector.py --projector ... --scheduler dpmsolver++ --num_inference_steps 10
 
 ``--policy`` and ``--projector`` are the same flag: any folder ``load_policy`` reads (noise
 projector, NPNet, compatible NPNet). ``--residual_scale`` overrides a noise projector's
 ``residual_scale``; with several values the standard images are made once and each value
 prints its own line.
+``--scheduler`` (a name of ``noisealign.pipelines.schedulers.SCHEDULERS``, default ddim) and
+``--num_inference_steps`` choose the sampler both noises are denoised with.
 
 For every prompt of ``--split`` (default ``heldout``: compositions never seen in training;
 ``seen``: the two-object training prompts, of which ``--every 8`` keeps 46) and seed
@@ -38,6 +41,7 @@ from noisealign.evaluation import bootstrap_interval, compare, concept_accuracy
 from noisealign.evaluation.metrics import CONCEPT_THRESHOLD
 from noisealign.noise import batch_noise, gaussian_stats
 from noisealign.pipelines import encode_prompts, generate
+from noisealign.pipelines.schedulers import SCHEDULERS, set_scheduler
 from noisealign.policies import POLICIES, load_policy, project
 from noisealign.toy import pipeline_path
 from noisealign.toy.grammar import prompt_records
@@ -85,7 +89,8 @@ def main() -> None:
     parser.add_argument("--first_seed", type=int, default=0)
     parser.add_argument("--split", default="heldout")
     parser.add_argument("--every", type=int, default=1, help="score every N-th prompt of the split")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--num_inference_steps", "--steps", dest="steps", type=int, default=20)
+    parser.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument(
         "--residual_scale", type=float, nargs="+",
@@ -95,6 +100,7 @@ def main() -> None:
     torch.set_num_threads(1)
     pipe = StableDiffusionPipeline.from_pretrained(pipeline_path())
     pipe.set_progress_bar_config(disable=True)
+    set_scheduler(pipe, args.scheduler)  # ddim: the pipeline's own scheduler, left as loaded
     projector = load_policy(args.projector, pipe)
     scales = args.residual_scale or [None]
     if args.residual_scale is not None and not hasattr(projector.config, "residual_scale"):
@@ -131,7 +137,7 @@ def main() -> None:
         per_prompt = proj.reshape(len(records), -1).mean(1) - std.reshape(len(records), -1).mean(1)
         result = {
             "projector": args.projector, "policy_type": policy_type, "residual_scale": scale, "split": args.split, "prompts": len(records),
-            "seeds": seeds, "standard_mean": float(std.mean()), "projected_mean": float(proj.mean()),
+            "seeds": seeds, "scheduler": args.scheduler, "num_inference_steps": args.steps, "standard_mean": float(std.mean()), "projected_mean": float(proj.mean()),
             "difference": paired["difference"], "bootstrap95": paired["difference_ci95"],
             "wins": paired["wins"], "ties": paired["ties"], "losses": paired["losses"],
             "win_rate_decided": float((proj > std).sum() / max(1, (proj != std).sum())),

@@ -33,11 +33,12 @@ from noisealign.data.prompts import PromptRecord, load_heldout_prompts, load_pro
 from noisealign.data.shards import claim_output_dir
 from noisealign.errors import ConfigError
 from noisealign.evaluation import runner
-from noisealign.evaluation.methods import EvalContext, Run, build_method
-from noisealign.evaluation.report import COST_FIELDS, summarise, write_figures, write_report
+from noisealign.evaluation.methods import EvalContext, Run, build_method, check_sampler
+from noisealign.evaluation.report import log_to_tracker, summarise, write_figures, write_report
 from noisealign.judges import Judge
 from noisealign.outputs import check_output_dir_against_inputs
-from noisealign.pipelines import latent_shape, load_pipeline
+from noisealign.pipelines import SCHEDULERS, latent_shape, load_pipeline
+from noisealign.pipelines.schedulers import check_recipe_fields, drop_default_sampler
 from noisealign.tracking import make_accelerator, start_tracking
 
 logger = logging.getLogger("noisealign.evaluate")
@@ -90,6 +91,12 @@ class EvaluateConfig(BaseConfig):
     """Denoising steps per image, for every method."""
     guidance_scale: float = arg(5.0, min=0)
     """Classifier-free guidance scale, for every method."""
+    scheduler: str = arg("ddim", choices=tuple(SCHEDULERS))
+    """Sampler of every method's final images (ddim, euler, dpmsolver++, lcm, flow_euler), built
+    from the pipeline's scheduler config; early_stop and noise_diffusion need ddim."""
+    scheduler_kwargs: dict = arg({})
+    """Extra arguments of the scheduler's class, e.g. {"use_karras_sigmas": true} (JSON on the
+    command line); keys the class does not take are refused."""
     batch_size: int = arg(16, min=1)
     """(prompt, seed) pairs per method call."""
     grid_prompts: int = arg(6, min=1)
@@ -97,11 +104,13 @@ class EvaluateConfig(BaseConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()  # types and the limits in each field's metadata
+        check_recipe_fields(self.scheduler, self.scheduler_kwargs)
         for label, settings in self.methods.items():
             if not isinstance(settings, dict) or "type" not in settings:
                 raise ConfigError(
                     f"methods.{label} must be a mapping with a 'type', e.g. {{type: standard}}"
                 )
+            check_sampler(label, settings["type"], self.scheduler)
         if not any(s["type"] == "standard" for s in self.methods.values()):
             raise ConfigError(
                 "methods needs a 'standard' entry ({type: standard}): "
@@ -167,7 +176,7 @@ def main(args: Sequence[str] | None = None) -> dict | None:
     # ---- merge the shares: the report, the figures, the tracker
     report, samples = _report(config, out, work, prompt_sets, seeds, pipe, accelerator)
     path = write_report(out, report)
-    _log_to_tracker(accelerator, out, report, samples)
+    log_to_tracker(accelerator, out, report, samples)
     accelerator.end_training()
     logger.info("report written to %s\n%s", path, path.read_text())
     return report
@@ -187,7 +196,11 @@ def _load_prompt_sets(config: EvaluateConfig) -> dict[str, list[PromptRecord]]:
 
 def _load_pipeline(config: EvaluateConfig, device: torch.device) -> DiffusionPipeline:
     pipe = load_pipeline(
-        config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code
+        config.pipeline,
+        torch_dtype=config.torch_dtype,
+        scheduler=config.scheduler,
+        scheduler_kwargs=config.scheduler_kwargs,
+        trust_remote_code=config.trust_remote_code,
     )
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -214,6 +227,7 @@ def _build_methods(
 def _claim_output_dir(config: EvaluateConfig, accelerator: Accelerator, out: Path) -> None:
     """The main process claims ``out`` for this recipe's fingerprint; the others wait for it."""
     fingerprint = {k: v for k, v in config.to_dict().items() if k not in _NOT_FINGERPRINTED}
+    fingerprint = drop_default_sampler(fingerprint)
     if accelerator.is_main_process:
         claim_output_dir(out, fingerprint, config.overwrite_output_dir, derived=[out / "rows"])
     accelerator.wait_for_everyone()  # nobody reads rows/ before an overwrite has cleared it
@@ -235,6 +249,8 @@ def _report(
         "judges": list(config.judges),
         "seeds": seeds,
         "num_inference_steps": config.num_inference_steps,
+        "scheduler": config.scheduler,
+        "scheduler_kwargs": config.scheduler_kwargs,
         "guidance_scale": config.guidance_scale,
         "device": str(pipe._execution_device),
         "num_processes": accelerator.num_processes,
@@ -255,38 +271,6 @@ def _report(
             summary["methods"],
         )
     return report, samples
-
-
-def _log_to_tracker(accelerator: Accelerator, out: Path, report: dict, samples: dict) -> None:
-    """The metrics table, a table of the grid's images (a row per prompt, a column per method)
-    and the figures."""
-    if not accelerator.trackers:
-        return
-    import wandb  # only when a run logs to wandb: a heavy import, and an optional one
-
-    tracker = accelerator.get_tracker("wandb", unwrap=True)
-    for set_name, result in report["prompt_sets"].items():
-        columns = ["method", "alignment", "difference", "win_rate", *COST_FIELDS]
-        table = wandb.Table(columns=columns)
-        for m in result["methods"]:
-            table.add_data(*(m[c] if c != "method" else m["name"] for c in columns))
-        grid = samples[set_name]
-        images = wandb.Table(columns=["prompt", "seed", *grid["images"]])
-        for i, prompt in enumerate(grid["prompts"]):
-            cells = [
-                wandb.Image(grid["images"][m][i], caption=f"{grid['scores'][m][i]:.2f}")
-                for m in grid["images"]
-            ]
-            images.add_data(prompt, grid["seed"], *cells)
-        tracker.log(
-            {
-                f"{set_name}/table": table,
-                f"{set_name}/samples": images,
-                f"{set_name}/grid": wandb.Image(str(out / f"grid_{set_name}.png")),
-                f"{set_name}/alignment_vs_cost": wandb.Image(str(out / f"cost_{set_name}.png")),
-                **{f"{set_name}/{m['name']}/alignment": m["alignment"] for m in result["methods"]},
-            }
-        )
 
 
 if __name__ == "__main__":

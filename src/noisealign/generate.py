@@ -37,6 +37,7 @@ from noisealign.errors import ConfigError
 from noisealign.outputs import check_output_dir_against_inputs
 from noisealign.paths import resolve_recorded_path
 from noisealign.pipelines import encode_prompts, generate, load_pipeline
+from noisealign.pipelines.schedulers import SCHEDULERS, check_recipe_fields
 from noisealign.policies import NoiseProjector, apply_policy, check_pipeline, load_projector
 from noisealign.tracking import make_accelerator
 
@@ -67,6 +68,12 @@ class GenerateConfig(BaseConfig):
     """Sampling steps."""
     guidance_scale: float = arg(5.0, min=0)
     """Classifier-free guidance scale."""
+    scheduler: str = arg("ddim", choices=tuple(SCHEDULERS))
+    """Sampler of the images: ddim (the default), euler, dpmsolver++, lcm, or flow_euler
+    (for flow-matching models), built from the pipeline's scheduler config."""
+    scheduler_kwargs: dict = arg({})
+    """Extra arguments of the scheduler's class, e.g. {"use_karras_sigmas": true} (JSON on the
+    command line); keys the class does not take are refused."""
     height: int | None = arg(None, min=8, multiple_of=8)
     """Image height in pixels (default: the pipeline's)."""
     width: int | None = arg(None, min=8, multiple_of=8)
@@ -74,6 +81,7 @@ class GenerateConfig(BaseConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()  # types and the limits in each field's metadata
+        check_recipe_fields(self.scheduler, self.scheduler_kwargs)
         if any(not p.strip() for p in self.prompt):
             raise ConfigError(
                 "recipe field 'prompt' holds an empty prompt; give each prompt some text"
@@ -166,7 +174,11 @@ def _load_pipeline(
     if not pipeline:
         raise ConfigError("the projector records no pipeline; pass --pipeline FOLDER")
     pipe = load_pipeline(
-        pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code
+        pipeline,
+        torch_dtype=config.torch_dtype,
+        scheduler=config.scheduler,
+        scheduler_kwargs=config.scheduler_kwargs,
+        trust_remote_code=config.trust_remote_code,
     )
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -24,6 +24,7 @@ from noisealign.data.prompts import (
 from noisealign.data.shards import ShardStore
 from noisealign.judges import build_judge
 from noisealign.outputs import check_output_dir_against_inputs
+from noisealign.pipelines.schedulers import SCHEDULERS, check_recipe_fields, drop_default_sampler
 from noisealign.tracking import make_accelerator, start_tracking
 
 logger = logging.getLogger("noisealign.generation")
@@ -50,6 +51,13 @@ class GenerationSettings(DocumentedFields):
     """Denoising steps per judged image."""
     guidance_scale: float = arg(5.0, min=0)
     """Classifier-free guidance scale of the judged images."""
+    scheduler: str = arg("ddim", choices=tuple(SCHEDULERS))
+    """Sampler of the judged images: ddim (the default), euler, dpmsolver++, lcm, or flow_euler
+    (for flow-matching models), built from the pipeline's scheduler config. collect_npd's
+    re-denoise step stays DDIM."""
+    scheduler_kwargs: dict = arg({})
+    """Extra arguments of the scheduler's class, e.g. {"use_karras_sigmas": true} (JSON on the
+    command line); keys the class does not take are refused."""
     height: int | None = arg(None, min=8, multiple_of=8)
     """Image height in pixels; the pipeline's default when unset."""
     width: int | None = arg(None, min=8, multiple_of=8)
@@ -68,12 +76,14 @@ class GenerationSettings(DocumentedFields):
         if isinstance(self.seeds, list):  # a YAML list arrives untouched by argparse
             self.seeds = ",".join(str(s) for s in self.seeds)
         super().__post_init__()  # BaseConfig's: types and the limits in each field's metadata
+        check_recipe_fields(self.scheduler, self.scheduler_kwargs)
 
     def fingerprint(self) -> dict:
         """Settings that decide a row's content; a folder written with others is refused."""
         keys = ("pipeline", "judge", "judge_kwargs", "prompt_column", "num_inference_steps")
         keys += ("guidance_scale", "height", "width", "torch_dtype", *self.row_fields)
-        return {k: getattr(self, k) for k in keys}
+        keys += ("scheduler", "scheduler_kwargs")
+        return drop_default_sampler({k: getattr(self, k) for k in keys})
 
 
 @dataclass
@@ -106,7 +116,11 @@ def open_run(config: Any, stage: str, inputs: dict[str, Any]) -> JudgedRun:
     # the pipeline loads before the folder is claimed: a mistyped path must not leave a
     # recipe.json that refuses the corrected recipe
     pipe = pipelines.load_pipeline(  # looked up at call time: tests spy on it
-        config.pipeline, torch_dtype=config.torch_dtype, trust_remote_code=config.trust_remote_code
+        config.pipeline,
+        torch_dtype=config.torch_dtype,
+        scheduler=config.scheduler,
+        scheduler_kwargs=config.scheduler_kwargs,
+        trust_remote_code=config.trust_remote_code,
     )
     pipe.to(accelerator.device)
     logger.info(

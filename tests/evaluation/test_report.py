@@ -71,9 +71,11 @@ def test_write_report(tmp_path):
         "judges": ["shapes"],
         "seeds": [0, 1],
         "num_inference_steps": 20,
+        "scheduler": "euler",
         "guidance_scale": 5.0,
         "prompt_sets": {"heldout": {"prompts": 3, "methods": [method("standard", 0.2, 20)]}},
     }
     path = write_report(tmp_path, report)
     assert "## heldout (3 prompts × 2 seeds)" in path.read_text()
+    assert "seeds [0, 1], 20 steps of `euler`, guidance 5.0." in path.read_text()
     assert json.loads((tmp_path / "report.json").read_text()) == report

@@ -68,8 +68,8 @@ def test_unknown_dtype_and_scheduler(tiny_sd_folder):
         PipelineError, match="unknown torch_dtype 'float64x'; use one of float32, fp32"
     ):
         load_pipeline(str(tiny_sd_folder), torch_dtype="float64x")
-    with pytest.raises(PipelineError, match="unknown scheduler 'euler'"):
-        load_pipeline(str(tiny_sd_folder), scheduler="euler")
+    with pytest.raises(PipelineError, match="unknown scheduler 'heun'; use one of ddim, euler"):
+        load_pipeline(str(tiny_sd_folder), scheduler="heun")
     assert resolve_dtype("bf16") is torch.bfloat16
     assert resolve_dtype(torch.float16) is torch.float16
 

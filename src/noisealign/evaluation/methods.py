@@ -161,6 +161,21 @@ METHODS: dict[str, Callable[..., Run]] = {
 }
 
 
+# methods that run their own DDIM loop (previews, finish, the gradient replay) instead of pipe():
+# under another sampler they would not be compared on the other methods' sampler
+DDIM_ONLY = ("early_stop", "noise_diffusion")
+
+
+def check_sampler(label: str, kind: str, scheduler: str) -> None:
+    """:class:`ConfigError` if recipe entry ``methods.<label>`` of type ``kind`` cannot run under
+    the recipe's ``scheduler``."""
+    if kind in DDIM_ONLY and scheduler != "ddim":
+        raise ConfigError(
+            f"methods.{label} ({kind}) runs its own DDIM steps and cannot use scheduler "
+            f"'{scheduler}'; set scheduler: ddim or leave the method out"
+        )
+
+
 def build_method(label: str, settings: dict, ctx: EvalContext) -> Run:
     """The run function of recipe entry ``methods.<label>``; :class:`ConfigError` on bad
     settings."""

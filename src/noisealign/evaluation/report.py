@@ -2,7 +2,8 @@
 
 ``report.json`` holds every number; ``report.md`` the same as one table per prompt set;
 ``grid_<set>.png`` prompt rows × method columns from the same seed; ``cost_<set>.png`` the
-mean alignment of each method against its denoising steps per image.
+mean alignment of each method against its denoising steps per image; :func:`log_to_tracker`
+sends them to wandb.
 """
 
 from __future__ import annotations
@@ -148,7 +149,8 @@ def write_report(output_dir: Path, report: dict) -> Path:
         "",
         f"pipeline `{report['pipeline']}`, judges {', '.join(report['judges'])} "
         f"(alignment columns: `{report['judges'][0]}`), seeds {report['seeds']}, "
-        f"{report['num_inference_steps']} steps, guidance {report['guidance_scale']}.",
+        f"{report['num_inference_steps']} steps of `{report['scheduler']}`, "
+        f"guidance {report['guidance_scale']}.",
         "Δ and win rate are against `standard` on the same prompts and seeds; intervals are 95% "
         "bootstrap over prompts. Cost columns are per image (a CFG-doubled UNet call = 1 step).",
     ]
@@ -224,3 +226,35 @@ def write_figures(
     image_grid(columns, prompts, scores).save(out / f"grid_{set_name}.png")
     cost_plot(methods, out / f"cost_{set_name}.png", f"{set_name}: alignment vs cost ({primary})")
     return {"prompts": prompts, "seed": seed, "images": columns, "scores": scores}
+
+
+def log_to_tracker(accelerator: Any, out: Path, report: dict, samples: dict) -> None:
+    """The metrics table, a table of the grid's images (a row per prompt, a column per method)
+    and the figures, to the run's wandb tracker (``accelerator``'s) if it has one."""
+    if not accelerator.trackers:
+        return
+    import wandb  # only when a run logs to wandb: a heavy import, and an optional one
+
+    tracker = accelerator.get_tracker("wandb", unwrap=True)
+    for set_name, result in report["prompt_sets"].items():
+        columns = ["method", "alignment", "difference", "win_rate", *COST_FIELDS]
+        table = wandb.Table(columns=columns)
+        for m in result["methods"]:
+            table.add_data(*(m[c] if c != "method" else m["name"] for c in columns))
+        grid = samples[set_name]
+        images = wandb.Table(columns=["prompt", "seed", *grid["images"]])
+        for i, prompt in enumerate(grid["prompts"]):
+            cells = [
+                wandb.Image(grid["images"][m][i], caption=f"{grid['scores'][m][i]:.2f}")
+                for m in grid["images"]
+            ]
+            images.add_data(prompt, grid["seed"], *cells)
+        tracker.log(
+            {
+                f"{set_name}/table": table,
+                f"{set_name}/samples": images,
+                f"{set_name}/grid": wandb.Image(str(out / f"grid_{set_name}.png")),
+                f"{set_name}/alignment_vs_cost": wandb.Image(str(out / f"cost_{set_name}.png")),
+                **{f"{set_name}/{m['name']}/alignment": m["alignment"] for m in result["methods"]},
+            }
+        )

@@ -1,5 +1,5 @@
-"""Diffusers pipelines: loading, prompt encoding with token offsets, generation from given noise,
-and single DDIM / DDIM-inversion steps.
+"""Diffusers pipelines: loading, the sampler chosen by name, prompt encoding with token offsets,
+generation from given noise, and single DDIM / DDIM-inversion steps.
 
 Supported families are the keys of :data:`noisealign.pipelines.adapters.ADAPTERS`
 (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``).
@@ -19,12 +19,14 @@ from .encoding import PromptEmbeddings, encode_prompts, negative_embeddings
 from .inputs import latent_shape
 from .loading import load_pipeline, resolve_dtype
 from .sampling import denoise_step, generate, inversion_step, re_denoise
+from .schedulers import SCHEDULERS, set_scheduler
 from .signature import check_compatible, pipeline_signature
 
 __all__ = [
     "ADAPTERS",
     "PipelineAdapter",
     "PromptEmbeddings",
+    "SCHEDULERS",
     "check_compatible",
     "denoise_step",
     "encode_prompts",
@@ -36,4 +38,5 @@ __all__ = [
     "pipeline_signature",
     "re_denoise",
     "resolve_dtype",
+    "set_scheduler",
 ]

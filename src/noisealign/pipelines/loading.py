@@ -9,13 +9,14 @@ from pathlib import Path
 
 import diffusers
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline
+from diffusers import DiffusionPipeline
 from packaging.version import Version
 from safetensors import SafetensorError, safe_open
 
 from .. import dry_run
 from ..errors import PipelineError
 from .adapters import adapter_for, adapter_for_name
+from .schedulers import SCHEDULERS, check_fits, set_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +33,6 @@ DTYPES: dict[str, torch.dtype] = {
 # pyproject allows older versions
 _DTYPE_KWARG = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
 
-# scheduler name -> class swapped in with ``from_config`` (keeps spacing, offset, prediction type)
-SCHEDULERS: dict[str, type] = {"ddim": DDIMScheduler}
-
 
 def resolve_dtype(torch_dtype: str | torch.dtype) -> torch.dtype:
     """``"float16"`` / ``"fp16"`` / ``torch.float16`` -> ``torch.float16``; :class:`PipelineError`
@@ -46,8 +44,9 @@ def resolve_dtype(torch_dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[torch_dtype]
 
 
-def _pipeline_class_name(name_or_path: str) -> str:
-    """``_class_name`` of the pipeline's ``model_index.json``, read before any weight is loaded."""
+def _pipeline_index(name_or_path: str) -> dict:
+    """The pipeline's ``model_index.json`` (its ``_class_name`` checked), read before any weight is
+    loaded."""
     folder = Path(name_or_path)
     if folder.is_file():
         raise PipelineError(
@@ -72,7 +71,7 @@ def _pipeline_class_name(name_or_path: str) -> str:
         raise PipelineError(
             f"pipeline '{name_or_path}' is a custom pipeline ({class_name}), which is not supported"
         )
-    return class_name
+    return config
 
 
 def _check_components(folder: Path, skipped: dict) -> None:
@@ -118,12 +117,29 @@ def _loading_error(name_or_path: str, exc: Exception) -> PipelineError:
     )
 
 
+def _check_scheduler(
+    name_or_path: str, index: dict, scheduler: str | None, scheduler_kwargs: dict | None
+) -> None:
+    """The sampler against the scheduler class ``model_index.json`` names, before any weight
+    loads (:func:`set_scheduler` checks the loaded one again)."""
+    if scheduler is None:
+        if scheduler_kwargs:
+            raise PipelineError(
+                "scheduler_kwargs need a scheduler; pass scheduler='ddim' or another"
+            )
+        return
+    _, shipped = index.get("scheduler") or (None, None)  # [library, class], as diffusers saves it
+    if shipped:
+        check_fits(scheduler, shipped, name_or_path)
+
+
 def load_pipeline(
     name_or_path: str,
     *,
     torch_dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     scheduler: str | None = "ddim",
+    scheduler_kwargs: dict | None = None,
     trust_remote_code: bool = False,
 ) -> DiffusionPipeline:
     """Load an SD 1.x/2.x or SDXL pipeline with its progress bar and safety checker off.
@@ -133,16 +149,17 @@ def load_pipeline(
         torch_dtype: ``"float32"``, ``"float16"``, ``"bfloat16"`` (or short forms) or a
         ``torch.dtype``.
         device: where the pipeline's modules go.
-        scheduler: ``"ddim"`` swaps in a ``DDIMScheduler`` built from the pipeline's scheduler
-        config,
-            which makes sampling deterministic (eta = 0) and matches the inversion helpers;
-            ``None`` keeps the pipeline's own scheduler.
+        scheduler: a sampler of :data:`.schedulers.SCHEDULERS`, built from the pipeline's
+            scheduler config; the default DDIM (eta = 0) matches the inversion helpers. ``None``
+            keeps the pipeline's own scheduler.
+        scheduler_kwargs: extra arguments of the sampler's class.
         trust_remote_code: passed to ``from_pretrained``.
 
     Raises:
         PipelineError: missing folder / model_index.json / component folder, a file instead of a
             folder, a missing or corrupt config or weights file, unsupported class, unknown
-            dtype or scheduler.
+            dtype or scheduler, a scheduler of the other family (flow matching / DDPM) than the
+            pipeline's, ``scheduler_kwargs`` its class does not take.
 
     Example:
         >>> pipe = load_pipeline("runs/tiny_sd")  # doctest: +SKIP
@@ -152,7 +169,9 @@ def load_pipeline(
         raise PipelineError(
             f"unknown scheduler '{scheduler}'; use one of {', '.join(SCHEDULERS)} or None"
         )
-    adapter = adapter_for_name(_pipeline_class_name(name_or_path))
+    index = _pipeline_index(name_or_path)
+    adapter = adapter_for_name(index["_class_name"])
+    _check_scheduler(name_or_path, index, scheduler, scheduler_kwargs)
     if Path(name_or_path).is_dir():
         _check_components(Path(name_or_path), skipped=adapter.load_kwargs)
     try:
@@ -167,8 +186,8 @@ def load_pipeline(
             raise  # a disk or permission error: the top-level handler names its path
         raise _loading_error(name_or_path, exc) from exc
     adapter_for(pipe)  # a custom class under a supported name would be caught here
-    if scheduler is not None and not isinstance(pipe.scheduler, SCHEDULERS[scheduler]):
-        pipe.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
+    if scheduler is not None:
+        set_scheduler(pipe, scheduler, scheduler_kwargs, pipeline=name_or_path)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     logger.info("loaded %s from %s (%s, %s)", type(pipe).__name__, name_or_path, dtype, device)

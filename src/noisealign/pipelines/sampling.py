@@ -1,11 +1,14 @@
 """Generation from given initial latents, and single DDIM / DDIM-inversion steps.
 
 The initial noise is always chosen by the caller (``noisealign.noise`` or a policy), so the
-image for a (prompt, noise) pair is a deterministic function of both: DDIM with eta = 0.
+image for a (prompt, noise) pair is a deterministic function of both: DDIM with eta = 0 by
+default; :func:`generate` runs whichever sampler the pipeline holds
+(:mod:`noisealign.pipelines.schedulers`), the single steps are always DDIM.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -45,7 +48,10 @@ def generate(
 
     The image size follows from the latents; ``height`` / ``width`` (pixels), when given, are
     checked against them. ``output_type="pt"`` returns ``(B, 3, H, W)`` float32 in [0, 1] on the
-    pipeline's device. Deterministic for a DDIM scheduler (eta = 0).
+    pipeline's device. Runs the pipeline's own scheduler; ``pipe()`` multiplies the latents by
+    its ``init_noise_sigma`` (1 for DDIM, sigma_max-sized for Euler), so pass unit-variance
+    noise. Deterministic for every sampler of ``SCHEDULERS``: the noise a stochastic one (LCM)
+    adds between steps comes from :func:`step_generators`.
 
     Example:
         >>> images = generate(pipe, encode_prompts(pipe, ["a red circle"]),
@@ -68,9 +74,24 @@ def generate(
         guidance_scale=guidance_scale,
         num_inference_steps=num_inference_steps,
         output_type=output_type,
+        generator=step_generators(latents),
     )
     # float32 whatever the pipeline dtype, so judges need not care about bf16/fp16 pipelines
     return out.images.float() if output_type == "pt" else out.images
+
+
+def step_generators(latents: torch.Tensor) -> list[torch.Generator]:
+    """One CPU generator per image ``(B, C, h, w)``, seeded by a hash of its initial latents.
+
+    The noise a stochastic sampler (LCM) draws between steps then depends on the image's own
+    noise only, not on its batch or device. DDIM (eta = 0), Euler and DPM-Solver++ draw nothing
+    they use, so their images do not change.
+    """
+    generators = []
+    for x in latents.detach().to("cpu", torch.float32):
+        digest = hashlib.sha256(x.contiguous().numpy().tobytes()).digest()
+        generators.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "little")))
+    return generators
 
 
 def _guided_noise(
