@@ -7,9 +7,10 @@ Launch (any of):
 Methods (``standard``, trained ``policy`` folders, ``best_of_n``, ``early_stop``,
 ``noise_diffusion``; see :mod:`noisealign.evaluation.methods`) all start from the standard
 noise ``batch_noise(prompt_id, seed)``. The final images are scored by every judge in
-``judges`` (the first gives the alignment columns). Writes ``report.md``, ``report.json``,
-``grid_<set>.png`` and ``cost_<set>.png`` to ``output_dir`` and logs them to wandb. Finished
-methods are kept in ``rows/`` and skipped when the same recipe runs again.
+``judges`` (the first gives the alignment columns); ``scheduler`` picks the sampler of every
+method's final images (:mod:`noisealign.pipelines.schedulers`). Writes ``report.md``,
+``report.json``, ``grid_<set>.png`` and ``cost_<set>.png`` to ``output_dir`` and logs them to
+wandb. Finished methods are kept in ``rows/`` and skipped when the same recipe runs again.
 
 With N processes (``accelerate launch --num_processes N src/noisealign/evaluate.py ...``) each
 runs a share of the batches one process would run, and the main process merges them into the

@@ -8,11 +8,14 @@ Launch (any of):
         --output_dir out/
     accelerate launch --num_processes 8 src/noisealign/generate.py --projector ... --prompt ... \\
         --seed 0 1 2 3
+    noisealign generate --projector ... --prompt ... --seed 0 --scheduler dpmsolver++ \\
+        --num_inference_steps 10
 
 The pipeline defaults to the one recorded in the projector folder; a pipeline whose text
 embeddings or latent shape differ from it fails with a one-line :class:`PipelineError`. Each
 (prompt, seed) gives ``NNN_seedS.png`` (projected), plus ``NNN_seedS_standard.png`` or, with
-``side_by_side``, one ``NNN_seedS_side_by_side.png`` (standard | projected). In Python:
+``side_by_side``, one ``NNN_seedS_side_by_side.png`` (standard | projected), both from the
+recipe's ``scheduler`` (DDIM unless set; :mod:`noisealign.pipelines.schedulers`). In Python:
 ``pipe(prompts, latents=noisealign.policies.apply_policy(pipe, projector, prompts, seeds))``.
 
 The device is accelerate's (a GPU when there is one; ``accelerate launch --cpu`` or
