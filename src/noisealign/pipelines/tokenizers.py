@@ -1,9 +1,10 @@
-"""Build a CLIP BPE tokenizer offline for a small vocabulary (toy world and tests).
+"""Build CLIP BPE and T5 Unigram tokenizers offline for a small vocabulary (toy world and tests).
 
-The files follow the format of ``openai/clip-vit-*``: ``vocab.json`` with the 256 byte-level
-symbols (plain and word-final ``</w>``), one merge chain per word so that every listed word
-is a single token, and the two special tokens. ``CLIPTokenizer.from_pretrained(folder)``
-loads it like a hub tokenizer, with character offsets.
+The CLIP files follow the format of ``openai/clip-vit-*``: ``vocab.json`` with the 256
+byte-level symbols (plain and word-final ``</w>``), one merge chain per word so that every
+listed word is a single token, and the two special tokens. ``CLIPTokenizer.from_pretrained(folder)``
+loads it like a hub tokenizer, with character offsets. The T5 one (SD3's third tokenizer) is a
+``tokenizers`` Unigram model saved as ``tokenizer.json``, no sentencepiece file needed.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from transformers import CLIPTokenizer
+from transformers import CLIPTokenizer, T5Tokenizer
 
 
 def _byte_symbols() -> list[str]:
@@ -108,5 +109,28 @@ def build_clip_tokenizer(
     if split:
         raise RuntimeError(
             f"tokenizer in {folder} splits words that should be single tokens: {split[:5]}"
+        )
+    return tokenizer
+
+
+def build_t5_tokenizer(
+    words: Iterable[str], folder: str | Path, model_max_length: int = 256
+) -> T5Tokenizer:
+    """Write a T5 tokenizer whose vocabulary holds ``words`` as whole ``▁word`` pieces; load it
+    back.
+
+    Ids follow T5's layout (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2); single letters, scored below
+    every word, spell out any other lower-case word instead of mapping it to ``<unk>``. No
+    sentinel (``<extra_id_*>``) tokens: a text encoder never sees them.
+    """
+    folder = Path(folder)
+    letters = [(chr(c), -10.0) for c in range(ord("a"), ord("z") + 1)]
+    pieces = [("▁" + w, -1.0) for w in dict.fromkeys(w.lower() for w in words)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0), *letters, *pieces]
+    T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=model_max_length).save_pretrained(folder)
+    tokenizer = T5Tokenizer.from_pretrained(folder)
+    if len(tokenizer) != len(vocab):
+        raise RuntimeError(
+            f"tokenizer in {folder} loaded {len(tokenizer)} tokens, expected {len(vocab)}"
         )
     return tokenizer

@@ -1,8 +1,11 @@
-"""Tiny Stable Diffusion and SDXL pipelines from configs, with random seeded weights, offline.
+"""Tiny Stable Diffusion, SDXL and SD3 pipelines from configs, with random seeded weights, offline.
 
 Shapes mirror the real families at toy scale: CLIP text encoders of 2 layers x 32 hidden,
 a ~1.5 M-parameter UNet on 16x16 latents, a VAE with two blocks (scale factor 2, so 32x32
-images) and a DDIM scheduler. Generating a batch takes a fraction of a second on a CPU.
+images) and a DDIM scheduler. SD3's replica has the real classes too: a 2-layer
+``SD3Transformer2DModel`` on 16-channel latents, two CLIP encoders with projection, a T5
+encoder of 96 hidden and a flow-matching Euler scheduler. Generating a batch takes a fraction
+of a second on a CPU.
 
 Example:
     >>> from noisealign.testing.pipelines import build_tiny_sd_pipeline
@@ -15,18 +18,29 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+)
 
-from ..pipelines.tokenizers import build_clip_tokenizer
+from ..pipelines.tokenizers import build_clip_tokenizer, build_t5_tokenizer
 
 # Whole-word tokens of the tiny tokenizer: enough for the prompts tests and examples write.
 TINY_VOCAB: tuple[str, ...] = tuple(
@@ -68,7 +82,7 @@ def _text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
     )
 
 
-def _vae() -> AutoencoderKL:
+def _vae(latent_channels: int = 4, **extra: object) -> AutoencoderKL:
     # two blocks -> vae_scale_factor 2**(2-1) = 2
     return AutoencoderKL(
         block_out_channels=(16, 32),
@@ -76,9 +90,10 @@ def _vae() -> AutoencoderKL:
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         sample_size=LATENT_SIZE * 2,
+        **extra,
     )
 
 
@@ -110,9 +125,7 @@ def _unet(cross_attention_dim: int, **extra: object) -> UNet2DConditionModel:
     )
 
 
-def _finish(
-    pipe: StableDiffusionPipeline | StableDiffusionXLPipeline, folder: str | Path | None
-) -> None:
+def _finish(pipe: Any, folder: str | Path | None) -> None:
     pipe.set_progress_bar_config(disable=True)
     if folder is not None:
         pipe.save_pretrained(folder)
@@ -174,6 +187,79 @@ def build_tiny_sdxl_pipeline(
             scheduler=_scheduler(),
             force_zeros_for_empty_prompt=True,
             add_watermarker=False,
+        )
+        _finish(pipe, folder)
+    return pipe
+
+
+# SD3 zero-pads the two CLIP encoders' features (2 x 32 here, 768 + 1280 in SD3) to T5's width
+# (4096 in SD3); wider here too, so the padding is there to see
+T5_HIDDEN = 96
+
+
+def _sd3_transformer() -> SD3Transformer2DModel:
+    return SD3Transformer2DModel(
+        sample_size=LATENT_SIZE,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=T5_HIDDEN,  # the joint CLIP/T5 sequence's width
+        caption_projection_dim=32,  # = heads x head dim, as in SD3
+        pooled_projection_dim=2 * TEXT_HIDDEN,  # the two CLIP projections concatenated
+        pos_embed_max_size=LATENT_SIZE,  # patches per side: images up to 64 pixels
+    )
+
+
+def _t5_encoder(vocab_size: int) -> T5EncoderModel:
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=T5_HIDDEN,
+        d_kv=16,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return T5EncoderModel(config).eval()
+
+
+def build_tiny_sd3_pipeline(
+    folder: str | Path | None = None, *, seed: int = 0
+) -> StableDiffusion3Pipeline:
+    """A tiny ``StableDiffusion3Pipeline`` (CLIP-L/CLIP-G/T5 text, 16-channel flow-matching
+    latents); saved to ``folder`` if given. Weights depend only on ``seed``.
+
+    The T5 tokenizer pads to 256 tokens like ``pipe(prompt)``'s ``max_sequence_length``, so the
+    joint sequence is 77 + 256 tokens of width 96.
+    """
+    with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng(devices=[]):
+        tokenizer = build_clip_tokenizer(TINY_VOCAB, Path(tmp) / "tokenizer")
+        tokenizer_2 = build_clip_tokenizer(TINY_VOCAB, Path(tmp) / "tokenizer_2")
+        tokenizer_3 = build_t5_tokenizer(TINY_VOCAB, Path(tmp) / "tokenizer_3")
+        torch.manual_seed(seed)
+        pipe = StableDiffusion3Pipeline(
+            transformer=_sd3_transformer(),
+            # SD3-medium's scheduler shift, and its VAE's latent scaling, shift and no quant convs
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            vae=_vae(
+                16,
+                scaling_factor=1.5305,
+                shift_factor=0.0609,
+                use_quant_conv=False,
+                use_post_quant_conv=False,
+            ),
+            text_encoder=CLIPTextModelWithProjection(_text_config(tokenizer)).eval(),
+            tokenizer=tokenizer,
+            text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer_2)).eval(),
+            tokenizer_2=tokenizer_2,
+            text_encoder_3=_t5_encoder(len(tokenizer_3)),
+            tokenizer_3=tokenizer_3,
         )
         _finish(pipe, folder)
     return pipe
