@@ -2,7 +2,8 @@
 generation from given noise, and single DDIM / DDIM-inversion steps.
 
 Supported families are the keys of :data:`noisealign.pipelines.adapters.ADAPTERS`
-(``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``).
+(``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
+``StableDiffusion3Pipeline``).
 
 Example:
     >>> from noisealign.pipelines import load_pipeline, encode_prompts, latent_shape, generate

@@ -1,8 +1,8 @@
 """What differs between pipeline families: how prompts are encoded and how the UNet is conditioned.
 
 Everything else in :mod:`noisealign.pipelines` is family-agnostic and looks its adapter up in
-:data:`ADAPTERS`, a plain dict keyed by pipeline class. Supporting SD3 or FLUX later means
-writing one more adapter (their transformers take pooled embeds and no time ids), not
+:data:`ADAPTERS`, a plain dict keyed by pipeline class. SD3's adapter lives in
+:mod:`noisealign.pipelines.sd3`; supporting FLUX later means writing one more adapter, not
 touching the callers.
 """
 
@@ -11,19 +11,30 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    DiffusionPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 
 from ..errors import PipelineError
+from .sd3 import StableDiffusion3Adapter
 
 
 class PipelineAdapter(Protocol):
     """Family-specific operations on a loaded pipeline.
 
     ``load_kwargs``: extra keyword arguments for ``DiffusionPipeline.from_pretrained``.
+    ``default_scheduler``: the sampler ``load_pipeline`` puts in when the caller names none.
+    ``unet_steps``: whether the hand-written DDIM steps (:mod:`.sampling`'s ``denoise_step``,
+    ``inversion_step`` and the search baselines' loop, all on ``pipe.unet``) support the family.
     Embeddings are ``(B, L, D)``, pooled embeddings ``(B, P)`` or ``None`` when the family has none.
     """
 
     load_kwargs: dict[str, Any]
+    default_scheduler: str
+    unet_steps: bool
 
     def encode(self, pipe: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(embeds, pooled)`` exactly as ``pipe(prompt)`` computes them."""
@@ -52,11 +63,25 @@ class PipelineAdapter(Protocol):
         ...
 
     def text_encoders(self, pipe: Any) -> list[torch.nn.Module]:
-        """The text encoders whose hidden states are concatenated into the embeddings."""
+        """The text encoders whose hidden states make up the embeddings."""
+        ...
+
+    def text_dim(self, pipe: Any) -> int:
+        """``D`` of the embeddings."""
+        ...
+
+    def token_streams(self, pipe: Any) -> list[tuple[Any, int]]:
+        """``(tokenizer, padded length)`` of each tokenizer whose padded token sequences,
+        concatenated in this order, are the ``L`` positions of the embeddings."""
         ...
 
     def pooled_dim(self, pipe: Any) -> int | None:
         """``P`` of the pooled embeddings, or ``None``."""
+        ...
+
+    def denoiser(self, pipe: Any) -> torch.nn.Module:
+        """The network the latents go through (UNet or transformer): its ``config.in_channels``,
+        ``config.sample_size`` and dtype are the latents'."""
         ...
 
 
@@ -65,6 +90,8 @@ class StableDiffusionAdapter:
 
     # The safety checker would replace "NSFW" images by black ones and needs a CLIP vision model.
     load_kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
+    default_scheduler = "ddim"
+    unet_steps = True
 
     def encode(self, pipe: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         embeds, _ = pipe.encode_prompt(
@@ -98,14 +125,25 @@ class StableDiffusionAdapter:
     def text_encoders(self, pipe: Any) -> list[torch.nn.Module]:
         return [pipe.text_encoder]
 
+    def text_dim(self, pipe: Any) -> int:
+        return int(pipe.text_encoder.config.hidden_size)
+
+    def token_streams(self, pipe: Any) -> list[tuple[Any, int]]:
+        return [(pipe.tokenizer, int(pipe.tokenizer.model_max_length))]
+
     def pooled_dim(self, pipe: Any) -> int | None:
         return None
+
+    def denoiser(self, pipe: Any) -> torch.nn.Module:
+        return pipe.unet
 
 
 class StableDiffusionXLAdapter:
     """SDXL: two CLIP encoders (penultimate layers concatenated), pooled projection and size ids."""
 
     load_kwargs: dict[str, Any] = {}
+    default_scheduler = "ddim"
+    unet_steps = True
 
     def encode(self, pipe: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         embeds, _, pooled, _ = pipe.encode_prompt(
@@ -161,14 +199,26 @@ class StableDiffusionXLAdapter:
     def text_encoders(self, pipe: Any) -> list[torch.nn.Module]:
         return [e for e in (pipe.text_encoder, pipe.text_encoder_2) if e is not None]
 
+    def text_dim(self, pipe: Any) -> int:
+        # both encoders' penultimate hidden states, concatenated along the features
+        return sum(int(e.config.hidden_size) for e in self.text_encoders(pipe))
+
+    def token_streams(self, pipe: Any) -> list[tuple[Any, int]]:
+        # the two tokenizers give the same positions; the first one's tokens stand for both
+        return [(pipe.tokenizer, int(pipe.tokenizer.model_max_length))]
+
     def pooled_dim(self, pipe: Any) -> int | None:
         return int(pipe.text_encoder_2.config.projection_dim)
+
+    def denoiser(self, pipe: Any) -> torch.nn.Module:
+        return pipe.unet
 
 
 # pipeline class -> adapter; the only place that knows which families are supported.
 ADAPTERS: dict[type, PipelineAdapter] = {
     StableDiffusionPipeline: StableDiffusionAdapter(),
     StableDiffusionXLPipeline: StableDiffusionXLAdapter(),
+    StableDiffusion3Pipeline: StableDiffusion3Adapter(),
 }
 
 
@@ -196,4 +246,22 @@ def adapter_for(pipe: DiffusionPipeline) -> PipelineAdapter:
     raise PipelineError(
         f"pipeline class '{type(pipe).__name__}' is not supported; supported: "
         f"{', '.join(supported_names())}"
+    )
+
+
+def denoiser(pipe: DiffusionPipeline) -> torch.nn.Module:
+    """The UNet or transformer of a loaded pipeline of a supported family."""
+    return adapter_for(pipe).denoiser(pipe)
+
+
+def check_unet_steps(pipe: DiffusionPipeline, what: str) -> None:
+    """:class:`PipelineError` naming ``what`` unless the hand-written DDIM steps support
+    ``pipe``."""
+    if adapter_for(pipe).unet_steps:
+        return
+    supported = [cls.__name__ for cls, a in ADAPTERS.items() if a.unet_steps]
+    raise PipelineError(
+        f"{what} needs a UNet, and {type(pipe).__name__} has a flow-matching transformer: the "
+        "hand-written DDIM steps (NPD re-denoise, reward inputs at input_steps > 0, the "
+        f"early-stop and Noise Diffusion searches) support {', '.join(supported)} only"
     )

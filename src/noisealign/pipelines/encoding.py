@@ -17,7 +17,7 @@ from diffusers import DiffusionPipeline
 
 from ..errors import PipelineError
 from ..noise import check_strings
-from .adapters import adapter_for
+from .adapters import adapter_for, denoiser
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +28,10 @@ class PromptEmbeddings:
 
     Attributes:
         embeds: ``(B, L, D)`` the per-token embeddings the pipeline conditions on.
-        pooled: ``(B, P)`` pooled text embeddings (SDXL's ``text_embeds``), ``None`` for SD.
-        mask: ``(B, L)`` bool attention mask of the pipeline's first tokenizer.
+        pooled: ``(B, P)`` pooled text embeddings (SDXL's ``text_embeds``, SD3's pooled
+            projections), ``None`` for SD.
+        mask: ``(B, L)`` bool attention mask of the pipeline's first tokenizer (SD3: of its
+            CLIP tokenizer, then of its T5 tokenizer).
         tokens: B lists of L token strings.
         offsets: B lists of L ``(start, end)`` character offsets into the prompt; ``(0, 0)`` for
             special and padding tokens.
@@ -71,10 +73,11 @@ class PromptEmbeddings:
         )
 
 
-def _tokenize(pipe: Any, prompts: list[str]) -> tuple[Any, list[bool]]:
-    """First tokenizer's max-length encoding with offsets, and which prompts overflow it."""
-    tokenizer = pipe.tokenizer
-    limit = tokenizer.model_max_length
+def _tokenize(
+    tokenizer: Any, limit: int, prompts: list[str]
+) -> tuple[list[list[str]], list[list[tuple[int, int]]], torch.Tensor, list[bool]]:
+    """Tokens, character offsets and attention mask of one tokenizer's encoding padded to
+    ``limit``, and which prompts overflow it."""
     batch = tokenizer(
         prompts,
         padding="max_length",
@@ -93,7 +96,9 @@ def _tokenize(pipe: Any, prompts: list[str]) -> tuple[Any, list[bool]]:
                 n,
                 limit,
             )
-    return batch, truncated
+    tokens = [tokenizer.convert_ids_to_tokens(row.tolist()) for row in batch["input_ids"]]
+    offsets = [[(int(s), int(e)) for s, e in row.tolist()] for row in batch["offset_mapping"]]
+    return tokens, offsets, batch["attention_mask"].bool(), truncated
 
 
 def check_pipe(pipe: object) -> None:
@@ -110,8 +115,10 @@ def check_pipe(pipe: object) -> None:
 def encode_prompts(pipe: DiffusionPipeline, prompts: Sequence[str]) -> PromptEmbeddings:
     """Encode ``prompts`` with the pipeline's own ``encode_prompt`` (no CFG).
 
-    The embeddings are bit-identical to those ``pipe(prompt)`` conditions on; tokens and
-    offsets come from the first tokenizer, padded to its max length like the embeddings.
+    The embeddings are bit-identical to those ``pipe(prompt)`` conditions on; tokens, offsets
+    and mask come from the first tokenizer, padded to its max length like the embeddings (for
+    SD3: the CLIP tokenizer's 77 positions, then the T5 tokenizer's 256, as in its joint
+    sequence; :mod:`noisealign.pipelines.sd3`).
 
     Example:
         >>> emb = encode_prompts(pipe, ["a red circle"])  # doctest: +SKIP
@@ -124,17 +131,20 @@ def encode_prompts(pipe: DiffusionPipeline, prompts: Sequence[str]) -> PromptEmb
     check_pipe(pipe)
     prompts = check_strings(prompts, "prompts")
     adapter = adapter_for(pipe)
-    batch, truncated = _tokenize(pipe, prompts)
+    # one stream for SD / SDXL; SD3's joint sequence is its CLIP tokens, then its T5 tokens
+    streams = [
+        _tokenize(tokenizer, limit, prompts) for tokenizer, limit in adapter.token_streams(pipe)
+    ]
     with torch.no_grad():
         embeds, pooled = adapter.encode(pipe, prompts)
-    offsets = [[(int(s), int(e)) for s, e in row.tolist()] for row in batch["offset_mapping"]]
+    rows = range(len(prompts))
     return PromptEmbeddings(
         embeds=embeds,
         pooled=pooled,
-        mask=batch["attention_mask"].bool(),
-        tokens=[pipe.tokenizer.convert_ids_to_tokens(row.tolist()) for row in batch["input_ids"]],
-        offsets=offsets,
-        truncated=truncated,
+        mask=torch.cat([mask for _, _, mask, _ in streams], dim=1),
+        tokens=[[t for tokens, _, _, _ in streams for t in tokens[i]] for i in rows],
+        offsets=[[o for _, offsets, _, _ in streams for o in offsets[i]] for i in rows],
+        truncated=[any(cut[i] for _, _, _, cut in streams) for i in rows],
     )
 
 
@@ -152,7 +162,7 @@ def negative_embeddings(pipe: DiffusionPipeline) -> tuple[torch.Tensor, torch.Te
     The empty prompt's encoding (SD) or zeros (SDXL with ``force_zeros_for_empty_prompt``);
     cached per pipeline, device and dtype because collect calls this for every batch.
     """
-    key = (str(pipe._execution_device), pipe.unet.dtype)
+    key = (str(pipe._execution_device), denoiser(pipe).dtype)
     per_pipe = _NEGATIVE_CACHE.setdefault(pipe, {})
     if key not in per_pipe:
         with torch.no_grad():

@@ -17,11 +17,12 @@ from diffusers import DiffusionPipeline
 
 from ..errors import ConfigError
 from ..noise import check_finite
+from .adapters import denoiser
 from .encoding import PromptEmbeddings, check_pipe
 
 
 def default_latent_size(pipe: Any) -> tuple[int, int]:
-    size = pipe.unet.config.sample_size
+    size = denoiser(pipe).config.sample_size
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
@@ -30,7 +31,8 @@ def latent_shape(
 ) -> tuple[int, int, int]:
     """``(C, h, w)`` of the initial latents for an image of ``height`` x ``width`` pixels.
 
-    ``None`` takes the UNet's default sample size (what ``pipe(prompt)`` draws).
+    ``None`` takes the UNet's (SD3: transformer's) default sample size (what ``pipe(prompt)``
+    draws).
     """
     check_pipe(pipe)
     height, width = pixels(height, "height"), pixels(width, "width")
@@ -44,7 +46,7 @@ def latent_shape(
             f"image size {height}x{width} must be positive multiples of the VAE scale factor "
             f"{scale} and of 8; fix the recipe's height and width"
         )
-    return (int(pipe.unet.config.in_channels), height // scale, width // scale)
+    return (int(denoiser(pipe).config.in_channels), height // scale, width // scale)
 
 
 def pixels(value: object, name: str) -> int | None:

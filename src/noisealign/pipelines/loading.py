@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from .. import dry_run
 from ..errors import PipelineError
 from .adapters import adapter_for, adapter_for_name
-from .schedulers import SCHEDULERS, check_fits, set_scheduler
+from .schedulers import FAMILY_DEFAULT, SCHEDULERS, check_fits, set_scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -119,18 +119,22 @@ def _loading_error(name_or_path: str, exc: Exception) -> PipelineError:
 
 def _check_scheduler(
     name_or_path: str, index: dict, scheduler: str | None, scheduler_kwargs: dict | None
-) -> None:
-    """The sampler against the scheduler class ``model_index.json`` names, before any weight
-    loads (:func:`set_scheduler` checks the loaded one again)."""
+) -> str | None:
+    """The sampler to load (``"default"`` resolved to the family's), checked against the scheduler
+    class ``model_index.json`` names, before any weight loads (:func:`set_scheduler` checks the
+    loaded one again)."""
     if scheduler is None:
         if scheduler_kwargs:
             raise PipelineError(
                 "scheduler_kwargs need a scheduler; pass scheduler='ddim' or another"
             )
-        return
+        return None
+    if scheduler == FAMILY_DEFAULT:
+        scheduler = adapter_for_name(index["_class_name"]).default_scheduler
     _, shipped = index.get("scheduler") or (None, None)  # [library, class], as diffusers saves it
     if shipped:
         check_fits(scheduler, shipped, name_or_path)
+    return scheduler
 
 
 def load_pipeline(
@@ -138,20 +142,20 @@ def load_pipeline(
     *,
     torch_dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
-    scheduler: str | None = "ddim",
+    scheduler: str | None = FAMILY_DEFAULT,
     scheduler_kwargs: dict | None = None,
     trust_remote_code: bool = False,
 ) -> DiffusionPipeline:
-    """Load an SD 1.x/2.x or SDXL pipeline with its progress bar and safety checker off.
+    """Load an SD 1.x/2.x, SDXL or SD3 pipeline with its progress bar and safety checker off.
 
     Args:
         name_or_path: a folder written by ``save_pretrained`` or a hub id.
-        torch_dtype: ``"float32"``, ``"float16"``, ``"bfloat16"`` (or short forms) or a
-        ``torch.dtype``.
+        torch_dtype: ``"float32"``, ``"float16"``, ``"bfloat16"`` (short forms too) or a dtype.
         device: where the pipeline's modules go.
         scheduler: a sampler of :data:`.schedulers.SCHEDULERS`, built from the pipeline's
-            scheduler config; the default DDIM (eta = 0) matches the inversion helpers. ``None``
-            keeps the pipeline's own scheduler.
+            scheduler config; ``None`` keeps the pipeline's own. The default is the family's:
+            DDIM (eta = 0, what the inversion helpers invert) for SD / SDXL, ``flow_euler`` for
+            SD3 (its FlowMatchEulerDiscreteScheduler kept as loaded; ``"ddim"`` is refused).
         scheduler_kwargs: extra arguments of the sampler's class.
         trust_remote_code: passed to ``from_pretrained``.
 
@@ -165,13 +169,14 @@ def load_pipeline(
         >>> pipe = load_pipeline("runs/tiny_sd")  # doctest: +SKIP
     """
     dtype = resolve_dtype(torch_dtype)
-    if scheduler is not None and scheduler not in SCHEDULERS:
+    if scheduler not in (None, FAMILY_DEFAULT, *SCHEDULERS):
         raise PipelineError(
-            f"unknown scheduler '{scheduler}'; use one of {', '.join(SCHEDULERS)} or None"
+            f"unknown scheduler '{scheduler}'; use one of {', '.join(SCHEDULERS)}, "
+            f"'{FAMILY_DEFAULT}' (the pipeline family's) or None"
         )
     index = _pipeline_index(name_or_path)
     adapter = adapter_for_name(index["_class_name"])
-    _check_scheduler(name_or_path, index, scheduler, scheduler_kwargs)
+    scheduler = _check_scheduler(name_or_path, index, scheduler, scheduler_kwargs)
     if Path(name_or_path).is_dir():
         _check_components(Path(name_or_path), skipped=adapter.load_kwargs)
     try:

@@ -16,7 +16,7 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler, DiffusionPipeline
 from PIL import Image
 
 from ..errors import ConfigError, PipelineError
-from .adapters import adapter_for
+from .adapters import adapter_for, check_unet_steps, denoiser
 from .encoding import PromptEmbeddings, check_pipe, negative_embeddings
 from .inputs import check_latents, check_sampling, check_tensor
 
@@ -25,7 +25,7 @@ def _conditioning(
     pipe: Any, embeds: PromptEmbeddings, batch: int
 ) -> tuple[PromptEmbeddings, torch.Tensor, torch.Tensor | None]:
     """Embeddings on the pipeline's device/dtype and the negative ones expanded to ``batch``."""
-    device, dtype = pipe._execution_device, pipe.unet.dtype
+    device, dtype = pipe._execution_device, denoiser(pipe).dtype
     embeds = embeds.to(device, dtype)
     neg, neg_pooled = negative_embeddings(pipe)
     neg = neg.to(device, dtype).expand(batch, -1, -1)
@@ -68,7 +68,7 @@ def generate(
     scale = pipe.vae_scale_factor
     out = pipe(
         **adapter.call_kwargs(cond.embeds, cond.pooled, neg, neg_pooled),
-        latents=latents.to(pipe._execution_device, pipe.unet.dtype),
+        latents=latents.to(pipe._execution_device, denoiser(pipe).dtype),
         height=latents.shape[2] * scale,
         width=latents.shape[3] * scale,
         guidance_scale=guidance_scale,
@@ -103,6 +103,7 @@ def _guided_noise(
 ) -> torch.Tensor:
     """Classifier-free-guided UNet noise prediction, in float32, as ``pipe()`` computes it at one
     step."""
+    check_unet_steps(pipe, "the DDIM loop")
     adapter = adapter_for(pipe)
     cond, neg, neg_pooled = _conditioning(pipe, embeds, latents.shape[0])
     x = latents.to(pipe._execution_device, pipe.unet.dtype)
@@ -130,6 +131,7 @@ def _ddim(
 ) -> tuple[DDIMScheduler, torch.Tensor]:
     """A fresh DDIM scheduler (the pipeline's own is left untouched) and its ``step_index``-th
     timestep."""
+    check_unet_steps(pipe, "the DDIM loop")
     if not 0 <= step_index < num_inference_steps:
         raise ValueError(f"step_index {step_index} is outside [0, {num_inference_steps})")
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -154,6 +156,7 @@ def denoise_step(
     """
     check_pipe(pipe)
     check_tensor(latents)
+    check_unet_steps(pipe, "denoise_step")
     scheduler, t = _ddim(pipe, num_inference_steps, step_index)
     eps = _guided_noise(pipe, latents, embeds, t, guidance_scale)
     x = latents.to(eps.device, torch.float32)
@@ -179,6 +182,7 @@ def inversion_step(
     """
     check_pipe(pipe)
     check_tensor(latents)
+    check_unet_steps(pipe, "inversion_step")
     inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
     try:
         inverse.set_timesteps(num_inference_steps)

@@ -22,17 +22,18 @@ def pipeline_signature(pipe: DiffusionPipeline) -> dict[str, Any]:
 
     Keys: ``pipeline_class``, ``text_encoder_class`` (``"+"``-joined for several encoders),
     ``text_embed_dim`` D, ``text_length`` L, ``pooled_dim`` P or ``None``, ``latent_channels`` C,
-    ``default_latent_size`` ``[h, w]``, ``vae_scale_factor``, ``tokenizer_vocab_size``.
+    ``default_latent_size`` ``[h, w]``, ``vae_scale_factor``, ``tokenizer_vocab_size`` (of the
+    first tokenizer).
     """
     adapter = adapter_for(pipe)
     encoders = adapter.text_encoders(pipe)
     return {
         "pipeline_class": type(pipe).__name__,
         "text_encoder_class": "+".join(type(e).__name__ for e in encoders),
-        "text_embed_dim": sum(int(e.config.hidden_size) for e in encoders),
-        "text_length": int(pipe.tokenizer.model_max_length),
+        "text_embed_dim": adapter.text_dim(pipe),
+        "text_length": sum(limit for _, limit in adapter.token_streams(pipe)),
         "pooled_dim": adapter.pooled_dim(pipe),
-        "latent_channels": int(pipe.unet.config.in_channels),
+        "latent_channels": int(adapter.denoiser(pipe).config.in_channels),
         "default_latent_size": list(default_latent_size(pipe)),
         "vae_scale_factor": int(pipe.vae_scale_factor),
         "tokenizer_vocab_size": len(pipe.tokenizer),

@@ -43,6 +43,7 @@ from ..nn import CONFIG_NAME, WEIGHTS_NAME, parse_config
 from ..noise import batch_noise, check_finite, check_seeds, check_strings
 from ..pipelines import PromptEmbeddings, check_compatible, encode_prompts, latent_shape
 from ..pipelines import pipeline_signature as _signature
+from ..pipelines.adapters import denoiser
 from ..pipelines.encoding import check_pipe
 from .npnet import NPNet, NPNetConfig
 from .npnet_compat import NPNetCompat, NPNetCompatConfig
@@ -210,7 +211,7 @@ def apply_policy(
     check_pipeline(policy, pipe, "this policy")
     noise = batch_noise(ids, seeds, latent_shape(pipe, height, width))
     projected = project(policy, noise, encode_prompts(pipe, prompts))
-    device, dtype = pipe._execution_device, pipe.unet.dtype
+    device, dtype = pipe._execution_device, denoiser(pipe).dtype
     projected = projected.to(device, dtype)
     return (projected, noise.to(device, dtype)) if return_standard else projected
 
