@@ -1,11 +1,13 @@
-"""Tiny Stable Diffusion, SDXL and SD3 pipelines from configs, with random seeded weights, offline.
+"""Tiny Stable Diffusion, SDXL, SD3 and FLUX pipelines from configs, with random seeded weights,
+offline.
 
 Shapes mirror the real families at toy scale: CLIP text encoders of 2 layers x 32 hidden,
 a ~1.5 M-parameter UNet on 16x16 latents, a VAE with two blocks (scale factor 2, so 32x32
 images) and a DDIM scheduler. SD3's replica has the real classes too: a 2-layer
 ``SD3Transformer2DModel`` on 16-channel latents, two CLIP encoders with projection, a T5
-encoder of 96 hidden and a flow-matching Euler scheduler. Generating a batch takes a fraction
-of a second on a CPU.
+encoder of 96 hidden and a flow-matching Euler scheduler; FLUX's a 1 + 1-block
+``FluxTransformer2DModel`` on packed 16-channel latents, a CLIP encoder (pooled only) and the
+same T5. Generating a batch takes a fraction of a second on a CPU.
 
 Example:
     >>> from noisealign.testing.pipelines import build_tiny_sd_pipeline
@@ -25,6 +27,8 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -260,6 +264,68 @@ def build_tiny_sd3_pipeline(
             tokenizer_2=tokenizer_2,
             text_encoder_3=_t5_encoder(len(tokenizer_3)),
             tokenizer_3=tokenizer_3,
+        )
+        _finish(pipe, folder)
+    return pipe
+
+
+def _flux_transformer(guidance_embeds: bool) -> FluxTransformer2DModel:
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16 * 4,  # 2x2 patches of the 16-channel latents, packed by the pipeline
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=T5_HIDDEN,  # FLUX's text sequence is T5's alone
+        pooled_projection_dim=TEXT_HIDDEN,  # CLIP's pooled output
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),  # sums to the head dim: text position, latent row, column
+    )
+
+
+def _flux_scheduler(distilled_guidance: bool) -> FlowMatchEulerDiscreteScheduler:
+    if distilled_guidance:  # FLUX.1-dev's: the shift depends on the image's token count
+        return FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+            base_shift=0.5,
+            max_shift=1.15,
+        )
+    return FlowMatchEulerDiscreteScheduler(shift=1.0)  # FLUX.1-schnell's
+
+
+def build_tiny_flux_pipeline(
+    folder: str | Path | None = None, *, seed: int = 0, guidance_embeds: bool = True
+) -> FluxPipeline:
+    """A tiny ``FluxPipeline`` (CLIP pooled + T5 text, packed 16-channel flow-matching latents);
+    saved to ``folder`` if given. Weights depend only on ``seed``.
+
+    ``guidance_embeds=True`` builds a FLUX.1-dev-like replica (guidance-distilled: ``guidance_scale``
+    is embedded by the transformer), ``False`` a FLUX.1-schnell-like one (no guidance input). The
+    T5 tokenizer pads to 512 tokens like ``pipe(prompt)``'s ``max_sequence_length``.
+    """
+    with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng(devices=[]):
+        tokenizer = build_clip_tokenizer(TINY_VOCAB, Path(tmp) / "tokenizer")
+        tokenizer_2 = build_t5_tokenizer(TINY_VOCAB, Path(tmp) / "tokenizer_2", 512)
+        torch.manual_seed(seed)
+        pipe = FluxPipeline(
+            transformer=_flux_transformer(guidance_embeds),
+            scheduler=_flux_scheduler(guidance_embeds),
+            # FLUX.1's VAE latent scaling and shift, no quant convs
+            vae=_vae(
+                16,
+                scaling_factor=0.3611,
+                shift_factor=0.1159,
+                use_quant_conv=False,
+                use_post_quant_conv=False,
+            ),
+            text_encoder=CLIPTextModel(_text_config(tokenizer)).eval(),
+            tokenizer=tokenizer,
+            text_encoder_2=_t5_encoder(len(tokenizer_2)),
+            tokenizer_2=tokenizer_2,
         )
         _finish(pipe, folder)
     return pipe
