@@ -244,11 +244,12 @@ def test_the_hand_written_ddim_steps_refuse_sd3(pipe):
         adapter_for(pipe).unet_kwargs(pipe, emb.pooled, 32, 32)
 
 
-def test_flux_is_refused_with_the_supported_list(tmp_path):
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+def test_an_unsupported_class_is_refused_with_the_supported_list(tmp_path):
+    # FluxPipeline was the example until FLUX was supported (tests/test_flux.py)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
     with pytest.raises(PipelineError) as exc:
         load_pipeline(str(tmp_path))
     assert str(exc.value) == (
-        "pipeline class 'FluxPipeline' is not supported; supported: StableDiffusionPipeline, "
-        "StableDiffusionXLPipeline, StableDiffusion3Pipeline"
+        "pipeline class 'PixArtAlphaPipeline' is not supported; supported: StableDiffusionPipeline, "
+        "StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline"
     )

@@ -44,15 +44,14 @@ def test_folder_without_model_index(tmp_path):
 
 
 def test_unsupported_class_lists_supported(tmp_path):
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(
-        PipelineError,
-        match=(
-            "'FluxPipeline' is not supported; supported: StableDiffusionPipeline, "
-            "StableDiffusionXLPipeline"
-        ),
-    ):
+    # a diffusers class no adapter covers (FluxPipeline was the example until FLUX was supported)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
+    with pytest.raises(PipelineError) as info:
         load_pipeline(str(tmp_path))
+    assert str(info.value) == (
+        "pipeline class 'PixArtAlphaPipeline' is not supported; supported: "
+        "StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline"
+    )
 
 
 @pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")

@@ -3,7 +3,7 @@ generation from given noise, and single DDIM / DDIM-inversion steps.
 
 Supported families are the keys of :data:`noisealign.pipelines.adapters.ADAPTERS`
 (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
-``StableDiffusion3Pipeline``).
+``StableDiffusion3Pipeline``, ``FluxPipeline``).
 
 Example:
     >>> from noisealign.pipelines import load_pipeline, encode_prompts, latent_shape, generate

@@ -2,8 +2,7 @@
 
 Everything else in :mod:`noisealign.pipelines` is family-agnostic and looks its adapter up in
 :data:`ADAPTERS`, a plain dict keyed by pipeline class. SD3's adapter lives in
-:mod:`noisealign.pipelines.sd3`; supporting FLUX later means writing one more adapter, not
-touching the callers.
+:mod:`noisealign.pipelines.sd3`, FLUX's in :mod:`noisealign.pipelines.flux`.
 """
 
 from __future__ import annotations
@@ -13,12 +12,14 @@ from typing import Any, Protocol
 import torch
 from diffusers import (
     DiffusionPipeline,
+    FluxPipeline,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
 )
 
 from ..errors import PipelineError
+from .flux import FluxAdapter
 from .sd3 import StableDiffusion3Adapter
 
 
@@ -30,6 +31,8 @@ class PipelineAdapter(Protocol):
     ``unet_steps``: whether the hand-written DDIM steps (:mod:`.sampling`'s ``denoise_step``,
     ``inversion_step`` and the search baselines' loop, all on ``pipe.unet``) support the family.
     Embeddings are ``(B, L, D)``, pooled embeddings ``(B, P)`` or ``None`` when the family has none.
+    Latents are the unpacked ``(B, C, h, w)`` noise policies see; ``call_latents`` makes what
+    ``pipe(latents=...)`` takes of them (FLUX packs 2x2 patches).
     """
 
     load_kwargs: dict[str, Any]
@@ -40,19 +43,23 @@ class PipelineAdapter(Protocol):
         """``(embeds, pooled)`` exactly as ``pipe(prompt)`` computes them."""
         ...
 
-    def encode_negative(self, pipe: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode_negative(self, pipe: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(embeds, pooled)`` with batch 1 that ``pipe(prompt)`` uses when no negative prompt is
-        given."""
+        given; ``(None, None)`` for a family that runs no CFG batch (FLUX)."""
         ...
 
     def call_kwargs(
         self,
         embeds: torch.Tensor,
         pooled: torch.Tensor | None,
-        neg: torch.Tensor,
+        neg: torch.Tensor | None,
         neg_pooled: torch.Tensor | None,
     ) -> dict[str, Any]:
         """Keyword arguments of ``pipe(...)`` that pass pre-computed embeddings."""
+        ...
+
+    def call_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """``latents`` ``(B, C, h, w)`` as ``pipe(latents=...)`` takes them."""
         ...
 
     def unet_kwargs(
@@ -80,9 +87,22 @@ class PipelineAdapter(Protocol):
         ...
 
     def denoiser(self, pipe: Any) -> torch.nn.Module:
-        """The network the latents go through (UNet or transformer): its ``config.in_channels``,
-        ``config.sample_size`` and dtype are the latents'."""
+        """The network the latents go through (UNet or transformer); its dtype is theirs."""
         ...
+
+    def latent_channels(self, pipe: Any) -> int:
+        """``C`` of the unpacked latents."""
+        ...
+
+    def default_latent_size(self, pipe: Any) -> tuple[int, int]:
+        """``(h, w)`` of the latents ``pipe(prompt)`` draws when given no image size."""
+        ...
+
+
+def sample_size(denoiser: torch.nn.Module) -> tuple[int, int]:
+    """``(h, w)`` of a UNet's or SD3 transformer's ``config.sample_size`` (an int or a pair)."""
+    size = denoiser.config.sample_size
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 class StableDiffusionAdapter:
@@ -136,6 +156,15 @@ class StableDiffusionAdapter:
 
     def denoiser(self, pipe: Any) -> torch.nn.Module:
         return pipe.unet
+
+    def call_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+    def latent_channels(self, pipe: Any) -> int:
+        return int(pipe.unet.config.in_channels)
+
+    def default_latent_size(self, pipe: Any) -> tuple[int, int]:
+        return sample_size(pipe.unet)
 
 
 class StableDiffusionXLAdapter:
@@ -213,12 +242,22 @@ class StableDiffusionXLAdapter:
     def denoiser(self, pipe: Any) -> torch.nn.Module:
         return pipe.unet
 
+    def call_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+    def latent_channels(self, pipe: Any) -> int:
+        return int(pipe.unet.config.in_channels)
+
+    def default_latent_size(self, pipe: Any) -> tuple[int, int]:
+        return sample_size(pipe.unet)
+
 
 # pipeline class -> adapter; the only place that knows which families are supported.
 ADAPTERS: dict[type, PipelineAdapter] = {
     StableDiffusionPipeline: StableDiffusionAdapter(),
     StableDiffusionXLPipeline: StableDiffusionXLAdapter(),
     StableDiffusion3Pipeline: StableDiffusion3Adapter(),
+    FluxPipeline: FluxAdapter(),
 }
 
 

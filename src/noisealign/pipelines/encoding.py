@@ -29,9 +29,9 @@ class PromptEmbeddings:
     Attributes:
         embeds: ``(B, L, D)`` the per-token embeddings the pipeline conditions on.
         pooled: ``(B, P)`` pooled text embeddings (SDXL's ``text_embeds``, SD3's pooled
-            projections), ``None`` for SD.
+            projections, FLUX's CLIP pooled output), ``None`` for SD.
         mask: ``(B, L)`` bool attention mask of the pipeline's first tokenizer (SD3: of its
-            CLIP tokenizer, then of its T5 tokenizer).
+            CLIP tokenizer, then of its T5 tokenizer; FLUX: of its T5 tokenizer).
         tokens: B lists of L token strings.
         offsets: B lists of L ``(start, end)`` character offsets into the prompt; ``(0, 0)`` for
             special and padding tokens.
@@ -118,7 +118,8 @@ def encode_prompts(pipe: DiffusionPipeline, prompts: Sequence[str]) -> PromptEmb
     The embeddings are bit-identical to those ``pipe(prompt)`` conditions on; tokens, offsets
     and mask come from the first tokenizer, padded to its max length like the embeddings (for
     SD3: the CLIP tokenizer's 77 positions, then the T5 tokenizer's 256, as in its joint
-    sequence; :mod:`noisealign.pipelines.sd3`).
+    sequence, :mod:`noisealign.pipelines.sd3`; for FLUX: the T5 tokenizer's 512,
+    :mod:`noisealign.pipelines.flux`).
 
     Example:
         >>> emb = encode_prompts(pipe, ["a red circle"])  # doctest: +SKIP
@@ -155,12 +156,14 @@ _NEGATIVE_CACHE: weakref.WeakKeyDictionary[
 _NEGATIVE_CACHE = weakref.WeakKeyDictionary()
 
 
-def negative_embeddings(pipe: DiffusionPipeline) -> tuple[torch.Tensor, torch.Tensor | None]:
+def negative_embeddings(
+    pipe: DiffusionPipeline,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(embeds (1, L, D), pooled (1, P) | None)`` that ``pipe(prompt)`` uses as its unconditional
     branch.
 
     The empty prompt's encoding (SD) or zeros (SDXL with ``force_zeros_for_empty_prompt``);
-    cached per pipeline, device and dtype because collect calls this for every batch.
+    ``(None, None)`` for FLUX, which runs no unconditional branch; cached per pipeline, device and dtype because collect calls this for every batch.
     """
     key = (str(pipe._execution_device), denoiser(pipe).dtype)
     per_pipe = _NEGATIVE_CACHE.setdefault(pipe, {})

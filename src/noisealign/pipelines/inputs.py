@@ -17,13 +17,12 @@ from diffusers import DiffusionPipeline
 
 from ..errors import ConfigError
 from ..noise import check_finite
-from .adapters import denoiser
+from .adapters import adapter_for
 from .encoding import PromptEmbeddings, check_pipe
 
 
 def default_latent_size(pipe: Any) -> tuple[int, int]:
-    size = denoiser(pipe).config.sample_size
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    return adapter_for(pipe).default_latent_size(pipe)
 
 
 def latent_shape(
@@ -31,8 +30,8 @@ def latent_shape(
 ) -> tuple[int, int, int]:
     """``(C, h, w)`` of the initial latents for an image of ``height`` x ``width`` pixels.
 
-    ``None`` takes the UNet's (SD3: transformer's) default sample size (what ``pipe(prompt)``
-    draws).
+    ``None`` takes the default size of the family (what ``pipe(prompt)`` draws). FLUX's latents
+    are the unpacked ones too: ``pipe()`` sees them packed (:mod:`noisealign.pipelines.flux`).
     """
     check_pipe(pipe)
     height, width = pixels(height, "height"), pixels(width, "width")
@@ -46,7 +45,7 @@ def latent_shape(
             f"image size {height}x{width} must be positive multiples of the VAE scale factor "
             f"{scale} and of 8; fix the recipe's height and width"
         )
-    return (int(denoiser(pipe).config.in_channels), height // scale, width // scale)
+    return (adapter_for(pipe).latent_channels(pipe), height // scale, width // scale)
 
 
 def pixels(value: object, name: str) -> int | None:

@@ -146,7 +146,7 @@ def load_pipeline(
     scheduler_kwargs: dict | None = None,
     trust_remote_code: bool = False,
 ) -> DiffusionPipeline:
-    """Load an SD 1.x/2.x, SDXL or SD3 pipeline with its progress bar and safety checker off.
+    """Load an SD 1.x/2.x, SDXL, SD3 or FLUX pipeline with its progress bar and safety checker off.
 
     Args:
         name_or_path: a folder written by ``save_pretrained`` or a hub id.
@@ -155,7 +155,8 @@ def load_pipeline(
         scheduler: a sampler of :data:`.schedulers.SCHEDULERS`, built from the pipeline's
             scheduler config; ``None`` keeps the pipeline's own. The default is the family's:
             DDIM (eta = 0, what the inversion helpers invert) for SD / SDXL, ``flow_euler`` for
-            SD3 (its FlowMatchEulerDiscreteScheduler kept as loaded; ``"ddim"`` is refused).
+            SD3 and FLUX (their FlowMatchEulerDiscreteScheduler kept as loaded; ``"ddim"`` is
+            refused).
         scheduler_kwargs: extra arguments of the sampler's class.
         trust_remote_code: passed to ``from_pretrained``.
 

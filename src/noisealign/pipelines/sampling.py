@@ -23,12 +23,13 @@ from .inputs import check_latents, check_sampling, check_tensor
 
 def _conditioning(
     pipe: Any, embeds: PromptEmbeddings, batch: int
-) -> tuple[PromptEmbeddings, torch.Tensor, torch.Tensor | None]:
-    """Embeddings on the pipeline's device/dtype and the negative ones expanded to ``batch``."""
+) -> tuple[PromptEmbeddings, torch.Tensor | None, torch.Tensor | None]:
+    """Embeddings on the pipeline's device/dtype and the negative ones expanded to ``batch``
+    (``None`` for FLUX, which has none)."""
     device, dtype = pipe._execution_device, denoiser(pipe).dtype
     embeds = embeds.to(device, dtype)
     neg, neg_pooled = negative_embeddings(pipe)
-    neg = neg.to(device, dtype).expand(batch, -1, -1)
+    neg = None if neg is None else neg.to(device, dtype).expand(batch, -1, -1)
     neg_pooled = None if neg_pooled is None else neg_pooled.to(device, dtype).expand(batch, -1)
     return embeds, neg, neg_pooled
 
@@ -45,6 +46,10 @@ def generate(
     width: int | None = None,
 ) -> list[Image.Image] | torch.Tensor:
     """Images from the given initial ``latents`` ``(B, C, h, w)`` and prompt embeddings.
+
+    FLUX takes the same unpacked latents; they are packed for ``pipe()`` here. Its
+    ``guidance_scale`` is the distilled guidance the transformer embeds (FLUX.1-dev) or unused
+    (FLUX.1-schnell): FLUX runs no CFG batch.
 
     The image size follows from the latents; ``height`` / ``width`` (pixels), when given, are
     checked against them. ``output_type="pt"`` returns ``(B, 3, H, W)`` float32 in [0, 1] on the
@@ -68,7 +73,7 @@ def generate(
     scale = pipe.vae_scale_factor
     out = pipe(
         **adapter.call_kwargs(cond.embeds, cond.pooled, neg, neg_pooled),
-        latents=latents.to(pipe._execution_device, denoiser(pipe).dtype),
+        latents=adapter.call_latents(latents.to(pipe._execution_device, denoiser(pipe).dtype)),
         height=latents.shape[2] * scale,
         width=latents.shape[3] * scale,
         guidance_scale=guidance_scale,

@@ -42,7 +42,7 @@ class Sampler:
 
 DEFAULT_SCHEDULER = "ddim"
 # load_pipeline's default: the adapter's default_scheduler (DDIM for SD / SDXL, flow_euler for
-# SD3), so a stage that names no sampler loads either family; not a recipe choice
+# SD3 and FLUX), so a stage that names no sampler loads either family; not a recipe choice
 FAMILY_DEFAULT = "default"
 SCHEDULERS: dict[str, Sampler] = {
     # eta = 0: deterministic, and the sampler the inversion helpers invert

@@ -100,6 +100,16 @@ class StableDiffusion3Adapter:
     def denoiser(self, pipe: Any) -> torch.nn.Module:
         return pipe.transformer
 
+    def call_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+    def latent_channels(self, pipe: Any) -> int:
+        return int(pipe.transformer.config.in_channels)
+
+    def default_latent_size(self, pipe: Any) -> tuple[int, int]:
+        size = pipe.transformer.config.sample_size
+        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
     @staticmethod
     def _check_t5(pipe: Any) -> None:
         # without T5, encode_prompt gives zeros for its 256 positions, which no token describes

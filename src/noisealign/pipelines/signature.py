@@ -33,7 +33,7 @@ def pipeline_signature(pipe: DiffusionPipeline) -> dict[str, Any]:
         "text_embed_dim": adapter.text_dim(pipe),
         "text_length": sum(limit for _, limit in adapter.token_streams(pipe)),
         "pooled_dim": adapter.pooled_dim(pipe),
-        "latent_channels": int(adapter.denoiser(pipe).config.in_channels),
+        "latent_channels": adapter.latent_channels(pipe),
         "default_latent_size": list(default_latent_size(pipe)),
         "vae_scale_factor": int(pipe.vae_scale_factor),
         "tokenizer_vocab_size": len(pipe.tokenizer),
