@@ -154,9 +154,8 @@ def load_pipeline(
         device: where the pipeline's modules go.
         scheduler: a sampler of :data:`.schedulers.SCHEDULERS`, built from the pipeline's
             scheduler config; ``None`` keeps the pipeline's own. The default is the family's:
-            DDIM (eta = 0, what the inversion helpers invert) for SD / SDXL, ``flow_euler`` for
-            SD3 and FLUX (their FlowMatchEulerDiscreteScheduler kept as loaded; ``"ddim"`` is
-            refused).
+            DDIM (eta = 0, what the inversion helpers invert) for SD / SDXL, ``flow_euler``
+            for SD3 / FLUX (their flow-matching Euler kept as loaded; ``"ddim"`` is refused).
         scheduler_kwargs: extra arguments of the sampler's class.
         trust_remote_code: passed to ``from_pretrained``.
 
