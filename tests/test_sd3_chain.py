@@ -78,6 +78,7 @@ def test_distill_train_projector_evaluate_generate(root, signature, tmp_path):
 
     methods = {"standard": {"type": "standard"}}
     methods["projector"] = {"type": "policy", "policy": str(root / "projector")}
+    methods["best_of_2"] = {"type": "best_of_n", "n": 2}
     report = evaluate.main(
         ["--pipeline", str(root / "sd3"), "--prompt_sets"]
         + [json.dumps({"mini": str(root / "prompts.txt")}), "--seeds", "0:2", "--judges"]
@@ -85,7 +86,8 @@ def test_distill_train_projector_evaluate_generate(root, signature, tmp_path):
         + ["1", *FLOW, "--output_dir", str(tmp_path / "evaluate")]
     )
     rows = report["prompt_sets"]["mini"]["methods"]
-    assert [(m["name"], m["images"]) for m in rows] == [("standard", 4), ("projector", 4)]
+    names = [(m["name"], m["images"]) for m in rows]
+    assert names == [("standard", 4), ("projector", 4), ("best_of_2", 4)]
 
     paths = generate.main(
         ["--projector", str(root / "projector"), "--prompt", PROMPTS[0], "--seed", "0", "1"]
