@@ -32,7 +32,8 @@ from noisealign.pipelines.adapters import adapter_for
 from noisealign.pipelines.flux import pack_latents, unpack_latents
 from noisealign.policies import apply_policy, load_policy
 from noisealign.policies.pair_training import build_policy
-from noisealign.testing.pipelines import build_tiny_flux_pipeline, build_tiny_sd_pipeline
+from noisealign.testing.flow_pipelines import build_tiny_flux_pipeline
+from noisealign.testing.pipelines import build_tiny_sd_pipeline
 
 PROMPTS = ["a red circle left of a blue square", "a cat"]
 STEPS = dict(num_inference_steps=3, guidance_scale=3.5)

@@ -31,7 +31,8 @@ from noisealign.pipelines import (
 from noisealign.pipelines.adapters import adapter_for
 from noisealign.policies import apply_policy, load_policy
 from noisealign.policies.pair_training import build_policy
-from noisealign.testing.pipelines import build_tiny_sd3_pipeline, build_tiny_sd_pipeline
+from noisealign.testing.flow_pipelines import build_tiny_sd3_pipeline
+from noisealign.testing.pipelines import build_tiny_sd_pipeline
 
 PROMPTS = ["a red circle left of a blue square", "a cat"]
 STEPS = dict(num_inference_steps=3, guidance_scale=5.0)

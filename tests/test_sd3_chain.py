@@ -19,7 +19,7 @@ from noisealign.pipelines import load_pipeline, pipeline_signature
 from noisealign.policies import load_projector
 from noisealign.rewards import load_reward_model
 from noisealign.testing.feedback import FEEDBACK_PROMPTS, build_feedback_dataset
-from noisealign.testing.pipelines import build_tiny_sd3_pipeline
+from noisealign.testing.flow_pipelines import build_tiny_sd3_pipeline
 
 PROMPTS = ["a red circle", "a blue square left of a yellow triangle"]
 FLOW = ["--scheduler", "flow_euler", "--num_inference_steps", "2", "--report_to", "none"]
