@@ -163,7 +163,8 @@ def negative_embeddings(
     branch.
 
     The empty prompt's encoding (SD) or zeros (SDXL with ``force_zeros_for_empty_prompt``);
-    ``(None, None)`` for FLUX, which runs no unconditional branch; cached per pipeline, device and dtype because collect calls this for every batch.
+    ``(None, None)`` for FLUX, which runs no unconditional branch; cached per pipeline, device
+    and dtype because collect calls this for every batch.
     """
     key = (str(pipe._execution_device), denoiser(pipe).dtype)
     per_pipe = _NEGATIVE_CACHE.setdefault(pipe, {})

@@ -138,9 +138,10 @@ def build_tiny_flux_pipeline(
     """A tiny ``FluxPipeline`` (CLIP pooled + T5 text, packed 16-channel flow-matching latents);
     saved to ``folder`` if given. Weights depend only on ``seed``.
 
-    ``guidance_embeds=True`` builds a FLUX.1-dev-like replica (guidance-distilled: ``guidance_scale``
-    is embedded by the transformer), ``False`` a FLUX.1-schnell-like one (no guidance input). The
-    T5 tokenizer pads to 512 tokens like ``pipe(prompt)``'s ``max_sequence_length``.
+    ``guidance_embeds=True`` builds a FLUX.1-dev-like replica (guidance-distilled:
+    ``guidance_scale`` is embedded by the transformer), ``False`` a FLUX.1-schnell-like one (no
+    guidance input). The T5 tokenizer pads to 512 tokens like ``pipe(prompt)``'s
+    ``max_sequence_length``.
     """
     with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng(devices=[]):
         tokenizer = build_clip_tokenizer(TINY_VOCAB, Path(tmp) / "tokenizer")
