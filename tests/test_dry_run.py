@@ -33,6 +33,10 @@ def test_mirror_keeps_the_recipe_path_under_the_dry_run_folder(tmp_path):
     [
         ("stable-diffusion-v1-5/stable-diffusion-v1-5", "StableDiffusionPipeline"),
         ("stabilityai/stable-diffusion-xl-base-1.0", "StableDiffusionXLPipeline"),
+        ("stabilityai/stable-diffusion-3-medium-diffusers", "StableDiffusion3Pipeline"),
+        ("stabilityai/stable-diffusion-3.5-large", "StableDiffusion3Pipeline"),
+        ("black-forest-labs/FLUX.1-dev", "FluxPipeline"),
+        ("black-forest-labs/FLUX.1-schnell", "FluxPipeline"),
     ],
 )
 def test_pipeline_class_of_known_ids(name, expected):
@@ -46,8 +50,9 @@ def test_pipeline_class_is_read_from_a_local_model_index(tmp_path):
         json.dumps({"_class_name": "StableDiffusionXLPipeline"})
     )
     assert replicas.pipeline_class(str(folder)) == "StableDiffusionXLPipeline"
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(ConfigError, match="its class is FluxPipeline.*replicas exist for"):
+    # a diffusers class with no replica (FluxPipeline was the example until it had one)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(ConfigError, match="its class is KandinskyPipeline.*replicas exist for"):
         replicas.pipeline_class(str(folder))
 
 

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import shutil
@@ -28,6 +29,8 @@ from ..errors import ConfigError
 
 # id pattern (case-insensitive search) -> diffusers pipeline class, when no config is on disk
 KNOWN_PIPELINES: dict[str, str] = {
+    r"stable-diffusion-3|sd-?3": "StableDiffusion3Pipeline",
+    r"flux": "FluxPipeline",
     r"stable-diffusion-xl|sdxl": "StableDiffusionXLPipeline",
     r"stable-diffusion-(v1|2)|stable-diffusion-v1-5|sd-?1\.?5": "StableDiffusionPipeline",
 }
@@ -40,10 +43,13 @@ KNOWN_VLMS: dict[str, str] = {
 }
 # model_type of CLIP checkpoints
 CLIP_TYPES = ("clip",)
-# pipeline class -> its tiny builder in noisealign.testing.pipelines (imported when used)
-PIPELINE_BUILDERS: dict[str, str] = {
-    "StableDiffusionPipeline": "build_tiny_sd_pipeline",
-    "StableDiffusionXLPipeline": "build_tiny_sdxl_pipeline",
+# pipeline class -> (module of noisealign.testing, its tiny builder there), imported when used.
+# Both FLUX.1 variants get the guidance-distilled (dev-like) replica: the class is what counts.
+PIPELINE_BUILDERS: dict[str, tuple[str, str]] = {
+    "StableDiffusionPipeline": ("pipelines", "build_tiny_sd_pipeline"),
+    "StableDiffusionXLPipeline": ("pipelines", "build_tiny_sdxl_pipeline"),
+    "StableDiffusion3Pipeline": ("flow_pipelines", "build_tiny_sd3_pipeline"),
+    "FluxPipeline": ("flow_pipelines", "build_tiny_flux_pipeline"),
 }
 
 
@@ -105,21 +111,19 @@ def judge_model_type(judge: str, model: str) -> str:
     return model_type
 
 
-def _testing() -> tuple[ModuleType, ModuleType]:
-    """noisealign.testing's pipeline and VLM builders, imported here rather than at the top:
-    they import noisealign.pipelines, which imports this package."""
-    from ..testing import pipelines, vlms
-
-    return pipelines, vlms
+def _testing(module: str) -> ModuleType:
+    """A module of noisealign.testing, imported here rather than at the top: the builders
+    import noisealign.pipelines, which imports this package."""
+    return importlib.import_module(f"..testing.{module}", __package__)
 
 
 def _build_pipeline(class_name: str, folder: Path) -> None:
-    pipelines, _ = _testing()
-    getattr(pipelines, PIPELINE_BUILDERS[class_name])(folder)
+    module, builder = PIPELINE_BUILDERS[class_name]
+    getattr(_testing(module), builder)(folder)
 
 
 def _build_judge_model(model_type: str, folder: Path) -> None:
-    _, vlms = _testing()
+    vlms = _testing("vlms")
     if model_type == "clip":
         vlms.build_tiny_clip(folder)
     else:

@@ -28,7 +28,7 @@ from .replicas import slug
 
 logger = logging.getLogger("noisealign.dry_run")
 
-PIPELINE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+PIPELINE_PARTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 RANK_TIMEOUT = 300.0  # seconds the main process waits for the other ranks' summaries
 
 
