@@ -66,6 +66,17 @@ def test_unknown_ids_get_one_line_naming_the_id_and_the_fix():
         replicas.judge_model_type("vlm", "someone/vlm")
 
 
+def test_a_flux_replica_gets_the_replicas_latent_size_and_others_keep_theirs():
+    from noisealign.testing.flow_pipelines import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
+
+    flux = build_tiny_flux_pipeline()
+    assert flux.default_sample_size == 128  # FluxPipeline.__init__'s, for 1024-pixel FLUX.1
+    assert replicas.shrink_default_size(flux) == [128, 16]
+    assert flux.default_sample_size == 16
+    sd3 = build_tiny_sd3_pipeline()  # its size comes from the transformer's config: kept
+    assert replicas.shrink_default_size(sd3) is None and sd3.default_sample_size == 16
+
+
 @pytest.mark.parametrize(
     "model, expected",
     [

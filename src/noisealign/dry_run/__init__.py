@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .replicas import replica_judge_model, replica_pipeline
+from .replicas import replica_judge_model, replica_pipeline, shrink_default_size
 
 logger = logging.getLogger(__name__)
 
@@ -97,9 +97,15 @@ _TRACKED: list[tuple[str, Any]] = []
 
 
 def track(role: str, obj: Any) -> Any:
-    """Remember a loaded model for the report (a no-op outside a dry run); returns ``obj``."""
+    """Remember a loaded model for the report (a no-op outside a dry run); returns ``obj``.
+
+    A loaded pipeline (always a replica in a dry run) whose class fixes its default size in
+    ``__init__`` gets the replicas' latent size here, and the report names the change."""
     if _PLAN is not None:
         _TRACKED.append((role, obj))
+        shrunk = shrink_default_size(obj) if role == "pipeline" else None
+        if shrunk is not None:
+            _PLAN.changed["pipeline.default_sample_size"] = shrunk
     return obj
 
 

@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from filelock import FileLock
 from huggingface_hub import try_to_load_from_cache
@@ -51,6 +52,11 @@ PIPELINE_BUILDERS: dict[str, tuple[str, str]] = {
     "StableDiffusion3Pipeline": ("flow_pipelines", "build_tiny_sd3_pipeline"),
     "FluxPipeline": ("flow_pipelines", "build_tiny_flux_pipeline"),
 }
+
+# pipeline classes that fix their default latent size in __init__ rather than in a config:
+# FluxPipeline draws 128x128 latents (1024-pixel FLUX.1 images) whatever its transformer, so its
+# replica would sample at 8x the side of the others' 16x16 (a FLUX dry-run chain took 465 s)
+FIXED_DEFAULT_SIZE = ("FluxPipeline",)
 
 
 def _config_on_disk(name_or_path: str, filename: str) -> dict | None:
@@ -159,6 +165,18 @@ def replica_pipeline(root: Path, name_or_path: str) -> tuple[str, Path]:
     class_name = pipeline_class(name_or_path)
     folder = build_once(root, "pipelines", name_or_path, lambda f: _build_pipeline(class_name, f))
     return class_name, folder
+
+
+def shrink_default_size(pipe: Any) -> list[int] | None:
+    """Give a loaded replica of a :data:`FIXED_DEFAULT_SIZE` class the replicas' own latent
+    size (``noisealign.testing.pipelines.LATENT_SIZE``); ``[before, after]``, or ``None`` when
+    its class takes the size from its config (every other replica)."""
+    if type(pipe).__name__ not in FIXED_DEFAULT_SIZE:
+        return None
+    from ..testing.pipelines import LATENT_SIZE
+
+    before, pipe.default_sample_size = pipe.default_sample_size, LATENT_SIZE
+    return [before, LATENT_SIZE]
 
 
 def replica_judge_model(root: Path, judge: str, model: str) -> tuple[str, Path]:
