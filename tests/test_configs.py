@@ -120,8 +120,14 @@ def test_yaml_env_block_is_not_a_field(tmp_path):
     assert yaml.safe_load(Path(write(tmp_path, BASE)).read_text())["judge"] == "shapes"
 
 
-# latent values n of each real model (4 x 64 x 64, 4 x 128 x 128), for the RPO balance below
-REAL_PROJECTOR_RECIPES = {"sd15": 4 * 64 * 64, "sdxl": 4 * 128 * 128}
+# latent values n of each real model (4 x 64 x 64, 4 x 128 x 128, 16 x 128 x 128 for SD3-medium
+# and FLUX.1 at 1024 px), for the RPO balance below
+REAL_PROJECTOR_RECIPES = {
+    "sd15": 4 * 64 * 64,
+    "sdxl": 4 * 128 * 128,
+    "sd3": 16 * 128 * 128,
+    "flux": 16 * 128 * 128,
+}
 
 
 @pytest.mark.parametrize("model", sorted(REAL_PROJECTOR_RECIPES))

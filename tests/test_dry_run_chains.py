@@ -1,6 +1,8 @@
-"""Every shipped SD1.5 / SDXL recipe dry-runs as a chain (1 process), and a stage on 2 processes.
+"""Every shipped SD1.5 / SDXL / SD3 / FLUX recipe dry-runs as a chain (1 process), and a stage on
+2 processes.
 
-These run the recipes as written (``recipes/sd15``, ``recipes/sdxl``) through
+These run the recipes as written (``recipes/sd15``, ``recipes/sdxl``, ``recipes/sd3``,
+``recipes/flux``) through
 ``noisealign dry_run_chain``: the real stage code on tiny random replicas of the named
 pipeline and judge classes, each stage reading the previous stages' dry-run outputs.
 """
@@ -15,7 +17,14 @@ import pytest
 from noisealign.dry_run.chain import chain, run_chain
 
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+PIPELINES = {
+    "sd15": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+    "flux": "FluxPipeline",
+}
+# the pipeline part that denoises: a UNet, or the flow models' transformer
+DENOISERS = {"sd15": "unet", "sdxl": "unet", "sd3": "transformer", "flux": "transformer"}
 
 
 def _reports(dry_run_dir: Path) -> dict[str, dict]:
@@ -28,7 +37,7 @@ def _untouched_since(folder: Path, started: float) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+@pytest.mark.parametrize("family", sorted(PIPELINES))
 def test_shipped_recipes_dry_run_as_a_chain(family, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # recipes name their prompt files relative to the repository
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -42,11 +51,15 @@ def test_shipped_recipes_dry_run_as_a_chain(family, tmp_path, monkeypatch):
         assert built["pipeline"] == PIPELINES[family], stage
         assert Path(report["output_dir"]).is_relative_to(tmp_path)
         (rank,) = report["ranks"]
-        unet = next(m for m in rank["models"] if m["role"] == "pipeline.unet")
-        assert unet["dtype"] == "bfloat16", stage  # the recipes' float16, without a GPU
-        assert unet["device"] == rank["device"] == "cpu", stage
+        role = f"pipeline.{DENOISERS[family]}"
+        denoiser = next(m for m in rank["models"] if m["role"] == role)
+        # sd15 / sdxl: the recipes' float16, without a GPU; sd3 / flux: their bfloat16
+        assert denoiser["dtype"] == "bfloat16", stage
+        assert denoiser["device"] == rank["device"] == "cpu", stage
     assert built_judges(reports["collect"])
     assert reports["train_projector"]["changed"]["max_steps"][1] == 2
+    if family == "flux":  # FluxPipeline fixes 128x128 latents in __init__; the replicas' 16 here
+        assert reports["evaluate"]["changed"]["pipeline.default_sample_size"] == [128, 16]
     assert any("loads as NoiseProjector" in line for line in reports["train_projector"]["outputs"])
     evaluate = json.loads((Path(reports["evaluate"]["output_dir"]) / "report.json").read_text())
     (results,) = evaluate["prompt_sets"].values()
