@@ -7,14 +7,18 @@ the noise): the shapes judge finds nothing on a random model's images, so collec
 no preference pairs to learn from. What this shows is that every stage runs on FLUX's shapes
 (512 T5 tokens of width 96, pooled 32, 16-channel latents packed for the pipeline), not that it
 helps. Stages without an image-size field (distill's feedback rows, train_projector, evaluate)
-draw FLUX's default 128x128 latents, which is what makes this test slow on a CPU.
+draw the pipeline's default latents, which ``FluxPipeline.__init__`` fixes at 128x128; the
+module shrinks that default to the replica's 16x16, as the dry run does
+(``noisealign.dry_run.replicas.shrink_default_size``), so the test takes seconds, not a minute.
 """
 
+import functools
 import json
 
 import datasets
 import pytest
 import torch
+from diffusers import FluxPipeline
 from PIL import Image
 
 from noisealign import collect, distill, evaluate, generate, train_projector
@@ -23,6 +27,7 @@ from noisealign.policies import load_projector
 from noisealign.rewards import load_reward_model
 from noisealign.testing.feedback import FEEDBACK_PROMPTS, build_feedback_dataset
 from noisealign.testing.flow_pipelines import build_tiny_flux_pipeline
+from noisealign.testing.pipelines import LATENT_SIZE
 
 PROMPTS = ["a red circle", "a blue square left of a yellow triangle"]
 FLOW = ["--scheduler", "flow_euler", "--num_inference_steps", "2", "--report_to", "none"]
@@ -33,7 +38,16 @@ def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("flux_chain")
     build_tiny_flux_pipeline(root / "flux")
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    return root
+    init = FluxPipeline.__init__
+
+    @functools.wraps(init)  # diffusers reads the components from __init__'s signature
+    def small_default(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.default_sample_size = LATENT_SIZE
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(FluxPipeline, "__init__", small_default)
+        yield root
 
 
 @pytest.fixture(scope="module")
