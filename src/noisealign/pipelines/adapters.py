@@ -105,13 +105,31 @@ def sample_size(denoiser: torch.nn.Module) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-class StableDiffusionAdapter:
+class UNetFamily:
+    """What the UNet families (SD, SDXL) share: DDIM by default, the hand-written DDIM steps, and
+    unpacked latents of the UNet's channels and sample size."""
+
+    default_scheduler = "ddim"
+    unet_steps = True
+
+    def denoiser(self, pipe: Any) -> torch.nn.Module:
+        return pipe.unet
+
+    def call_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+    def latent_channels(self, pipe: Any) -> int:
+        return int(pipe.unet.config.in_channels)
+
+    def default_latent_size(self, pipe: Any) -> tuple[int, int]:
+        return sample_size(pipe.unet)
+
+
+class StableDiffusionAdapter(UNetFamily):
     """SD 1.x / 2.x: one CLIP text encoder, last hidden state, no pooled embedding."""
 
     # The safety checker would replace "NSFW" images by black ones and needs a CLIP vision model.
     load_kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
-    default_scheduler = "ddim"
-    unet_steps = True
 
     def encode(self, pipe: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         embeds, _ = pipe.encode_prompt(
@@ -154,25 +172,11 @@ class StableDiffusionAdapter:
     def pooled_dim(self, pipe: Any) -> int | None:
         return None
 
-    def denoiser(self, pipe: Any) -> torch.nn.Module:
-        return pipe.unet
 
-    def call_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents
-
-    def latent_channels(self, pipe: Any) -> int:
-        return int(pipe.unet.config.in_channels)
-
-    def default_latent_size(self, pipe: Any) -> tuple[int, int]:
-        return sample_size(pipe.unet)
-
-
-class StableDiffusionXLAdapter:
+class StableDiffusionXLAdapter(UNetFamily):
     """SDXL: two CLIP encoders (penultimate layers concatenated), pooled projection and size ids."""
 
     load_kwargs: dict[str, Any] = {}
-    default_scheduler = "ddim"
-    unet_steps = True
 
     def encode(self, pipe: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         embeds, _, pooled, _ = pipe.encode_prompt(
@@ -238,18 +242,6 @@ class StableDiffusionXLAdapter:
 
     def pooled_dim(self, pipe: Any) -> int | None:
         return int(pipe.text_encoder_2.config.projection_dim)
-
-    def denoiser(self, pipe: Any) -> torch.nn.Module:
-        return pipe.unet
-
-    def call_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents
-
-    def latent_channels(self, pipe: Any) -> int:
-        return int(pipe.unet.config.in_channels)
-
-    def default_latent_size(self, pipe: Any) -> tuple[int, int]:
-        return sample_size(pipe.unet)
 
 
 # pipeline class -> adapter; the only place that knows which families are supported.
