@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from diffusers import (
+    AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
@@ -49,6 +50,17 @@ def _sd3_transformer() -> SD3Transformer2DModel:
         caption_projection_dim=32,  # = heads x head dim, as in SD3
         pooled_projection_dim=2 * TEXT_HIDDEN,  # the two CLIP projections concatenated
         pos_embed_max_size=LATENT_SIZE,  # patches per side: images up to 64 pixels
+    )
+
+
+def _flow_vae(scaling_factor: float, shift_factor: float) -> AutoencoderKL:
+    """The 16-channel VAE of SD3 and FLUX.1: their latent scaling and shift, no quant convs."""
+    return _vae(
+        16,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
     )
 
 
@@ -86,13 +98,7 @@ def build_tiny_sd3_pipeline(
             transformer=_sd3_transformer(),
             # SD3-medium's scheduler shift, and its VAE's latent scaling, shift and no quant convs
             scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-            vae=_vae(
-                16,
-                scaling_factor=1.5305,
-                shift_factor=0.0609,
-                use_quant_conv=False,
-                use_post_quant_conv=False,
-            ),
+            vae=_flow_vae(scaling_factor=1.5305, shift_factor=0.0609),
             text_encoder=CLIPTextModelWithProjection(_text_config(tokenizer)).eval(),
             tokenizer=tokenizer,
             text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer_2)).eval(),
@@ -151,13 +157,7 @@ def build_tiny_flux_pipeline(
             transformer=_flux_transformer(guidance_embeds),
             scheduler=_flux_scheduler(guidance_embeds),
             # FLUX.1's VAE latent scaling and shift, no quant convs
-            vae=_vae(
-                16,
-                scaling_factor=0.3611,
-                shift_factor=0.1159,
-                use_quant_conv=False,
-                use_post_quant_conv=False,
-            ),
+            vae=_flow_vae(scaling_factor=0.3611, shift_factor=0.1159),
             text_encoder=CLIPTextModel(_text_config(tokenizer)).eval(),
             tokenizer=tokenizer,
             text_encoder_2=_t5_encoder(len(tokenizer_2)),
