@@ -583,6 +583,11 @@ SUBPROCESS_CASES = [
         lambda t, tmp, out: generate(t, out, "--pipeline", str(t / "sdxl")),
         r"text_embed_dim: expected 32, got 64",
     ),
+    (
+        "sampler-other-family",
+        lambda t, tmp, out: evaluate(t, out, "--scheduler", "flow_euler"),
+        r"scheduler 'flow_euler' does not fit pipeline",
+    ),
 ]
 
 
