@@ -1,6 +1,6 @@
-"""The stages on tiny random SD3 and FLUX.1-dev replicas, in order: collect -> distill ->
-train_projector -> evaluate -> generate, each with the flow-matching Euler sampler where the
-recipe names one.
+"""The stages on tiny random SD3 and FLUX.1-dev replicas, in order: collect -> collect_npd ->
+distill -> train_projector -> evaluate (the searches with their own steps included) -> generate,
+each with the flow-matching Euler sampler where the recipe names one.
 
 distill trains on the synthetic feedback of :mod:`noisealign.testing.feedback` (a known rule on
 the noise): the shapes judge finds nothing on a random model's images, so collect's rows carry
@@ -24,7 +24,7 @@ import torch
 from diffusers import FluxPipeline
 from PIL import Image
 
-from noisealign import collect, distill, evaluate, generate, train_projector
+from noisealign import collect, collect_npd, distill, evaluate, generate, train_projector
 from noisealign.pipelines import load_pipeline, pipeline_signature
 from noisealign.policies import load_projector
 from noisealign.rewards import load_reward_model
@@ -92,6 +92,17 @@ def test_collect_rows_carry_the_text_tokens(root, family):
     assert torch.tensor(first["noise"]).shape == (16, 16, 16)
 
 
+def test_collect_npd_re_denoises_with_flow_matching_steps(root, family):
+    args = ["--pipeline", str(root / "pipe"), "--judge", "shapes", "--prompts"]
+    args += [str(root / "prompts.txt"), "--seeds", "0:2", "--redenoise_steps", "4"]
+    args += ["--guidance_denoise", "4.0", *FLOW, *SIZE, "--output_dir", str(root / "npd")]
+    rows = collect_npd.main(args).with_format("torch")
+    assert rows.num_rows == 4
+    source, target = rows[0]["source_noise"], rows[0]["target_noise"]
+    assert source.shape == target.shape == (16, 16, 16)
+    assert (target - source).abs().mean() > 1e-4  # one Euler step and its inverse moved it
+
+
 def test_distill_train_projector_evaluate_generate(root, family, tmp_path):
     pipe = load_pipeline(str(root / "pipe"))
     signature = pipeline_signature(pipe)
@@ -126,6 +137,8 @@ def test_distill_train_projector_evaluate_generate(root, family, tmp_path):
     methods = {"standard": {"type": "standard"}}
     methods["projector"] = {"type": "policy", "policy": str(root / "projector")}
     methods["best_of_2"] = {"type": "best_of_n", "n": 2}
+    methods["early_stop_2"] = {"type": "early_stop", "n": 2, "stop_step": 1}
+    methods["noise_diffusion"] = {"type": "noise_diffusion", "rounds": 1, "num_candidates": 2}
     report = evaluate.main(
         ["--pipeline", str(root / "pipe"), "--prompt_sets"]
         + [json.dumps({"mini": str(root / "prompts.txt")}), "--seeds", "0:2", "--judges"]
@@ -134,7 +147,15 @@ def test_distill_train_projector_evaluate_generate(root, family, tmp_path):
     )
     rows = report["prompt_sets"]["mini"]["methods"]
     names = [(m["name"], m["images"]) for m in rows]
-    assert names == [("standard", 4), ("projector", 4), ("best_of_2", 4)]
+    assert names == [
+        ("standard", 4),
+        ("projector", 4),
+        ("best_of_2", 4),
+        ("early_stop_2", 4),
+        ("noise_diffusion", 4),
+    ]
+    steps = {m["name"]: m["denoising_steps"] for m in rows}
+    assert steps["early_stop_2"] == 2 * 1 + 2 - 1 and steps["noise_diffusion"] == 2 + 2
 
     paths = generate.main(
         ["--projector", str(root / "projector"), "--prompt", PROMPTS[0], "--seed", "0", "1"]

@@ -19,10 +19,8 @@ from noisealign import generate as generate_stage
 from noisealign.errors import ConfigError, PipelineError
 from noisealign.noise import batch_noise
 from noisealign.pipelines import (
-    denoise_step,
     encode_prompts,
     generate,
-    inversion_step,
     latent_shape,
     load_pipeline,
     negative_embeddings,
@@ -252,20 +250,3 @@ def test_generate_stage_writes_pngs_with_a_flux_projector(root, pipe, tmp_path):
     paths = generate_stage.main([*args, "--output_dir", str(tmp_path / "out")])
     assert [p.name for p in paths] == ["000_seed0.png", "001_seed0.png"]
     assert Image.open(paths[0]).size == (32, 32)
-
-
-# ---- refused ------------------------------------------------------------------------------
-def test_the_hand_written_ddim_steps_refuse_flux(pipe):
-    emb, latents = encode_prompts(pipe, PROMPTS), noise(pipe)
-    tail = (
-        " needs a UNet, and FluxPipeline has a flow-matching transformer: the "
-        "hand-written DDIM steps (NPD re-denoise, reward inputs at input_steps > 0, the "
-        "early-stop and Noise Diffusion searches) support StableDiffusionPipeline, "
-        "StableDiffusionXLPipeline only"
-    )
-    for step, name in ((denoise_step, "denoise_step"), (inversion_step, "inversion_step")):
-        with pytest.raises(PipelineError) as exc:
-            step(pipe, latents, emb, **STEPS)
-        assert str(exc.value) == name + tail
-    with pytest.raises(PipelineError, match="^FluxPipeline has no UNet"):
-        adapter_for(pipe).unet_kwargs(pipe, emb.pooled, 32, 32)

@@ -27,8 +27,8 @@ from noisealign.generate import GenerateConfig
 from noisealign.noise import batch_noise
 from noisealign.pipelines import denoise_step, encode_prompts, generate, latent_shape, load_pipeline
 from noisealign.pipelines.adapters import adapter_for
-from noisealign.pipelines.sampling import _conditioning
 from noisealign.pipelines.schedulers import SCHEDULERS, set_scheduler
+from noisealign.pipelines.steps import conditioning
 from noisealign.testing.pipelines import build_tiny_sd_pipeline, build_tiny_sdxl_pipeline
 from noisealign.toy import pipeline_path
 
@@ -106,7 +106,7 @@ def test_ddim_is_todays_output_and_euler_changes_the_image():
     default = load_pipeline(toy)
     latents = noise(default)
     emb = encode_prompts(default, PROMPTS)
-    cond, neg, neg_pooled = _conditioning(default, emb, len(PROMPTS))
+    cond, neg, neg_pooled = conditioning(default, emb, len(PROMPTS))
     plain = default(
         **adapter_for(default).call_kwargs(cond.embeds, cond.pooled, neg, neg_pooled),
         latents=latents,
@@ -275,7 +275,7 @@ def test_set_scheduler_checks_a_loaded_pipeline_too(folders):
 
 
 @pytest.mark.parametrize("kind", ["early_stop", "noise_diffusion"])
-def test_methods_with_their_own_ddim_loop_refuse_another_sampler(kind):
+def test_methods_with_their_own_steps_refuse_another_sampler(kind):
     methods = {"standard": {"type": "standard"}, "search": {"type": kind}}
     with pytest.raises(ConfigError) as exc:
         EvaluateConfig(
@@ -283,8 +283,9 @@ def test_methods_with_their_own_ddim_loop_refuse_another_sampler(kind):
             methods=methods, scheduler="euler",
         )  # fmt: skip
     assert str(exc.value) == (
-        f"methods.search ({kind}) runs its own DDIM steps and cannot use scheduler 'euler'; "
-        "set scheduler: ddim or leave the method out"
+        f"methods.search ({kind}) runs its own DDIM or flow-matching Euler steps and cannot use "
+        "scheduler 'euler'; set scheduler: ddim (SD, SDXL) or flow_euler (SD3, FLUX), or leave "
+        "the method out"
     )
     # best-of-N generates every candidate with pipe(), so any sampler works
     methods["search"] = {"type": "best_of_n"}

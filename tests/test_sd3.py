@@ -19,16 +19,13 @@ from noisealign import generate as generate_stage
 from noisealign.errors import PipelineError
 from noisealign.noise import batch_noise
 from noisealign.pipelines import (
-    denoise_step,
     encode_prompts,
     generate,
-    inversion_step,
     latent_shape,
     load_pipeline,
     negative_embeddings,
     pipeline_signature,
 )
-from noisealign.pipelines.adapters import adapter_for
 from noisealign.policies import apply_policy, load_policy
 from noisealign.policies.pair_training import build_policy
 from noisealign.testing.flow_pipelines import build_tiny_sd3_pipeline
@@ -229,22 +226,6 @@ def test_generate_stage_writes_pngs_with_an_sd3_projector(root, tmp_path):
 
 
 # ---- refused ------------------------------------------------------------------------------
-def test_the_hand_written_ddim_steps_refuse_sd3(pipe):
-    emb, latents = encode_prompts(pipe, PROMPTS), noise(pipe)
-    tail = (
-        " needs a UNet, and StableDiffusion3Pipeline has a flow-matching transformer: the "
-        "hand-written DDIM steps (NPD re-denoise, reward inputs at input_steps > 0, the "
-        "early-stop and Noise Diffusion searches) support StableDiffusionPipeline, "
-        "StableDiffusionXLPipeline only"
-    )
-    for step, name in ((denoise_step, "denoise_step"), (inversion_step, "inversion_step")):
-        with pytest.raises(PipelineError) as exc:
-            step(pipe, latents, emb, **STEPS)
-        assert str(exc.value) == name + tail
-    with pytest.raises(PipelineError, match="^StableDiffusion3Pipeline has no UNet"):
-        adapter_for(pipe).unet_kwargs(pipe, emb.pooled, 32, 32)
-
-
 def test_an_unsupported_class_is_refused_with_the_supported_list(tmp_path):
     # FluxPipeline was the example until FLUX was supported (tests/test_flux.py)
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))

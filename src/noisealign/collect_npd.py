@@ -40,10 +40,10 @@ class CollectNPDConfig(GenerationSettings, BaseConfig):
     """Recipe of the collect_npd stage (the judge scores both images of a pair)."""
 
     redenoise_steps: int = arg(10, min=1)
-    """Length of the DDIM schedule whose first step re-denoise sampling takes (paper: 10 for SDXL).
-    """
+    """Length of the schedule whose first step re-denoise sampling takes (paper: 10 for SDXL): DDIM,
+    or flow-matching Euler for SD3 / FLUX."""
     guidance_denoise: float = arg(5.5, min=0)
-    """ω_l: CFG of the DDIM step (paper, SDXL: 5.5)."""
+    """ω_l: CFG of the denoising step (paper, SDXL: 5.5); FLUX.1-dev's distilled guidance."""
     guidance_invert: float = arg(1.0, min=0)
     """ω_w < ω_l: CFG of the inversion step (paper: 1.0); the gap injects the prompt."""
     margin: float = 0.0

@@ -94,7 +94,8 @@ class EvaluateConfig(BaseConfig):
     """Classifier-free guidance scale, for every method."""
     scheduler: str = arg("ddim", choices=tuple(SCHEDULERS))
     """Sampler of every method's final images (ddim, euler, dpmsolver++, lcm, flow_euler), built
-    from the pipeline's scheduler config; early_stop and noise_diffusion need ddim."""
+    from the pipeline's scheduler config; early_stop and noise_diffusion need ddim (SD, SDXL) or
+    flow_euler (SD3, FLUX)."""
     scheduler_kwargs: dict = arg({})
     """Extra arguments of the scheduler's class, e.g. {"use_karras_sigmas": true} (JSON on the
     command line); keys the class does not take are refused."""

@@ -11,13 +11,13 @@ from noisealign.baselines import (
     LinearPreview,
     best_of_n,
     candidate_noise,
-    ddim_loop,
     decode,
     early_stop_best_of_n,
     linear_preview,
 )
 from noisealign.noise import batch_noise, initial_noise
 from noisealign.pipelines import encode_prompts, generate, latent_shape
+from noisealign.pipelines.steps import run_steps
 
 PROMPTS = ["a red circle left of a blue square", "two cats on a bench"]
 IDS, SEEDS = ["p0", "p1"], [0, 3]
@@ -75,7 +75,7 @@ def test_early_stop_finishes_the_best_preview(tiny_pipe):
     )
     # the previews, recomputed independently: VAE decode of the predicted x0 after 2 steps
     flat = cands.flatten(0, 1)
-    trace = ddim_loop(tiny_pipe, emb.select([0, 0, 0, 1, 1, 1]), flat, stop=2, **STEPS)
+    trace = run_steps(tiny_pipe, emb.select([0, 0, 0, 1, 1, 1]), flat, stop=2, **STEPS)
     previews = judge.score_tensor(decode(tiny_pipe, trace.pred_x0), PROMPTS).view(2, 3)
     assert out.extras["chosen"] == previews.argmax(1).tolist()
     assert np.allclose(out.extras["scores"], previews.detach().numpy(), atol=0.02)
@@ -112,7 +112,7 @@ def test_linear_preview_is_fitted_once_and_approximates_the_vae(tiny_sd):
     assert isinstance(preview, LinearPreview) and linear_preview(tiny_sd) is preview
     assert preview.weight.shape == (4, 3) and preview.bias.shape == (3,)
     assert preview.size == (32, 32)
-    latents = ddim_loop(
+    latents = run_steps(
         tiny_sd,
         encode_prompts(tiny_sd, [""] * 2),
         batch_noise(["x", "y"], [0, 0], (4, 16, 16)),

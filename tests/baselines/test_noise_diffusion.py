@@ -9,8 +9,6 @@ import torch
 from fake_judges import BrightnessJudge, ScriptedJudge
 
 from noisealign.baselines import (
-    ddim_loop,
-    ddim_replay,
     decode,
     noise_diffusion,
     score_and_gradient,
@@ -20,6 +18,7 @@ from noisealign.baselines import (
 from noisealign.errors import JudgeError
 from noisealign.noise import batch_noise, distribution_preserving_mix, initial_noise
 from noisealign.pipelines import encode_prompts, generate, latent_shape
+from noisealign.pipelines.steps import replay_steps, run_steps
 
 PROMPTS = ["a red circle left of a blue square", "two cats on a bench"]
 IDS, SEEDS = ["p0", "p1"], [0, 3]
@@ -31,17 +30,17 @@ def test_replay_reproduces_the_forward_pass_and_its_gradient_matches_finite_diff
     noise = batch_noise(IDS, SEEDS, latent_shape(tiny_pipe))
     judge = BrightnessJudge()
     with torch.no_grad():
-        trace = ddim_loop(tiny_pipe, emb, noise, record=True, **STEPS)
+        trace = run_steps(tiny_pipe, emb, noise, record=True, **STEPS)
     assert len(trace.model_outputs) == 3
     assert torch.equal(
-        ddim_replay(tiny_pipe, noise, trace.model_outputs, num_inference_steps=3), trace.latents
+        replay_steps(tiny_pipe, noise, trace.model_outputs, num_inference_steps=3), trace.latents
     )
     score, grad = score_and_gradient(tiny_pipe, emb, PROMPTS, noise, judge, **STEPS)
     assert grad.shape == noise.shape and grad.abs().sum() > 0
 
     def replayed_score(z: torch.Tensor) -> torch.Tensor:  # eps held fixed, as the paper does
         with torch.no_grad():
-            final = ddim_replay(tiny_pipe, z, trace.model_outputs, num_inference_steps=3)
+            final = replay_steps(tiny_pipe, z, trace.model_outputs, num_inference_steps=3)
             return judge.score_tensor(decode(tiny_pipe, final), PROMPTS).double()
 
     assert torch.allclose(score, replayed_score(noise).float(), atol=1e-6)

@@ -23,8 +23,6 @@ from .best_of_n import (
 from .common import (
     MethodOutput,
     candidate_noise,
-    ddim_loop,
-    ddim_replay,
     decode,
     upcast_vae,
 )
@@ -44,8 +42,6 @@ __all__ = [
     "best_of_n",
     "candidate_noise",
     "check_differentiable",
-    "ddim_loop",
-    "ddim_replay",
     "decode",
     "early_stop_best_of_n",
     "fit_linear_preview",

@@ -5,7 +5,8 @@ N judge calls per image.
 
 *Early-stop best-of-N*, in the spirit of NoisyCLIP (Ramos et al., arXiv 2512.08505, who
 report ~50% compute saved at ~98% of post-hoc CLIP best-of-N alignment): every candidate
-runs only the first k of T DDIM steps; the predicted x0 at step k is previewed as an image
+runs only the first k of T steps (DDIM; flow-matching Euler for SD3 / FLUX, where
+x̂0 = x_t − σ_t·v); the predicted x0 at step k is previewed as an image
 and judged; only the best candidate is finished, from where it stopped. N·k + (T − k) steps
 and N judge calls per image. Previews:
 
@@ -39,10 +40,10 @@ from ..noise import batch_noise
 from ..pipelines.encoding import PromptEmbeddings, encode_prompts
 from ..pipelines.inputs import latent_shape
 from ..pipelines.sampling import generate
+from ..pipelines.steps import run_steps
 from .common import (
     MethodOutput,
     check_batch,
-    ddim_loop,
     decode,
     judge_overall,
     to_pil,
@@ -171,21 +172,21 @@ def fit_linear_preview(pipe: DiffusionPipeline, latents: torch.Tensor) -> Linear
 
 
 _LINEAR_CACHE: weakref.WeakKeyDictionary[Any, LinearPreview] = weakref.WeakKeyDictionary()
-FIT_SAMPLES, FIT_STEPS = 8, 20  # unconditional samples and DDIM steps of the one-off fit
+FIT_SAMPLES, FIT_STEPS = 8, 20  # unconditional samples and steps of the one-off fit
 
 
 def linear_preview(pipe: DiffusionPipeline) -> LinearPreview:
     """The pipeline's :class:`LinearPreview`, fitted once and cached.
 
     Fitted on the clean latents of ``FIT_SAMPLES`` unconditional samples (empty prompt,
-    guidance 1, ``FIT_STEPS`` DDIM steps) from fixed noise keys, so it is deterministic.
+    guidance 1, ``FIT_STEPS`` steps) from fixed noise keys, so it is deterministic.
     """
     if pipe not in _LINEAR_CACHE:
         prompts = [""] * FIT_SAMPLES
         keys = [f"noisealign/linear-preview/{i}" for i in range(FIT_SAMPLES)]
         noise = batch_noise(keys, [0] * FIT_SAMPLES, latent_shape(pipe))
         with torch.no_grad():
-            trace = ddim_loop(
+            trace = run_steps(
                 pipe,
                 encode_prompts(pipe, prompts),
                 noise,
@@ -231,7 +232,7 @@ def _finish(
         owners = list(range(start, min(start + batch_size, batch)))
         latents = torch.stack([stopped[b, chosen[b]] for b in owners])
         if stop_step < steps["num_inference_steps"]:
-            latents = ddim_loop(pipe, emb.select(owners), latents, start=stop_step, **steps).latents
+            latents = run_steps(pipe, emb.select(owners), latents, start=stop_step, **steps).latents
         images += to_pil(pipe, decode(pipe, latents))
     return images
 
@@ -251,7 +252,7 @@ def early_stop_best_of_n(
     batch_size: int = 64,
     concepts: Sequence[list[Concept] | None] | None = None,
 ) -> MethodOutput:
-    """Run every candidate ``(B, N, C, h, w)`` for ``stop_step`` DDIM steps, judge previews,
+    """Run every candidate ``(B, N, C, h, w)`` for ``stop_step`` steps, judge previews,
     finish the best.
 
     The preview of a candidate is its predicted x0 after ``stop_step`` steps, decoded by the
@@ -272,7 +273,7 @@ def early_stop_best_of_n(
     for chunk in _rows(batch, n, batch_size):
         owners, chunk_prompts, chunk_concepts = _subset(prompts, concepts, chunk)
         latents = torch.stack([candidates[b, i] for b, i in chunk])
-        trace = ddim_loop(pipe, emb.select(owners), latents, stop=stop_step, **steps)
+        trace = run_steps(pipe, emb.select(owners), latents, stop=stop_step, **steps)
         previews = _preview_images(pipe, trace.pred_x0, preview)
         for row, ((b, i), score) in enumerate(
             zip(chunk, _judge(judge, n, previews, chunk_prompts, chunk_concepts))

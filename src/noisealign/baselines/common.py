@@ -1,10 +1,9 @@
-"""What every baseline shares: its output record, candidate noise, a DDIM loop and VAE decoding.
+"""What every baseline shares: its output record, candidate noise and VAE decoding.
 
-The loop is the one ``pipe()`` runs with a ``DDIMScheduler`` (eta = 0), assembled from
-:mod:`noisealign.pipelines.sampling`'s own pieces (``_ddim`` for the scheduler built from the
-pipeline's config, ``_guided_noise`` for the CFG-combined UNet prediction), but it can start
-and stop at any step and hands back the predicted x0 and the UNet outputs that the
-early-stop and Noise Diffusion baselines need.
+The early-stop and Noise Diffusion searches step through the schedule with
+:func:`noisealign.pipelines.steps.run_steps`, the loop ``pipe()`` runs with the family's sampler
+(DDIM, or flow-matching Euler for SD3 / FLUX), which can start and stop at any step and hands
+back the predicted x0 and the model outputs they need.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from ..errors import PipelineError
 from ..judges.base import Concept, Judge, score_robustly
 from ..noise import batch_noise, initial_noise
 from ..pipelines.encoding import PromptEmbeddings
-from ..pipelines.sampling import _ddim, _guided_noise
 
 
 @dataclass
@@ -71,71 +69,6 @@ def candidate_noise(
         for p, s in zip(prompt_ids, seeds)
     ]
     return torch.stack([torch.cat([f[None], o]) for f, o in zip(first, others)])
-
-
-@dataclass
-class DDIMTrace:
-    """End state of :func:`ddim_loop`: latents, last predicted x0, and the UNet outputs used.
-
-    ``latents`` and ``pred_x0`` are ``(B, C, h, w)`` float32 on the pipeline's device;
-    ``model_outputs`` holds one CFG-combined prediction per step run (empty unless recorded).
-    """
-
-    latents: torch.Tensor
-    pred_x0: torch.Tensor | None
-    model_outputs: list[torch.Tensor]
-
-
-def ddim_loop(
-    pipe: DiffusionPipeline,
-    emb: PromptEmbeddings,
-    latents: torch.Tensor,
-    *,
-    num_inference_steps: int,
-    guidance_scale: float,
-    start: int = 0,
-    stop: int | None = None,
-    record: bool = False,
-) -> DDIMTrace:
-    """Run DDIM (eta = 0) steps ``start .. stop - 1`` of a ``num_inference_steps`` schedule.
-
-    ``latents`` sit at timestep ``start`` (pure noise for 0); ``stop - start`` UNet calls.
-    From 0 to ``num_inference_steps`` this is the loop ``pipe()`` runs with a DDIM scheduler.
-    """
-    stop = num_inference_steps if stop is None else stop
-    if not 0 <= start < stop <= num_inference_steps:
-        raise ValueError(
-            "need 0 <= start < stop <= num_inference_steps, "
-            f"got {start}, {stop}, {num_inference_steps}"
-        )
-    scheduler, _ = _ddim(pipe, num_inference_steps, start)
-    x = latents.to(pipe._execution_device, torch.float32)
-    pred_x0, outputs = None, []
-    for t in scheduler.timesteps[start:stop]:
-        eps = _guided_noise(pipe, x, emb, t, guidance_scale)
-        if record:
-            outputs.append(eps)
-        x, pred_x0 = scheduler.step(eps, t, x, return_dict=False)
-    return DDIMTrace(latents=x, pred_x0=pred_x0, model_outputs=outputs)
-
-
-def ddim_replay(
-    pipe: DiffusionPipeline,
-    latents: torch.Tensor,
-    model_outputs: Sequence[torch.Tensor],
-    *,
-    num_inference_steps: int,
-) -> torch.Tensor:
-    """The DDIM update arithmetic of a recorded run, with the UNet outputs held fixed.
-
-    Differentiable with respect to ``latents`` (the UNet is not called): the final latents of
-    the run that recorded ``model_outputs``, as a function of its initial ``latents``.
-    """
-    scheduler, _ = _ddim(pipe, num_inference_steps, 0)
-    x = latents
-    for t, eps in zip(scheduler.timesteps, model_outputs, strict=True):
-        x = scheduler.step(eps, t, x, return_dict=False)[0]
-    return x
 
 
 def needs_upcast(pipe: DiffusionPipeline) -> bool:
@@ -193,7 +126,10 @@ def decode(pipe: DiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
 
 
 def _unscale(config: Any, x: torch.Tensor) -> torch.Tensor:
-    """The VAE's latents from the pipeline's: undo ``scaling_factor`` (and SDXL-style mean/std)."""
+    """The VAE's latents from the pipeline's: undo ``scaling_factor`` and SDXL-style mean/std, or
+    SD3 / FLUX's ``shift_factor``."""
+    if config.get("shift_factor") is not None:
+        return x / config.scaling_factor + config.shift_factor
     if config.latents_mean is not None and config.latents_std is not None:
         mean = x.new_tensor(config.latents_mean).view(1, -1, 1, 1)
         std = x.new_tensor(config.latents_std).view(1, -1, 1, 1)

@@ -10,8 +10,9 @@ One round, for current noise z with final image I(z) and judge score s = s(I(z))
     z  ← √(1−γ)·z + √γ·σ*                          (= z + v_*, still N(0, I))
 
 ∇_z s is taken, as in the paper, through a replay of the sampler with the UNet's
-(CFG-combined) predictions of the forward pass held fixed: only the DDIM update arithmetic,
-the VAE decoder and the judge are differentiated. With the predictions fixed, DDIM (eta = 0,
+(CFG-combined) predictions of the forward pass held fixed: only the sampler's update
+arithmetic (DDIM, or flow-matching Euler for SD3 / FLUX), the VAE decoder and the judge are
+differentiated. With the predictions fixed, either sampler (DDIM at eta = 0,
 no clipping) is affine in z, so this gradient is a positive multiple of ∂s/∂x₀ — and the
 selection rule is invariant to that scale.
 
@@ -39,11 +40,10 @@ from ..errors import JudgeError
 from ..judges.base import Judge
 from ..noise import distribution_preserving_mix, initial_noise
 from ..pipelines.encoding import PromptEmbeddings
+from ..pipelines.steps import replay_steps, run_steps
 from .common import (
     MethodOutput,
     check_batch,
-    ddim_loop,
-    ddim_replay,
     decode,
     to_pil,
     upcast_vae,
@@ -108,7 +108,7 @@ def score_and_gradient(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(s (B,), ∇_z s (B, C, h, w))`` on CPU, float32, through the fixed-prediction replay."""
     with torch.no_grad():
-        trace = ddim_loop(
+        trace = run_steps(
             pipe,
             emb,
             noise,
@@ -119,7 +119,7 @@ def score_and_gradient(
     # the backward pass runs inside the upcast, so it reads the float32 VAE its graph saved
     with torch.enable_grad(), upcast_vae(pipe):
         z = noise.to(pipe._execution_device, torch.float32).requires_grad_(True)
-        final = ddim_replay(pipe, z, trace.model_outputs, num_inference_steps=num_inference_steps)
+        final = replay_steps(pipe, z, trace.model_outputs, num_inference_steps=num_inference_steps)
         score = judge.score_tensor(decode(pipe, final), list(prompts))
         (grad,) = torch.autograd.grad(score.sum(), z)
     return score.detach().float().cpu(), grad.float().cpu()
@@ -214,7 +214,7 @@ def noise_diffusion(
                 extras["gammas"][b].append(float(gamma[row]))
                 extras["chosen"][b].append(int(index[row]))
         with torch.no_grad():
-            final = ddim_loop(pipe, chunk_emb, z[rows], **steps).latents
+            final = run_steps(pipe, chunk_emb, z[rows], **steps).latents
             images += to_pil(pipe, decode(pipe, final))
     return MethodOutput(
         images=images,

@@ -161,18 +161,21 @@ METHODS: dict[str, Callable[..., Run]] = {
 }
 
 
-# methods that run their own DDIM loop (previews, finish, the gradient replay) instead of pipe():
-# under another sampler they would not be compared on the other methods' sampler
-DDIM_ONLY = ("early_stop", "noise_diffusion")
+# methods that run their own steps (previews, finish, the gradient replay) instead of pipe():
+# they run the family's sampler (noisealign.pipelines.steps), so under another one they would
+# not be compared on the other methods' sampler
+OWN_STEPS = ("early_stop", "noise_diffusion")
+STEPPING_SAMPLERS = ("ddim", "flow_euler")
 
 
 def check_sampler(label: str, kind: str, scheduler: str) -> None:
     """:class:`ConfigError` if recipe entry ``methods.<label>`` of type ``kind`` cannot run under
     the recipe's ``scheduler``."""
-    if kind in DDIM_ONLY and scheduler != "ddim":
+    if kind in OWN_STEPS and scheduler not in STEPPING_SAMPLERS:
         raise ConfigError(
-            f"methods.{label} ({kind}) runs its own DDIM steps and cannot use scheduler "
-            f"'{scheduler}'; set scheduler: ddim or leave the method out"
+            f"methods.{label} ({kind}) runs its own DDIM or flow-matching Euler steps and cannot "
+            f"use scheduler '{scheduler}'; set scheduler: ddim (SD, SDXL) or flow_euler (SD3, "
+            "FLUX), or leave the method out"
         )
 
 

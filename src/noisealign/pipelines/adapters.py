@@ -1,8 +1,9 @@
 """What differs between pipeline families: how prompts are encoded and how the UNet is conditioned.
 
 Everything else in :mod:`noisealign.pipelines` is family-agnostic and looks its adapter up in
-:data:`ADAPTERS`, a plain dict keyed by pipeline class. SD3's adapter lives in
-:mod:`noisealign.pipelines.sd3`, FLUX's in :mod:`noisealign.pipelines.flux`.
+:data:`ADAPTERS`, a plain dict keyed by pipeline class. The SD and SDXL adapters live in
+:mod:`noisealign.pipelines.unet`, SD3's in :mod:`noisealign.pipelines.sd3`, FLUX's in
+:mod:`noisealign.pipelines.flux`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from diffusers import (
 from ..errors import PipelineError
 from .flux import FluxAdapter
 from .sd3 import StableDiffusion3Adapter
+from .unet import StableDiffusionAdapter, StableDiffusionXLAdapter
 
 
 class PipelineAdapter(Protocol):
@@ -28,8 +30,6 @@ class PipelineAdapter(Protocol):
 
     ``load_kwargs``: extra keyword arguments for ``DiffusionPipeline.from_pretrained``.
     ``default_scheduler``: the sampler ``load_pipeline`` puts in when the caller names none.
-    ``unet_steps``: whether the hand-written DDIM steps (:mod:`.sampling`'s ``denoise_step``,
-    ``inversion_step`` and the search baselines' loop, all on ``pipe.unet``) support the family.
     Embeddings are ``(B, L, D)``, pooled embeddings ``(B, P)`` or ``None`` when the family has none.
     Latents are the unpacked ``(B, C, h, w)`` noise policies see; ``call_latents`` makes what
     ``pipe(latents=...)`` takes of them (FLUX packs 2x2 patches).
@@ -37,7 +37,6 @@ class PipelineAdapter(Protocol):
 
     load_kwargs: dict[str, Any]
     default_scheduler: str
-    unet_steps: bool
 
     def encode(self, pipe: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(embeds, pooled)`` exactly as ``pipe(prompt)`` computes them."""
@@ -62,11 +61,23 @@ class PipelineAdapter(Protocol):
         """``latents`` ``(B, C, h, w)`` as ``pipe(latents=...)`` takes them."""
         ...
 
-    def unet_kwargs(
-        self, pipe: Any, pooled: torch.Tensor | None, height: int, width: int
-    ) -> dict[str, Any]:
-        """Extra UNet keyword arguments for a batch whose pooled embeddings are ``pooled``; pixel
-        size."""
+    def model_output(
+        self,
+        pipe: Any,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        embeds: torch.Tensor,
+        pooled: torch.Tensor | None,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """The denoiser's raw output (ε or velocity) on a batch of unpacked ``latents``, as one
+        step of ``pipe()`` calls it; the CFG batch, if any, is already in ``latents``."""
+        ...
+
+    def set_timesteps(
+        self, pipe: Any, scheduler: Any, num_inference_steps: int, latent_size: tuple[int, int]
+    ) -> None:
+        """Set ``scheduler``'s timesteps as ``pipe()`` does for latents of ``latent_size``."""
         ...
 
     def text_encoders(self, pipe: Any) -> list[torch.nn.Module]:
@@ -97,151 +108,6 @@ class PipelineAdapter(Protocol):
     def default_latent_size(self, pipe: Any) -> tuple[int, int]:
         """``(h, w)`` of the latents ``pipe(prompt)`` draws when given no image size."""
         ...
-
-
-def sample_size(denoiser: torch.nn.Module) -> tuple[int, int]:
-    """``(h, w)`` of a UNet's or SD3 transformer's ``config.sample_size`` (an int or a pair)."""
-    size = denoiser.config.sample_size
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-class UNetFamily:
-    """What the UNet families (SD, SDXL) share: DDIM by default, the hand-written DDIM steps, and
-    unpacked latents of the UNet's channels and sample size."""
-
-    default_scheduler = "ddim"
-    unet_steps = True
-
-    def denoiser(self, pipe: Any) -> torch.nn.Module:
-        return pipe.unet
-
-    def call_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents
-
-    def latent_channels(self, pipe: Any) -> int:
-        return int(pipe.unet.config.in_channels)
-
-    def default_latent_size(self, pipe: Any) -> tuple[int, int]:
-        return sample_size(pipe.unet)
-
-
-class StableDiffusionAdapter(UNetFamily):
-    """SD 1.x / 2.x: one CLIP text encoder, last hidden state, no pooled embedding."""
-
-    # The safety checker would replace "NSFW" images by black ones and needs a CLIP vision model.
-    load_kwargs: dict[str, Any] = {"safety_checker": None, "requires_safety_checker": False}
-
-    def encode(self, pipe: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        embeds, _ = pipe.encode_prompt(
-            prompts,
-            pipe._execution_device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=False,
-        )
-        return embeds, None
-
-    def encode_negative(self, pipe: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        _, neg = pipe.encode_prompt(
-            [""], pipe._execution_device, num_images_per_prompt=1, do_classifier_free_guidance=True
-        )
-        return neg, None
-
-    def call_kwargs(
-        self,
-        embeds: torch.Tensor,
-        pooled: torch.Tensor | None,
-        neg: torch.Tensor,
-        neg_pooled: torch.Tensor | None,
-    ) -> dict[str, Any]:
-        return {"prompt_embeds": embeds, "negative_prompt_embeds": neg}
-
-    def unet_kwargs(
-        self, pipe: Any, pooled: torch.Tensor | None, height: int, width: int
-    ) -> dict[str, Any]:
-        return {}
-
-    def text_encoders(self, pipe: Any) -> list[torch.nn.Module]:
-        return [pipe.text_encoder]
-
-    def text_dim(self, pipe: Any) -> int:
-        return int(pipe.text_encoder.config.hidden_size)
-
-    def token_streams(self, pipe: Any) -> list[tuple[Any, int]]:
-        return [(pipe.tokenizer, int(pipe.tokenizer.model_max_length))]
-
-    def pooled_dim(self, pipe: Any) -> int | None:
-        return None
-
-
-class StableDiffusionXLAdapter(UNetFamily):
-    """SDXL: two CLIP encoders (penultimate layers concatenated), pooled projection and size ids."""
-
-    load_kwargs: dict[str, Any] = {}
-
-    def encode(self, pipe: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        embeds, _, pooled, _ = pipe.encode_prompt(
-            prompts,
-            device=pipe._execution_device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=False,
-        )
-        return embeds, pooled
-
-    def encode_negative(self, pipe: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # zeros when the pipeline's force_zeros_for_empty_prompt is set (SDXL base), as pipe() does
-        _, neg, _, neg_pooled = pipe.encode_prompt(
-            [""],
-            device=pipe._execution_device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=True,
-        )
-        return neg, neg_pooled
-
-    def call_kwargs(
-        self,
-        embeds: torch.Tensor,
-        pooled: torch.Tensor | None,
-        neg: torch.Tensor,
-        neg_pooled: torch.Tensor | None,
-    ) -> dict[str, Any]:
-        return {
-            "prompt_embeds": embeds,
-            "negative_prompt_embeds": neg,
-            "pooled_prompt_embeds": pooled,
-            "negative_pooled_prompt_embeds": neg_pooled,
-        }
-
-    def unet_kwargs(
-        self, pipe: Any, pooled: torch.Tensor | None, height: int, width: int
-    ) -> dict[str, Any]:
-        if pooled is None:
-            raise ValueError(
-                "SDXL needs pooled text embeddings; encode the prompts with encode_prompts"
-            )
-        # original size, crop top-left, target size: the defaults pipe() uses for a plain call
-        time_ids = torch.tensor(
-            [[height, width, 0, 0, height, width]], dtype=pooled.dtype, device=pooled.device
-        )
-        return {
-            "added_cond_kwargs": {
-                "text_embeds": pooled,
-                "time_ids": time_ids.expand(pooled.shape[0], -1),
-            }
-        }
-
-    def text_encoders(self, pipe: Any) -> list[torch.nn.Module]:
-        return [e for e in (pipe.text_encoder, pipe.text_encoder_2) if e is not None]
-
-    def text_dim(self, pipe: Any) -> int:
-        # both encoders' penultimate hidden states, concatenated along the features
-        return sum(int(e.config.hidden_size) for e in self.text_encoders(pipe))
-
-    def token_streams(self, pipe: Any) -> list[tuple[Any, int]]:
-        # the two tokenizers give the same positions; the first one's tokens stand for both
-        return [(pipe.tokenizer, int(pipe.tokenizer.model_max_length))]
-
-    def pooled_dim(self, pipe: Any) -> int | None:
-        return int(pipe.text_encoder_2.config.projection_dim)
 
 
 # pipeline class -> adapter; the only place that knows which families are supported.
@@ -283,16 +149,3 @@ def adapter_for(pipe: DiffusionPipeline) -> PipelineAdapter:
 def denoiser(pipe: DiffusionPipeline) -> torch.nn.Module:
     """The UNet or transformer of a loaded pipeline of a supported family."""
     return adapter_for(pipe).denoiser(pipe)
-
-
-def check_unet_steps(pipe: DiffusionPipeline, what: str) -> None:
-    """:class:`PipelineError` naming ``what`` unless the hand-written DDIM steps support
-    ``pipe``."""
-    if adapter_for(pipe).unet_steps:
-        return
-    supported = [cls.__name__ for cls, a in ADAPTERS.items() if a.unet_steps]
-    raise PipelineError(
-        f"{what} needs a UNet, and {type(pipe).__name__} has a flow-matching transformer: the "
-        "hand-written DDIM steps (NPD re-denoise, reward inputs at input_steps > 0, the "
-        f"early-stop and Noise Diffusion searches) support {', '.join(supported)} only"
-    )

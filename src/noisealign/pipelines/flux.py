@@ -12,17 +12,21 @@ Policies and ``batch_noise`` work on the unpacked ``(B, C, h, w)`` noise; :func:
 turns it into what ``pipe(latents=...)`` takes (``prepare_latents`` passes given latents through
 unchanged), :func:`unpack_latents` back.
 
-What is not written for FLUX yet: the hand-written DDIM steps (``unet_steps`` is False), as for
-SD3.
+The transformer predicts the flow-matching velocity on the packed latents, at ``timestep / 1000``;
+``pipe()``'s schedule is σ = linspace(1, 1/n, n) shifted by ``mu``, which grows with the number of
+patches; :meth:`FluxAdapter.set_timesteps` sets the same for the hand-written steps of
+:mod:`noisealign.pipelines.steps`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-from ..errors import ConfigError, PipelineError
+from ..errors import ConfigError
 
 # pipe(prompt)'s default max_sequence_length: the length of the T5 sequence
 MAX_SEQUENCE_LENGTH = 512
@@ -64,7 +68,6 @@ class FluxAdapter:
 
     load_kwargs: dict[str, Any] = {}
     default_scheduler = "flow_euler"  # keeps a FlowMatchEulerDiscreteScheduler as loaded
-    unet_steps = False
 
     def encode(self, pipe: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         embeds, pooled, _ = pipe.encode_prompt(
@@ -92,10 +95,49 @@ class FluxAdapter:
     def call_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return pack_latents(latents)
 
-    def unet_kwargs(
-        self, pipe: Any, pooled: torch.Tensor | None, height: int, width: int
-    ) -> dict[str, Any]:
-        raise PipelineError("FluxPipeline has no UNet: its transformer is only run through pipe()")
+    def model_output(
+        self,
+        pipe: Any,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        embeds: torch.Tensor,
+        pooled: torch.Tensor | None,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        # the arguments FluxPipeline.__call__ (diffusers 0.42.1) gives its transformer
+        batch, _, height, width = latents.shape
+        device, dtype = latents.device, latents.dtype
+        guidance = None
+        if pipe.transformer.config.guidance_embeds:  # FLUX.1-dev; schnell has no guidance
+            guidance = torch.full([batch], guidance_scale, device=device, dtype=torch.float32)
+        out = pipe.transformer(
+            hidden_states=pack_latents(latents),
+            timestep=timestep.expand(batch).to(device, dtype) / 1000,
+            guidance=guidance,
+            pooled_projections=pooled,
+            encoder_hidden_states=embeds,
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=device, dtype=embeds.dtype),
+            img_ids=pipe._prepare_latent_image_ids(batch, height // 2, width // 2, device, dtype),
+            return_dict=False,
+        )[0]
+        return unpack_latents(out, height, width)
+
+    def set_timesteps(
+        self, pipe: Any, scheduler: Any, num_inference_steps: int, latent_size: tuple[int, int]
+    ) -> None:
+        config = scheduler.config
+        mu = calculate_shift(
+            (latent_size[0] // 2) * (latent_size[1] // 2),
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
+        if config.get("use_flow_sigmas", False):
+            scheduler.set_timesteps(num_inference_steps, mu=mu)
+            return
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        scheduler.set_timesteps(sigmas=sigmas, mu=mu)
 
     def text_encoders(self, pipe: Any) -> list[torch.nn.Module]:
         return [pipe.text_encoder, pipe.text_encoder_2]

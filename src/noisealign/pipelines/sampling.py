@@ -1,9 +1,11 @@
-"""Generation from given initial latents, and single DDIM / DDIM-inversion steps.
+"""Generation from given initial latents through ``pipe()``, and single denoising / inversion
+steps.
 
 The initial noise is always chosen by the caller (``noisealign.noise`` or a policy), so the
 image for a (prompt, noise) pair is a deterministic function of both: DDIM with eta = 0 by
-default; :func:`generate` runs whichever sampler the pipeline holds
-(:mod:`noisealign.pipelines.schedulers`), the single steps are always DDIM.
+default. :func:`generate` and :func:`pipeline_latents` run ``pipe()`` with whichever sampler the
+pipeline holds (:mod:`noisealign.pipelines.schedulers`); the single steps are the hand-written
+ones of :mod:`noisealign.pipelines.steps` (DDIM, or flow-matching Euler for SD3 / FLUX).
 """
 
 from __future__ import annotations
@@ -12,26 +14,15 @@ import hashlib
 from typing import Any
 
 import torch
-from diffusers import DDIMInverseScheduler, DDIMScheduler, DiffusionPipeline
+from diffusers import DiffusionPipeline
 from PIL import Image
 
-from ..errors import ConfigError, PipelineError
-from .adapters import adapter_for, check_unet_steps, denoiser
-from .encoding import PromptEmbeddings, check_pipe, negative_embeddings
+from ..errors import ConfigError
+from . import steps
+from .adapters import adapter_for, denoiser
+from .encoding import PromptEmbeddings, check_pipe
+from .flux import unpack_latents
 from .inputs import check_latents, check_sampling, check_tensor
-
-
-def _conditioning(
-    pipe: Any, embeds: PromptEmbeddings, batch: int
-) -> tuple[PromptEmbeddings, torch.Tensor | None, torch.Tensor | None]:
-    """Embeddings on the pipeline's device/dtype and the negative ones expanded to ``batch``
-    (``None`` for FLUX, which has none)."""
-    device, dtype = pipe._execution_device, denoiser(pipe).dtype
-    embeds = embeds.to(device, dtype)
-    neg, neg_pooled = negative_embeddings(pipe)
-    neg = None if neg is None else neg.to(device, dtype).expand(batch, -1, -1)
-    neg_pooled = None if neg_pooled is None else neg_pooled.to(device, dtype).expand(batch, -1)
-    return embeds, neg, neg_pooled
 
 
 def generate(
@@ -68,10 +59,25 @@ def generate(
         raise ConfigError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
     check_sampling(num_inference_steps, guidance_scale)
     check_latents(pipe, embeds, latents, height, width)
+    out = _call(pipe, embeds, latents, num_inference_steps, guidance_scale, output_type)
+    # float32 whatever the pipeline dtype, so judges need not care about bf16/fp16 pipelines
+    return out.float() if output_type == "pt" else out
+
+
+def _call(
+    pipe: Any,
+    embeds: PromptEmbeddings,
+    latents: torch.Tensor,
+    num_inference_steps: int,
+    guidance_scale: float,
+    output_type: str,
+    **extra: Any,
+) -> Any:
+    """``pipe(...).images`` for the unpacked initial ``latents`` and pre-computed embeddings."""
     adapter = adapter_for(pipe)
-    cond, neg, neg_pooled = _conditioning(pipe, embeds, latents.shape[0])
+    cond, neg, neg_pooled = steps.conditioning(pipe, embeds, latents.shape[0])
     scale = pipe.vae_scale_factor
-    out = pipe(
+    return pipe(
         **adapter.call_kwargs(cond.embeds, cond.pooled, neg, neg_pooled),
         latents=adapter.call_latents(latents.to(pipe._execution_device, denoiser(pipe).dtype)),
         height=latents.shape[2] * scale,
@@ -80,9 +86,50 @@ def generate(
         num_inference_steps=num_inference_steps,
         output_type=output_type,
         generator=step_generators(latents),
+        **extra,
+    ).images
+
+
+def pipeline_latents(
+    pipe: DiffusionPipeline,
+    embeds: PromptEmbeddings,
+    latents: torch.Tensor,
+    *,
+    steps_run: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+) -> list[torch.Tensor]:
+    """The latents ``pipe()`` holds after each of its first ``steps_run`` steps from ``latents``.
+
+    ``steps_run`` tensors ``(B, C, h, w)`` in the pipeline's dtype, unpacked. A
+    ``callback_on_step_end`` reads them and interrupts the call after the last one, so the
+    remaining steps and the VAE decode are not run.
+    """
+    check_pipe(pipe)
+    check_sampling(num_inference_steps, guidance_scale)
+    check_tensor(latents)
+    if not 1 <= steps_run <= num_inference_steps:
+        raise ValueError(f"steps_run must lie in [1, {num_inference_steps}], got {steps_run}")
+    h, w = latents.shape[2:]
+    seen: list[torch.Tensor] = []
+
+    def read(p: Any, index: int, timestep: Any, tensors: dict) -> dict:
+        x = tensors["latents"]
+        seen.append(x if x.dim() == 4 else unpack_latents(x, h, w))  # FLUX's are packed
+        if len(seen) == steps_run:
+            p._interrupt = True  # pipe() skips the steps left and returns the latents
+        return tensors
+
+    _call(
+        pipe,
+        embeds,
+        latents,
+        num_inference_steps,
+        guidance_scale,
+        "latent",
+        callback_on_step_end=read,
     )
-    # float32 whatever the pipeline dtype, so judges need not care about bf16/fp16 pipelines
-    return out.images.float() if output_type == "pt" else out.images
+    return seen
 
 
 def step_generators(latents: torch.Tensor) -> list[torch.Generator]:
@@ -99,51 +146,6 @@ def step_generators(latents: torch.Tensor) -> list[torch.Generator]:
     return generators
 
 
-def _guided_noise(
-    pipe: Any,
-    latents: torch.Tensor,
-    embeds: PromptEmbeddings,
-    timestep: torch.Tensor,
-    guidance_scale: float,
-) -> torch.Tensor:
-    """Classifier-free-guided UNet noise prediction, in float32, as ``pipe()`` computes it at one
-    step."""
-    check_unet_steps(pipe, "the DDIM loop")
-    adapter = adapter_for(pipe)
-    cond, neg, neg_pooled = _conditioning(pipe, embeds, latents.shape[0])
-    x = latents.to(pipe._execution_device, pipe.unet.dtype)
-    scale = pipe.vae_scale_factor
-    size = (x.shape[2] * scale, x.shape[3] * scale)
-    if guidance_scale > 1:  # pipe() skips the unconditional branch at guidance <= 1
-        x = torch.cat([x, x])
-        text = torch.cat([neg, cond.embeds])
-        pooled = None if cond.pooled is None else torch.cat([neg_pooled, cond.pooled])
-    else:
-        text, pooled = cond.embeds, cond.pooled
-    with torch.no_grad():
-        eps = pipe.unet(
-            x, timestep, encoder_hidden_states=text, **adapter.unet_kwargs(pipe, pooled, *size)
-        ).sample
-    eps = eps.float()
-    if guidance_scale > 1:
-        uncond, text_eps = eps.chunk(2)
-        eps = uncond + guidance_scale * (text_eps - uncond)
-    return eps
-
-
-def _ddim(
-    pipe: Any, num_inference_steps: int, step_index: int
-) -> tuple[DDIMScheduler, torch.Tensor]:
-    """A fresh DDIM scheduler (the pipeline's own is left untouched) and its ``step_index``-th
-    timestep."""
-    check_unet_steps(pipe, "the DDIM loop")
-    if not 0 <= step_index < num_inference_steps:
-        raise ValueError(f"step_index {step_index} is outside [0, {num_inference_steps})")
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(num_inference_steps)
-    return scheduler, scheduler.timesteps[step_index]
-
-
 def denoise_step(
     pipe: DiffusionPipeline,
     latents: torch.Tensor,
@@ -153,20 +155,19 @@ def denoise_step(
     guidance_scale: float,
     step_index: int = 0,
 ) -> torch.Tensor:
-    """One DDIM step (eta = 0) from the ``step_index``-th timestep of a ``num_inference_steps``
-    schedule.
+    """One step from the ``step_index``-th timestep of a ``num_inference_steps`` schedule: DDIM
+    (eta = 0) for SD / SDXL, flow-matching Euler for SD3 / FLUX (:mod:`.steps`).
 
-    Uses a ``DDIMScheduler`` built from the pipeline's scheduler config (whatever the pipeline's
-    own scheduler is). Returns a tensor of the input's shape, device and dtype.
+    Uses a scheduler built from the pipeline's scheduler config (whatever sampler the pipeline
+    holds). Returns a tensor of the input's shape, device and dtype.
     """
     check_pipe(pipe)
     check_tensor(latents)
-    check_unet_steps(pipe, "denoise_step")
-    scheduler, t = _ddim(pipe, num_inference_steps, step_index)
-    eps = _guided_noise(pipe, latents, embeds, t, guidance_scale)
-    x = latents.to(eps.device, torch.float32)
-    out = scheduler.step(eps, t, x).prev_sample
-    return out.to(latents.device, latents.dtype)
+    sched = steps.schedule(pipe, num_inference_steps, latents.shape[2:])
+    sched.check(step_index)
+    out = steps.guided_output(pipe, latents, embeds, sched.timesteps[step_index], guidance_scale)
+    x, _ = steps.step(sched, out, step_index, latents.to(out.device, torch.float32))
+    return x.to(latents.device, latents.dtype)
 
 
 def inversion_step(
@@ -178,29 +179,21 @@ def inversion_step(
     guidance_scale: float,
     step_index: int = 0,
 ) -> torch.Tensor:
-    """One DDIM-inversion step that undoes :func:`denoise_step` with the same ``step_index``.
+    """One inversion step that undoes :func:`denoise_step` with the same ``step_index``.
 
-    ``latents`` sit at the timestep *after* the ``step_index``-th one of the DDIM schedule; the
-    result sits at that timestep. As in diffusers' inversion loops, the UNet is evaluated at
-    the target timestep (the one the matching denoising step used), with
-    ``DDIMInverseScheduler.from_config(pipe.scheduler.config)``.
+    ``latents`` sit at the timestep *after* the ``step_index``-th one of the schedule; the
+    result sits at that timestep. As in diffusers' DDIM inversion loops, the model is evaluated
+    at the target timestep (the one the matching denoising step used); DDIM inverts with
+    ``DDIMInverseScheduler.from_config(pipe.scheduler.config)``, flow matching with the Euler
+    step taken backwards.
     """
     check_pipe(pipe)
     check_tensor(latents)
-    check_unet_steps(pipe, "inversion_step")
-    inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
-    try:
-        inverse.set_timesteps(num_inference_steps)
-    except ValueError as exc:
-        raise PipelineError(
-            f"DDIM inversion does not support this scheduler's timestep_spacing "
-            f"'{pipe.scheduler.config.timestep_spacing}'; use 'leading' or 'trailing'"
-        ) from exc
-    _, t = _ddim(pipe, num_inference_steps, step_index)
-    eps = _guided_noise(pipe, latents, embeds, t, guidance_scale)
-    x = latents.to(eps.device, torch.float32)
-    out = inverse.step(eps, int(t), x).prev_sample
-    return out.to(latents.device, latents.dtype)
+    sched = steps.schedule(pipe, num_inference_steps, latents.shape[2:])
+    sched.check(step_index)
+    out = steps.guided_output(pipe, latents, embeds, sched.timesteps[step_index], guidance_scale)
+    x = steps.invert(sched, out, step_index, latents.to(out.device, torch.float32))
+    return x.to(latents.device, latents.dtype)
 
 
 def re_denoise(
@@ -212,12 +205,15 @@ def re_denoise(
     guidance_denoise: float = 5.5,
     guidance_invert: float = 1.0,
 ) -> torch.Tensor:
-    """Golden Noise re-denoise sampling: ``x'_T = DDIM-Inversion(DDIM(x_T))`` (arXiv 2411.09502,
+    """Golden Noise re-denoise sampling: ``x'_T = Inversion(Step(x_T))`` (arXiv 2411.09502,
     Alg. 1).
 
-    One DDIM step from ``x_T`` at CFG ``guidance_denoise`` (the paper's omega_l), then one
-    inversion step back at ``guidance_invert`` (omega_w < omega_l); the CFG gap is what injects
-    the prompt's semantics into the noise. Defaults are the paper's SDXL settings.
+    One step from ``x_T`` at CFG ``guidance_denoise`` (the paper's omega_l), then one inversion
+    step back at ``guidance_invert`` (omega_w < omega_l); the CFG gap is what injects the
+    prompt's semantics into the noise. DDIM for SD / SDXL as in the paper, flow-matching Euler
+    for SD3 / FLUX. Defaults are the paper's SDXL settings. FLUX runs no CFG batch: there the
+    two guidance values are the distilled guidance FLUX.1-dev embeds, and FLUX.1-schnell, which
+    embeds none, gets back its own noise.
     """
     x_prev = denoise_step(
         pipe,

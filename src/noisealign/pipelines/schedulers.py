@@ -17,6 +17,8 @@ Example:
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,3 +147,19 @@ def set_scheduler(
             f"{kwargs}: {first}"
         ) from exc
     pipe.scheduler = scheduler
+
+
+@contextmanager
+def stepping_sampler(pipe: Any) -> Iterator[None]:
+    """Inside the block ``pipe()`` runs the sampler of the hand-written steps
+    (:mod:`noisealign.pipelines.steps`): DDIM built from the pipeline's scheduler config for a
+    DDPM-family model, the flow-matching scheduler as loaded for SD3 / FLUX. The pipeline's own
+    scheduler is put back on exit."""
+    original = pipe.scheduler
+    flow = type(original).__name__ in FLOW_MATCHING_CLASSES
+    if not flow and type(original) is not DDIMScheduler:
+        pipe.scheduler = DDIMScheduler.from_config(original.config)
+    try:
+        yield
+    finally:
+        pipe.scheduler = original

@@ -8,9 +8,10 @@ concatenated. The token positions are those of the CLIP tokenizer (the second CL
 gives the same), then those of the T5 tokenizer, so a word of the prompt has one position in
 each part and the character offsets of both index the prompt.
 
-What is not written for SD3 yet: the hand-written DDIM steps (``unet_steps`` is False), so NPD
-re-denoise, reward-model inputs after k > 0 steps and the early-stop / Noise Diffusion searches
-refuse it with one line.
+The transformer predicts the flow-matching velocity; ``pipe()``'s schedule is the scheduler's
+own (shifted by ``shift``, or by ``mu`` from the image's patch count when
+``use_dynamic_shifting`` is set), and :meth:`StableDiffusion3Adapter.set_timesteps` sets the same
+for the hand-written steps of :mod:`noisealign.pipelines.steps`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
 from ..errors import PipelineError
 
@@ -30,7 +32,6 @@ class StableDiffusion3Adapter:
 
     load_kwargs: dict[str, Any] = {}
     default_scheduler = "flow_euler"  # keeps a FlowMatchEulerDiscreteScheduler as loaded
-    unet_steps = False
 
     def encode(self, pipe: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         self._check_t5(pipe)
@@ -73,12 +74,40 @@ class StableDiffusion3Adapter:
             "negative_pooled_prompt_embeds": neg_pooled,
         }
 
-    def unet_kwargs(
-        self, pipe: Any, pooled: torch.Tensor | None, height: int, width: int
-    ) -> dict[str, Any]:
-        raise PipelineError(
-            "StableDiffusion3Pipeline has no UNet: its transformer is only run through pipe()"
+    def model_output(
+        self,
+        pipe: Any,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        embeds: torch.Tensor,
+        pooled: torch.Tensor | None,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        return pipe.transformer(
+            hidden_states=latents,
+            timestep=timestep.expand(latents.shape[0]),
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0]
+
+    def set_timesteps(
+        self, pipe: Any, scheduler: Any, num_inference_steps: int, latent_size: tuple[int, int]
+    ) -> None:
+        # as StableDiffusion3Pipeline.__call__ (diffusers 0.42.1) with no sigmas or mu given
+        config = scheduler.config
+        if not config.get("use_dynamic_shifting", None):
+            scheduler.set_timesteps(num_inference_steps)
+            return
+        patch = pipe.transformer.config.patch_size
+        mu = calculate_shift(
+            (latent_size[0] // patch) * (latent_size[1] // patch),
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.16),
         )
+        scheduler.set_timesteps(num_inference_steps, mu=mu)
 
     def text_encoders(self, pipe: Any) -> list[torch.nn.Module]:
         self._check_t5(pipe)

@@ -1,9 +1,9 @@
 """Inputs of a reward model computed with the frozen pipeline: the prompt table and k-step features.
 
-k = 0 scores the pure noise. k = 1–3 runs the first k DDIM steps of the collect recipe's
-schedule (the trajectory the judged image actually took) and feeds either x_{T−k} or the
-clean latent predicted at the last step; each step is one CFG UNet call, so users trade
-k UNet calls per candidate for accuracy.
+k = 0 scores the pure noise. k = 1–3 runs the first k steps of the collect recipe's schedule
+(DDIM, or flow-matching Euler for SD3 / FLUX: the trajectory the judged image took) and feeds
+either x_{T−k} or the clean latent predicted at the last step; each step is one CFG model call,
+so users trade k model calls per candidate for accuracy.
 
 Example:
     >>> x = step_features(pipe, noise, emb, steps=2, kind="x0",
@@ -17,12 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from ..data.feedback import FeedbackRows
 from ..errors import PipelineError
 from ..noise import batch_noise
-from ..pipelines import PromptEmbeddings, denoise_step, encode_prompts
+from ..pipelines import PromptEmbeddings, encode_prompts
+from ..pipelines.sampling import pipeline_latents
+from ..pipelines.schedulers import stepping_sampler
+from ..pipelines.steps import schedule, x0_between
 
 
 def encode_prompt_table(
@@ -87,30 +90,6 @@ def check_rows_fit_pipeline(
             )
 
 
-def _x0_from_ddim_step(
-    pipe: DiffusionPipeline, x_t: torch.Tensor, x_prev: torch.Tensor, steps: int, n: int
-) -> torch.Tensor:
-    """The clean latent the last DDIM step predicted, solved from its input and output.
-
-    DDIM (eta = 0) writes x_t = a_t·x0 + b_t·ε and x_prev = a_p·x0 + b_p·ε with a = √ᾱ,
-    b = √(1 − ᾱ), so x0 = (b_t·x_prev − b_p·x_t) / (b_t·a_p − b_p·a_t): no extra UNet call,
-    whatever the prediction type.
-    """
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(n)
-    t = int(scheduler.timesteps[steps - 1])
-    prev = t - scheduler.config.num_train_timesteps // n  # as DDIMScheduler.step computes it
-    alpha_t = scheduler.alphas_cumprod[t].double()
-    alpha_p = (
-        scheduler.alphas_cumprod[prev].double()
-        if prev >= 0
-        else scheduler.final_alpha_cumprod.double()
-    )
-    a_t, b_t, a_p, b_p = alpha_t.sqrt(), (1 - alpha_t).sqrt(), alpha_p.sqrt(), (1 - alpha_p).sqrt()
-    x0 = (b_t * x_prev.double() - b_p * x_t.double()) / (b_t * a_p - b_p * a_t)
-    return x0.to(x_t.dtype)
-
-
 def step_features(
     pipe: DiffusionPipeline,
     noise: torch.Tensor,
@@ -121,8 +100,14 @@ def step_features(
     num_inference_steps: int,
     guidance_scale: float,
 ) -> torch.Tensor:
-    """x_{T−k} (``kind="latent"``) or the predicted x0 (``"x0"``) after ``steps`` DDIM steps;
-    the noise itself for k = 0."""
+    """x_{T−k} (``kind="latent"``) or the predicted x0 (``"x0"``) after ``steps`` steps of
+    ``pipe()`` on the family's own sampler (DDIM, or flow-matching Euler for SD3 / FLUX), whatever
+    sampler the pipeline holds; the noise itself for k = 0.
+
+    ``pipe()``'s callback reads the latents and stops the call after step k. The x0 is solved from
+    the last step's input and output (:func:`noisealign.pipelines.steps.x0_between`), so it costs
+    no extra model call, whatever the prediction type.
+    """
     if steps == 0:
         return noise
     if steps > num_inference_steps:
@@ -130,20 +115,21 @@ def step_features(
             f"input_steps {steps} exceeds the schedule's {num_inference_steps} steps; lower "
             "input_steps"
         )
-    x_prev, x = noise, noise
-    for index in range(steps):
-        x_prev = x
-        x = denoise_step(
+    with stepping_sampler(pipe):
+        seen = pipeline_latents(
             pipe,
-            x,
             embeds,
+            noise,
+            steps_run=steps,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
-            step_index=index,
         )
-    if kind == "latent":
-        return x
-    return _x0_from_ddim_step(pipe, x_prev, x, steps, num_inference_steps)
+    x = seen[-1]
+    if kind == "x0":
+        x_prev = noise.to(x.device, x.dtype) if steps == 1 else seen[-2]
+        sched = schedule(pipe, num_inference_steps, noise.shape[2:])
+        x = x0_between(sched, steps - 1, x_prev, x)
+    return x.to(noise.device, noise.dtype)
 
 
 def score_noise(
