@@ -212,8 +212,8 @@ def re_denoise(
     step back at ``guidance_invert`` (omega_w < omega_l); the CFG gap is what injects the
     prompt's semantics into the noise. DDIM for SD / SDXL as in the paper, flow-matching Euler
     for SD3 / FLUX. Defaults are the paper's SDXL settings. FLUX runs no CFG batch: there the
-    two guidance values are the distilled guidance FLUX.1-dev embeds, and FLUX.1-schnell, which
-    embeds none, gets back its own noise.
+    two guidance values are the distilled guidance FLUX.1-dev embeds; on FLUX.1-schnell, which
+    embeds none, the two steps differ only in where the velocity is evaluated.
     """
     x_prev = denoise_step(
         pipe,
