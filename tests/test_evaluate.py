@@ -124,6 +124,24 @@ def test_every_method_has_a_row_with_cost_and_the_figures_are_written(folders, t
 
 
 @pytest.mark.slow
+def test_height_and_width_size_every_methods_images(folders, tmp_path):
+    methods = {
+        "standard": {"type": "standard"},
+        "early_stop_2": {"type": "early_stop", "n": 2, "stop_step": 2, "preview": "linear"},
+        "noise_diffusion": {"type": "noise_diffusion", "rounds": 1, "num_candidates": 2},
+    }
+    size = ("--height", "48", "--width", "64")
+    report = evaluate.main(recipe(folders, tmp_path / "a", methods, *size))
+    rows = report["prompt_sets"]["mini"]["methods"]
+    assert [m["images"] for m in rows] == [6, 6, 6]
+    tiles = sorted((tmp_path / "a" / "rows").rglob("*.png"))  # each method's images
+    assert {p.parent.name for p in tiles} == set(methods)
+    assert {Image.open(p).size for p in tiles} == {(64, 48)}
+    # a folder of the default size is another recipe
+    with pytest.raises(DataError, match=r"differs in: height, width"):
+        evaluate.main(recipe(folders, tmp_path / "a", methods))
+
+
 def test_rerun_skips_finished_methods_and_redoes_a_missing_one(folders, tmp_path):
     methods = {"standard": {"type": "standard"}, "best_of_2": {"type": "best_of_n", "n": 2}}
     first = evaluate.main(recipe(folders, tmp_path, methods))

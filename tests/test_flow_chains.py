@@ -7,7 +7,7 @@ the noise): the shapes judge finds nothing on a random model's images, so collec
 no preference pairs to learn from. What this shows is that every stage runs on each family's
 shapes (SD3: the 333-token joint CLIP/T5 sequence of width 96, pooled 64; FLUX: 512 T5 tokens
 of width 96, pooled 32, latents packed for the pipeline; both 16-channel latents), not that it
-helps. Stages without an image-size field (distill's feedback rows, train_projector, evaluate)
+helps. Stages given no image size (distill's feedback rows, train_projector, evaluate)
 draw the pipeline's default latents, which ``FluxPipeline.__init__`` fixes at 128x128; the
 FLUX runs shrink that default to the replica's 16x16, as the dry run does
 (``noisealign.dry_run.replicas.shrink_default_size``), so the test takes seconds.

@@ -203,3 +203,17 @@ def test_two_processes_match_one_process(tiny, tmp_path):
     two = json.loads((tmp_path / "two" / "train_metrics.json").read_text())[-1]
     assert two["loss"] == pytest.approx(one.history[-1]["loss"], rel=1e-5)
     assert two["grad_norm"] == pytest.approx(one.history[-1]["grad_norm"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_height_and_width_set_the_noise_trained_on_and_the_grid(tiny, tmp_path):
+    out = tmp_path / "out"
+    grid = ("--max_steps", "2", "--image_steps", "2", "--image_prompts", "a red circle")
+    grid += ("--image_seeds", "0", "--num_inference_steps", "2", "--height", "48")
+    result = train_projector.main(args(tiny, out, *grid, "--width", "64"))
+    from PIL import Image
+
+    assert Image.open(out / "images" / "step-000002.png").size == (2 * 64, 48)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
+    with pytest.raises(ConfigError, match=r"'height'.*multiple of 8"):
+        train_projector.main(args(tiny, tmp_path / "bad", "--height", "50"))

@@ -39,6 +39,7 @@ from noisealign.evaluation.report import log_to_tracker, summarise, write_figure
 from noisealign.judges import Judge
 from noisealign.outputs import check_output_dir_against_inputs
 from noisealign.pipelines import SCHEDULERS, latent_shape, load_pipeline
+from noisealign.pipelines.inputs import drop_default_size
 from noisealign.pipelines.schedulers import check_recipe_fields, drop_default_sampler
 from noisealign.tracking import make_accelerator, start_tracking
 
@@ -99,6 +100,10 @@ class EvaluateConfig(BaseConfig):
     scheduler_kwargs: dict = arg({})
     """Extra arguments of the scheduler's class, e.g. {"use_karras_sigmas": true} (JSON on the
     command line); keys the class does not take are refused."""
+    height: int | None = arg(None, min=8, multiple_of=8)
+    """Image height in pixels, for every method; the pipeline's default when unset."""
+    width: int | None = arg(None, min=8, multiple_of=8)
+    """Image width in pixels, for every method; the pipeline's default when unset."""
     batch_size: int = arg(16, min=1)
     """(prompt, seed) pairs per method call."""
     grid_prompts: int = arg(6, min=1)
@@ -215,7 +220,7 @@ def _build_methods(
     """The evaluation judges by name and each method's run by label, in recipe order."""
     ctx = EvalContext(
         pipe,
-        tuple(latent_shape(pipe)),
+        tuple(latent_shape(pipe, config.height, config.width)),
         config.num_inference_steps,
         config.guidance_scale,
         default_judge=config.judges[0],
@@ -229,7 +234,7 @@ def _build_methods(
 def _claim_output_dir(config: EvaluateConfig, accelerator: Accelerator, out: Path) -> None:
     """The main process claims ``out`` for this recipe's fingerprint; the others wait for it."""
     fingerprint = {k: v for k, v in config.to_dict().items() if k not in _NOT_FINGERPRINTED}
-    fingerprint = drop_default_sampler(fingerprint)
+    fingerprint = drop_default_size(drop_default_sampler(fingerprint))
     if accelerator.is_main_process:
         claim_output_dir(out, fingerprint, config.overwrite_output_dir, derived=[out / "rows"])
     accelerator.wait_for_everyone()  # nobody reads rows/ before an overwrite has cleared it

@@ -130,6 +130,11 @@ class TrainProjectorConfig(TrainerSettings, BaseConfig):
     """Sampling steps of the image grid."""
     guidance_scale: float = arg(5.0, min=0)
     """CFG scale of the image grid."""
+    height: int | None = arg(None, min=8, multiple_of=8)
+    """Image height in pixels of the noise trained on (and of the image grid); the pipeline's
+    default when unset. The candidate images are resized to it."""
+    width: int | None = arg(None, min=8, multiple_of=8)
+    """Image width in pixels, as ``height``."""
 
     def __post_init__(self) -> None:
         super().__post_init__()  # types and the limits in each field's metadata
@@ -223,7 +228,7 @@ def build_projector(config: TrainProjectorConfig, inputs: ProjectorInputs) -> No
         return projector
     signature = inputs.signature
     fields = dict(
-        latent_channels=latent_shape(inputs.pipe)[0],
+        latent_channels=latent_shape(inputs.pipe, config.height, config.width)[0],
         text_dim=signature["text_embed_dim"],
         pooled_dim=signature["pooled_dim"],
     )
@@ -261,7 +266,7 @@ def build_parts(config: TrainProjectorConfig, accelerator, inputs, model) -> Tra
         inputs.pipe,
         inputs.table,
         inputs.prompt_ids,
-        latent_shape(inputs.pipe),
+        latent_shape(inputs.pipe, config.height, config.width),
         inputs.source,
         inputs.judge,
     )

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -201,7 +202,9 @@ def _preview_images(
     pipe: DiffusionPipeline, pred_x0: torch.Tensor, preview: str | LinearPreview
 ) -> list[Image.Image]:
     if isinstance(preview, LinearPreview):
-        return to_pil(pipe, preview(pred_x0))
+        # the map is per pixel, so a fit at the default size also previews other sizes
+        size = tuple(int(n) * pipe.vae_scale_factor for n in pred_x0.shape[2:])
+        return to_pil(pipe, dataclasses.replace(preview, size=size)(pred_x0))
     return to_pil(pipe, decode(pipe, pred_x0))
 
 

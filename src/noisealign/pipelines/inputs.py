@@ -48,6 +48,14 @@ def latent_shape(
     return (adapter_for(pipe).latent_channels(pipe), height // scale, width // scale)
 
 
+def drop_default_size(fingerprint: dict) -> dict:
+    """An output folder's ``fingerprint`` without ``height`` / ``width`` when both are unset (the
+    pipeline's default), so folders written before the fields existed still resume."""
+    if fingerprint.get("height") is None and fingerprint.get("width") is None:
+        return {k: v for k, v in fingerprint.items() if k not in ("height", "width")}
+    return fingerprint
+
+
 def pixels(value: object, name: str) -> int | None:
     if value is None:
         return None

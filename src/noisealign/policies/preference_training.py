@@ -18,7 +18,7 @@ import torch
 from ..checkpointing import gathered_copy
 from ..losses.preference import gaussianity_penalty, quasi_dpo_loss, reward_gradient_loss
 from ..noise import batch_noise
-from ..pipelines import PromptEmbeddings
+from ..pipelines import PromptEmbeddings, latent_shape
 from ..training import StepRecord
 from .candidates import draw_candidates
 from .training import comparison_grid, make_pairs, noise_metrics, repeat, reward_logits, step_keys
@@ -85,7 +85,14 @@ def log_images(accelerator, config, projector, pipe, judge, step: int) -> None:
     prompts = [p for p in config.image_prompts for _ in config.image_seeds]
     seeds = [s for _ in config.image_prompts for s in config.image_seeds]
     grid, scores = comparison_grid(
-        pipe, projector, prompts, seeds, judge, config.num_inference_steps, config.guidance_scale
+        pipe,
+        projector,
+        prompts,
+        seeds,
+        judge,
+        config.num_inference_steps,
+        config.guidance_scale,
+        latent_shape(pipe, config.height, config.width),
     )
     folder = Path(config.output_dir, "images")
     folder.mkdir(parents=True, exist_ok=True)

@@ -121,10 +121,14 @@ def comparison_grid(
     judge: Any | None,
     num_inference_steps: int,
     guidance_scale: float,
+    shape: Sequence[int] | None = None,
 ) -> tuple[Image.Image, dict[str, float]]:
-    """Rows = (prompt, seed); columns = standard | projected noise, judge scores on each tile."""
+    """Rows = (prompt, seed); columns = standard | projected noise, judge scores on each tile.
+
+    ``shape``: the noise's ``(C, h, w)``, the pipeline's default latents when ``None``."""
     emb = encode_prompts(pipe, prompts)
-    noise = batch_noise([prompt_hash_id(p) for p in prompts], list(seeds), latent_shape(pipe))
+    shape = latent_shape(pipe) if shape is None else shape
+    noise = batch_noise([prompt_hash_id(p) for p in prompts], list(seeds), shape)
     projected = project(projector, noise, emb)
     settings = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
     columns = [generate(pipe, emb, x, **settings) for x in (noise, projected)]
