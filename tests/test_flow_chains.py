@@ -25,6 +25,7 @@ from diffusers import FluxPipeline
 from PIL import Image
 
 from noisealign import collect, collect_npd, distill, evaluate, generate, train_projector
+from noisealign.errors import ConfigError
 from noisealign.pipelines import load_pipeline, pipeline_signature
 from noisealign.policies import load_projector
 from noisealign.rewards import load_reward_model
@@ -117,6 +118,14 @@ def test_distill_train_projector_evaluate_generate(root, family, tmp_path):
         + ["--output_dir", str(root / "reward")]
     )
     assert load_reward_model(str(root / "reward")).config.pipeline_signature == signature
+    unet = ["--dataset", str(feedback), "--pipeline", str(root / "pipe"), "--reward_model"]
+    with pytest.raises(ConfigError) as exc:  # refused before anything is written
+        distill.main([*unet, "unet_lora", "--output_dir", str(tmp_path / "unet_lora")])
+    assert str(exc.value) == (
+        f"reward_model 'unet_lora' fine-tunes the pipeline's UNet, and {type(pipe).__name__} has "
+        "a transformer instead; use reward_model: transformer"
+    )
+    assert not (tmp_path / "unet_lora").exists()
 
     train_projector.main(
         ["--pipeline", str(root / "pipe"), "--reward_model", str(root / "reward"), "--prompts"]

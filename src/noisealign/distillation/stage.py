@@ -28,6 +28,7 @@ from ..data.feedback import (
     split_by_prompt,
 )
 from ..data.prompts import check_not_heldout
+from ..errors import ConfigError
 from ..outputs import check_output_dir_against_inputs
 from ..pipelines import PromptEmbeddings, latent_shape, load_pipeline, pipeline_signature
 from ..rewards import build_reward_model, load_reward_model
@@ -63,6 +64,19 @@ class DistillInputs:
     teacher: Any
 
 
+UNET_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+def check_backbone(reward_model: str, signature: dict) -> None:
+    """:class:`ConfigError` for a ``unet_lora`` reward model on a pipeline without a UNet."""
+    if reward_model == "unet_lora" and signature["pipeline_class"] not in UNET_PIPELINES:
+        raise ConfigError(
+            f"reward_model 'unet_lora' fine-tunes the pipeline's UNet, and "
+            f"{signature['pipeline_class']} has a transformer instead; use reward_model: "
+            "transformer"
+        )
+
+
 def load_inputs(config: Any, accelerator: Accelerator) -> DistillInputs:
     """Rows, split, pipeline and teacher, every check passed before any output is written; claims
     the output folder."""
@@ -91,6 +105,7 @@ def load_inputs(config: Any, accelerator: Accelerator) -> DistillInputs:
     )
     check_rows_fit_pipeline(rows, table, prompt_order, latent_shape(pipe)[0], config.pipeline)
     signature = pipeline_signature(pipe)
+    check_backbone(config.reward_model, signature)
     teacher = None
     if config.teacher:
         teacher = load_reward_model(config.teacher, expected_signature=signature)
