@@ -335,20 +335,19 @@ def _assert_interrupted(proc: subprocess.Popen, stderr: str, signum: int) -> Non
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
 def test_collect_interrupted_then_rerun_completes(tiny, tmp_path, signum):
     out = tmp_path / "out"
-    # 12 seeds x 16 steps an image, about 14 s of collecting: with the builder's 2 steps, and
-    # later with 6 seeds x 8 steps (3.4 s), the chunks left after the first shard finished before
-    # a loaded machine's watcher woke to send the signal (a flaky exit 0 instead of 130)
+    # 8 steps an image (the builder's 2 would let the 11 chunks left after the first shard
+    # finish before a loaded machine delivers the signal: a flaky exit 0 instead of 130)
     argv = collect(
         tiny,
         out,
         "--seeds",
-        "0:12",
+        "0:6",
         "--chunk_size",
         "2",
         "--batch_size",
         "2",
         "--num_inference_steps",
-        "16",
+        "8",
     )
     proc = _launch(argv)
     stderr = _signal_when(proc, lambda: any((out / "shards").glob("shard-*")), signum)
@@ -363,7 +362,7 @@ def test_collect_interrupted_then_rerun_completes(tiny, tmp_path, signum):
     assert {k: v for k, v in snapshot(out).items() if k in left} == left  # earlier shards untouched
     rows = datasets.load_from_disk(str(out / "dataset"))
     keys = list(zip(rows["prompt_id"], rows["seed"]))
-    assert len(keys) == len(set(keys)) == 4 * 12
+    assert len(keys) == len(set(keys)) == 4 * 6
 
 
 @pytest.mark.slow

@@ -31,6 +31,12 @@ ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
 
 
+def _default_sigint() -> None:
+    # a test run started in the background by a non-interactive shell (`bash .ci/run &`) inherits
+    # SIGINT ignored, and Python then installs no KeyboardInterrupt handler: Ctrl-C tests need it
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _launch(argv: list[str]) -> subprocess.Popen:
     stage, *rest = argv
     return subprocess.Popen(
@@ -40,6 +46,7 @@ def _launch(argv: list[str]) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_sigint,
     )
 
 
