@@ -28,13 +28,13 @@ from ..data.feedback import (
     split_by_prompt,
 )
 from ..data.prompts import check_not_heldout
-from ..errors import ConfigError
 from ..outputs import check_output_dir_against_inputs
 from ..pipelines import PromptEmbeddings, latent_shape, load_pipeline, pipeline_signature
 from ..rewards import build_reward_model, load_reward_model
 from ..rewards.baseline import PromptOnlyBaseline
 from ..rewards.features import check_rows_fit_pipeline, encode_prompt_table, precompute_features
 from ..rewards.metrics import reward_metrics
+from ..rewards.unet_backbone import check_backbone
 from ..training import Checkpointing, EpochData, TrainParts, every
 from .card import split_seed
 from .teacher import check_teacher_split, teacher_training_rows
@@ -62,19 +62,6 @@ class DistillInputs:
     table: PromptEmbeddings
     signature: dict[str, Any]
     teacher: Any
-
-
-UNET_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
-
-
-def check_backbone(reward_model: str, signature: dict) -> None:
-    """:class:`ConfigError` for a ``unet_lora`` reward model on a pipeline without a UNet."""
-    if reward_model == "unet_lora" and signature["pipeline_class"] not in UNET_PIPELINES:
-        raise ConfigError(
-            f"reward_model 'unet_lora' fine-tunes the pipeline's UNet, and "
-            f"{signature['pipeline_class']} has a transformer instead; use reward_model: "
-            "transformer"
-        )
 
 
 def load_inputs(config: Any, accelerator: Accelerator) -> DistillInputs:

@@ -50,12 +50,8 @@ def _first_seeds(seeds: Any) -> Any:
     return kept if isinstance(seeds, list) else ",".join(map(str, kept))
 
 
-def _short_searches(methods: dict) -> dict:
-    # an early-stop search stops after the first of the cut schedule's steps, then finishes
-    return {
-        label: {**m, "stop_step": 1} if isinstance(m, dict) and "stop_step" in m else m
-        for label, m in methods.items()
-    }
+def _short_searches(methods: dict) -> dict:  # early stop after the first of the cut steps
+    return {k: {**m, "stop_step": 1} if "stop_step" in m else m for k, m in methods.items()}
 
 
 # field -> how a dry run cuts its value (fields a stage does not have are left alone)
@@ -64,8 +60,7 @@ CUTS: dict[str, Callable[[Any], Any]] = {
     "num_inference_steps": lambda v: STEPS,  # sampling steps: the code paths are the same
     "methods": _short_searches,
     "max_steps": lambda v: STEPS,
-    "batch_size": lambda v: min(v, 4),  # on a CPU, 16 x 8 candidates of a real-size reward model
-    # take a minute per step
+    "batch_size": lambda v: min(v, 4),  # 16 x 8 candidates of a real reward model: slow on a CPU
     "num_epochs": lambda v: 1,
     "save_steps": lambda v: 1,
     "eval_steps": lambda v: 1,

@@ -225,3 +225,16 @@ class UNetRewardModel(
             for reader in self._readers:
                 reader.store = None
         return mid, features
+
+
+UNET_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+def check_backbone(reward_model: str, signature: dict) -> None:
+    """:class:`ConfigError` for a ``unet_lora`` reward model on a pipeline without a UNet."""
+    if reward_model == "unet_lora" and signature["pipeline_class"] not in UNET_PIPELINES:
+        raise ConfigError(
+            f"reward_model 'unet_lora' fine-tunes the pipeline's UNet, and "
+            f"{signature['pipeline_class']} has a transformer instead; use reward_model: "
+            "transformer"
+        )
