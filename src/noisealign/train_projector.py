@@ -228,7 +228,7 @@ def build_projector(config: TrainProjectorConfig, inputs: ProjectorInputs) -> No
         return projector
     signature = inputs.signature
     fields = dict(
-        latent_channels=latent_shape(inputs.pipe, config.height, config.width)[0],
+        latent_channels=latent_shape(inputs.pipe)[0],
         text_dim=signature["text_embed_dim"],
         pooled_dim=signature["pooled_dim"],
     )

@@ -149,16 +149,21 @@ def set_scheduler(
     pipe.scheduler = scheduler
 
 
+def stepping_class(pipe: Any) -> type:
+    """The sampler of the hand-written steps (:mod:`noisealign.pipelines.steps`): DDIM for a
+    DDPM-family model, flow-matching Euler for SD3 / FLUX."""
+    flow = type(pipe.scheduler).__name__ in FLOW_MATCHING_CLASSES
+    return FlowMatchEulerDiscreteScheduler if flow else DDIMScheduler
+
+
 @contextmanager
 def stepping_sampler(pipe: Any) -> Iterator[None]:
-    """Inside the block ``pipe()`` runs the sampler of the hand-written steps
-    (:mod:`noisealign.pipelines.steps`): DDIM built from the pipeline's scheduler config for a
-    DDPM-family model, the flow-matching scheduler as loaded for SD3 / FLUX. The pipeline's own
+    """Inside the block ``pipe()`` runs :func:`stepping_class`'s sampler, built from the
+    pipeline's scheduler config unless the pipeline already holds it; the pipeline's own
     scheduler is put back on exit."""
-    original = pipe.scheduler
-    flow = type(original).__name__ in FLOW_MATCHING_CLASSES
-    if not flow and type(original) is not DDIMScheduler:
-        pipe.scheduler = DDIMScheduler.from_config(original.config)
+    original, cls = pipe.scheduler, stepping_class(pipe)
+    if type(original) is not cls:
+        pipe.scheduler = cls.from_config(original.config)
     try:
         yield
     finally:

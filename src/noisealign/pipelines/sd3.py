@@ -22,6 +22,7 @@ import torch
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
 from ..errors import PipelineError
+from .unet import pooled_call_kwargs, sample_size
 
 # pipe(prompt)'s default max_sequence_length: the T5 part of the joint sequence
 MAX_SEQUENCE_LENGTH = 256
@@ -67,12 +68,7 @@ class StableDiffusion3Adapter:
         neg: torch.Tensor,
         neg_pooled: torch.Tensor | None,
     ) -> dict[str, Any]:
-        return {
-            "prompt_embeds": embeds,
-            "negative_prompt_embeds": neg,
-            "pooled_prompt_embeds": pooled,
-            "negative_pooled_prompt_embeds": neg_pooled,
-        }
+        return pooled_call_kwargs(embeds, pooled, neg, neg_pooled)
 
     def model_output(
         self,
@@ -136,8 +132,7 @@ class StableDiffusion3Adapter:
         return int(pipe.transformer.config.in_channels)
 
     def default_latent_size(self, pipe: Any) -> tuple[int, int]:
-        size = pipe.transformer.config.sample_size
-        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        return sample_size(pipe.transformer)
 
     @staticmethod
     def _check_t5(pipe: Any) -> None:

@@ -31,7 +31,7 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler, DiffusionPipeline
 from ..errors import PipelineError
 from .adapters import adapter_for, denoiser
 from .encoding import PromptEmbeddings, negative_embeddings
-from .schedulers import FLOW_MATCHING_CLASSES
+from .schedulers import stepping_class
 
 
 def conditioning(
@@ -73,13 +73,10 @@ class Schedule:
 def schedule(pipe: Any, num_inference_steps: int, latent_size: Sequence[int]) -> Schedule:
     """The hand-written steps' :class:`Schedule` for latents of ``latent_size`` ``(h, w)``: DDIM
     for a DDPM-family model, the pipeline's flow-matching Euler for SD3 / FLUX."""
-    flow = type(pipe.scheduler).__name__ in FLOW_MATCHING_CLASSES
-    if flow:
-        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    else:
-        scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    cls = stepping_class(pipe)
+    scheduler = cls.from_config(pipe.scheduler.config)
     adapter_for(pipe).set_timesteps(pipe, scheduler, num_inference_steps, tuple(latent_size))
-    return Schedule(scheduler, flow, num_inference_steps)
+    return Schedule(scheduler, cls is not DDIMScheduler, num_inference_steps)
 
 
 def guided_output(

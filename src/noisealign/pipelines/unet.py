@@ -14,6 +14,21 @@ def sample_size(denoiser: torch.nn.Module) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
+def pooled_call_kwargs(
+    embeds: torch.Tensor,
+    pooled: torch.Tensor | None,
+    neg: torch.Tensor,
+    neg_pooled: torch.Tensor | None,
+) -> dict[str, Any]:
+    """``pipe(...)``'s embedding arguments for a family with pooled embeddings (SDXL, SD3)."""
+    return {
+        "prompt_embeds": embeds,
+        "negative_prompt_embeds": neg,
+        "pooled_prompt_embeds": pooled,
+        "negative_pooled_prompt_embeds": neg_pooled,
+    }
+
+
 class UNetFamily:
     """What the UNet families (SD, SDXL) share: DDIM by default, the UNet call, and unpacked
     latents of the UNet's channels and sample size."""
@@ -132,12 +147,7 @@ class StableDiffusionXLAdapter(UNetFamily):
         neg: torch.Tensor,
         neg_pooled: torch.Tensor | None,
     ) -> dict[str, Any]:
-        return {
-            "prompt_embeds": embeds,
-            "negative_prompt_embeds": neg,
-            "pooled_prompt_embeds": pooled,
-            "negative_pooled_prompt_embeds": neg_pooled,
-        }
+        return pooled_call_kwargs(embeds, pooled, neg, neg_pooled)
 
     def unet_kwargs(
         self, pipe: Any, pooled: torch.Tensor | None, height: int, width: int

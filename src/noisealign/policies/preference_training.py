@@ -18,7 +18,7 @@ import torch
 from ..checkpointing import gathered_copy
 from ..losses.preference import gaussianity_penalty, quasi_dpo_loss, reward_gradient_loss
 from ..noise import batch_noise
-from ..pipelines import PromptEmbeddings, latent_shape
+from ..pipelines import PromptEmbeddings
 from ..training import StepRecord
 from .candidates import draw_candidates
 from .training import comparison_grid, make_pairs, noise_metrics, repeat, reward_logits, step_keys
@@ -79,7 +79,7 @@ def monitor(reward_model, pipe, emb, noise, projected) -> dict[str, float]:
     }
 
 
-def log_images(accelerator, config, projector, pipe, judge, step: int) -> None:
+def log_images(accelerator, config, projector, pipe, judge, shape, step: int) -> None:
     """Standard-vs-projected grid of the fixed prompts and seeds: PNG in output_dir/images, and
     wandb."""
     prompts = [p for p in config.image_prompts for _ in config.image_seeds]
@@ -92,7 +92,7 @@ def log_images(accelerator, config, projector, pipe, judge, step: int) -> None:
         judge,
         config.num_inference_steps,
         config.guidance_scale,
-        latent_shape(pipe, config.height, config.width),
+        shape,
     )
     folder = Path(config.output_dir, "images")
     folder.mkdir(parents=True, exist_ok=True)
@@ -175,5 +175,7 @@ class ProjectorStep:
         projector = gathered_copy(self.accelerator, self.model)
         if projector is not None:
             projector.to(self.accelerator.device)
-            log_images(self.accelerator, self.config, projector, self.pipe, self.judge, step)
+            log_images(
+                self.accelerator, self.config, projector, self.pipe, self.judge, self.shape, step
+            )
         self.accelerator.wait_for_everyone()
