@@ -10,6 +10,10 @@
 projector, NPNet, compatible NPNet). ``--residual_scale`` overrides a noise projector's
 ``residual_scale``; with several values the standard images are made once and each value
 prints its own line.
+``--projector A+B`` (noise projectors only) scores their *sum*: ε′ = moment_match(ε, s·(r_A + r_B)),
+the residual of each folder before the moment match added up, with s the first folder's
+``residual_scale`` (or each ``--residual_scale``); a two-member ensemble for experiments, which
+the library does not ship (docs/projector.md, "The accepted-images pattern").
 ``--scheduler`` (a name of ``noisealign.pipelines.schedulers.SCHEDULERS``, default ddim) and
 ``--num_inference_steps`` choose the sampler both noises are denoised with.
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import types
 
 import numpy as np
 import torch
@@ -42,7 +47,7 @@ from noisealign.evaluation.metrics import CONCEPT_THRESHOLD
 from noisealign.noise import batch_noise, gaussian_stats
 from noisealign.pipelines import encode_prompts, generate
 from noisealign.pipelines.schedulers import SCHEDULERS, set_scheduler
-from noisealign.policies import POLICIES, load_policy, project
+from noisealign.policies import POLICIES, NoiseProjector, load_policy, project
 from noisealign.toy import pipeline_path
 from noisealign.toy.grammar import prompt_records
 from noisealign.toy.judge import ShapesJudge
@@ -82,6 +87,20 @@ def concept_differences(rows: list[dict], standard: list[dict]) -> dict[str, dic
     return out
 
 
+def load_sum(folders: str, pipe):
+    """The policy of ``folders`` ('A' or 'A+B+…'): several noise projectors' residuals summed."""
+    members = [load_policy(folder, pipe) for folder in folders.split("+")]
+    if len(members) == 1:
+        return members[0]
+    if not all(isinstance(m, NoiseProjector) for m in members):
+        raise SystemExit(f"--projector {folders}: only noise projectors can be summed")
+    first, residuals = members[0], [type(m).residual.__get__(m) for m in members]
+    first.residual = types.MethodType(
+        lambda self, *args: sum(residual(*args) for residual in residuals), first
+    )
+    return first
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", "--projector", dest="projector", required=True)
@@ -101,7 +120,7 @@ def main() -> None:
     pipe = StableDiffusionPipeline.from_pretrained(pipeline_path())
     pipe.set_progress_bar_config(disable=True)
     set_scheduler(pipe, args.scheduler)  # ddim: the pipeline's own scheduler, left as loaded
-    projector = load_policy(args.projector, pipe)
+    projector = load_sum(args.projector, pipe)
     scales = args.residual_scale or [None]
     if args.residual_scale is not None and not hasattr(projector.config, "residual_scale"):
         parser.error(f"--residual_scale needs a noise projector; {args.projector} is not one")
